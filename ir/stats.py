@@ -1,0 +1,230 @@
+"""Cost statistics of a Program, per node and in total, at the torch and onnx levels.
+
+Conventions (REFERENCE.md, "Hardware targets and cost figures"):
+
+- MACs: multiply-accumulates of convolutions, linear layers and matrix products (attention's
+  Q.K^T and A.V included); nothing for norms, activations, softmax, pooling or additions.
+  For every such op, MACs = (number of output elements) x (length of the reduction).
+- params: learnable parameters. At the torch level, ``nn.Parameter`` s (BatchNorm's running
+  statistics are buffers, not parameters); at the onnx level, float initializers with more than one
+  element. The exporter folds BatchNorm into the convolution before it, so the onnx count of a
+  CNN is lower by one value per BN channel (0.1% of ResNet-18).
+- weight bytes: bytes of those parameters at their stored dtype.
+- activation bytes: bytes of every node's output, summed (what the nodes write).
+
+The torch level counts MACs by running each node under ``torch.utils.flop_counter`` (aten-level
+conv/mm/bmm, so modules kept whole, like attention, are counted inside); the onnx level computes
+them from ONNX shapes. Both give the same MACs for the same model; a test asserts it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .program import Program
+
+
+@dataclass
+class NodeStats:
+    name: str
+    op: str
+    macs: int = 0
+    params: int = 0
+    weight_bytes: int = 0
+    activation_bytes: int = 0
+
+
+@dataclass
+class Stats:
+    macs: int = 0
+    params: int = 0
+    weight_bytes: int = 0
+    activation_bytes: int = 0
+    nodes: list = field(default_factory=list)
+
+    def totals(self) -> dict:
+        return {
+            "macs": self.macs,
+            "params": self.params,
+            "weight_bytes": self.weight_bytes,
+            "activation_bytes": self.activation_bytes,
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"{self.macs / 1e9:.3f} GMACs, {self.params / 1e6:.3f} M params, "
+            f"{self.weight_bytes / 2**20:.2f} MiB weights, {self.activation_bytes / 2**20:.2f} MiB activations"
+        )
+
+
+def program_stats(program: Program) -> Stats:
+    if program.level == "torch":
+        return torch_stats(program)
+    if program.level == "onnx":
+        return onnx_stats(program)
+    from .errors import SliverError
+
+    raise SliverError("statistics are computed at the torch and onnx levels; take them before lowering to tvm")
+
+
+# -- torch ------------------------------------------------------------------------------------
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs (2 per MAC) of CPU fused attention, which torch's flop counter does not register."""
+    b, h, m, k = query_shape
+    n = key_shape[-2]
+    dv = value_shape[-1]
+    return 2 * b * h * m * n * (k + dv)
+
+
+def _flop_counter():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    aten = torch.ops.aten
+    for name in ("_scaled_dot_product_flash_attention_for_cpu",):
+        op = getattr(aten, name, None)
+        if op is not None:
+            mapping[op] = _sdpa_cpu_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _tensor_bytes(value) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def torch_stats(program: Program) -> Stats:
+    import torch
+    import torch.fx
+
+    from .torch_level import as_torch_inputs
+
+    gm = program.module
+    stats = Stats()
+    seen_params: set = set()
+
+    class _Counter(torch.fx.Interpreter):
+        def run_node(self, n):
+            with _flop_counter() as counter:
+                out = super().run_node(n)
+            ns = NodeStats(n.name, _torch_op(gm, n), macs=counter.get_total_flops() // 2)
+            for p in _node_params(gm, n):
+                ns.params += p.numel()
+                ns.weight_bytes += p.numel() * p.element_size()
+            if n.op not in ("placeholder", "output", "get_attr"):
+                ns.activation_bytes = _tensor_bytes(out)
+            stats.nodes.append(ns)
+            return out
+
+    with torch.no_grad():
+        _Counter(gm).run(*as_torch_inputs(program.example_inputs))
+    stats.macs = sum(n.macs for n in stats.nodes)
+    stats.activation_bytes = sum(n.activation_bytes for n in stats.nodes)
+    for p in gm.parameters():  # unique parameters, even if a module is called twice
+        if id(p) not in seen_params:
+            seen_params.add(id(p))
+            stats.params += p.numel()
+            stats.weight_bytes += p.numel() * p.element_size()
+    return stats
+
+
+def _torch_op(gm, n) -> str:
+    if n.op == "call_module":
+        return type(gm.get_submodule(n.target)).__name__
+    if n.op == "call_function":
+        return getattr(n.target, "__name__", str(n.target))
+    return str(n.target) if n.op == "call_method" else n.op
+
+
+def _node_params(gm, n) -> list:
+    import torch
+
+    if n.op == "call_module":
+        return list(gm.get_submodule(n.target).parameters())
+    if n.op == "get_attr":
+        obj = gm
+        for part in n.target.split("."):
+            obj = getattr(obj, part)
+        return [obj] if isinstance(obj, torch.nn.Parameter) else []
+    return []
+
+
+# -- onnx -------------------------------------------------------------------------------------
+_FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _onnx_macs(node, types) -> int:
+    """MACs of one ONNX node from its shapes; 0 for ops that are not GEMM-like."""
+    op = node.op_type
+    out = types.get(node.output[0], (None, None))[1] if node.output else None
+    if out is None:
+        return 0
+    out_elems = int(np.prod(out, dtype=np.int64))
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w_index = 3 if op == "QLinearConv" else 1
+        w_shape = types[node.input[w_index]][1]
+        return out_elems * int(np.prod(w_shape[1:], dtype=np.int64))  # (Cin/group) * kernel
+    if op == "ConvTranspose":
+        w_shape = types[node.input[1]][1]  # (Cin, Cout/group, k...)
+        x_shape = types[node.input[0]][1]
+        return int(np.prod(x_shape, dtype=np.int64)) * int(np.prod(w_shape[1:], dtype=np.int64))
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
+        a_shape = types[node.input[0]][1]
+        return out_elems * int(a_shape[-1])
+    if op == "Gemm":
+        a_shape = types[node.input[0]][1]
+        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+        return out_elems * int(a_shape[0] if trans_a else a_shape[1])
+    from .opdefs import custom_op
+
+    spec = custom_op(node)
+    if spec is not None and spec.macs is not None:
+        return int(spec.macs(node, types))
+    return 0
+
+
+def onnx_stats(program: Program) -> Stats:
+    from onnx import helper
+
+    from .onnx_level import value_types
+
+    model = program.module
+    types = value_types(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    counted: set = set()
+    stats = Stats()
+    for node in model.graph.node:
+        ns = NodeStats(node.name or node.output[0], node.op_type, macs=_onnx_macs(node, types))
+        for name in node.input:
+            init = inits.get(name)
+            if init is None or init.data_type not in _FLOAT_TYPES:
+                continue
+            size = int(np.prod(init.dims, dtype=np.int64))
+            if size <= 1:
+                continue
+            nbytes = size * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            ns.params += size
+            ns.weight_bytes += nbytes
+            if name not in counted:
+                counted.add(name)
+                stats.params += size
+                stats.weight_bytes += nbytes
+        for out in node.output:
+            elem, shape = types.get(out, (None, None))
+            if shape is not None and elem:
+                itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize
+                ns.activation_bytes += int(np.prod(shape, dtype=np.int64)) * itemsize
+        stats.nodes.append(ns)
+    stats.macs = sum(n.macs for n in stats.nodes)
+    stats.activation_bytes = sum(n.activation_bytes for n in stats.nodes if n.op != "Constant")
+    return stats

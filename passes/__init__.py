@@ -1,0 +1,31 @@
+"""sliver.passes: the pass manager and every rewrite pass.
+
+    from sliver import passes
+    pipe = passes.parse("fold-bn,cleanup")
+    result = pipe.run(program, seed=0)
+    print(result.report)
+"""
+
+from . import cleanup, fold_bn  # noqa: F401  (registers the passes)
+from .base import Pass, get_pass, option_docs, register, registered
+from .cleanup import Cleanup
+from .context import PassContext
+from .fold_bn import FoldBN
+from .pipeline import Pipeline, PipelineResult, parse
+from .report import Report, StepReport
+
+__all__ = [
+    "Cleanup",
+    "FoldBN",
+    "Pass",
+    "PassContext",
+    "Pipeline",
+    "PipelineResult",
+    "Report",
+    "StepReport",
+    "get_pass",
+    "option_docs",
+    "parse",
+    "register",
+    "registered",
+]
