@@ -206,7 +206,8 @@ def print_onnx(program: Program) -> str:
     from onnx import numpy_helper
 
     for init in g.initializer:
-        if init.data_type in (1, 10, 11, 16) or np.prod(init.dims, dtype=np.int64) > 8:
+        size = int(np.prod(init.dims, dtype=np.int64))
+        if size > 8 or (init.data_type in (1, 10, 11, 16) and size > 1):
             lines.append(f"weight {init.name} : {_onnx_type(init.data_type, tuple(init.dims))}")
         else:
             lines.append(f"const {init.name} : {_const_text(numpy_helper.to_array(init), init.data_type)}")

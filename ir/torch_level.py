@@ -15,7 +15,9 @@ run on the example inputs; the printer and the statistics read them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -121,10 +123,12 @@ def trace(
 def propagate_shapes(gm: torch.fx.GraphModule, arrays: Sequence) -> None:
     """Run ``gm`` once on ``arrays`` and store each node's output shape/dtype in its meta."""
     try:
-        with torch.no_grad():
+        # ShapeProp prints a traceback before re-raising; the user gets one line instead
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*as_torch_inputs(arrays))
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = e.__cause__ if e.__cause__ is not None else e
+        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         shapes = ", ".join(str(tuple(a.shape)) for a in arrays)
         raise TraceError(
             f"the model does not run on example input(s) of shape {shapes}: {msg}; "

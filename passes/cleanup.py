@@ -9,6 +9,8 @@ dead nodes and unused initializers, and a topological sort. The result computes 
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_graphsurgeon as gs
 
 from ..ir.onnx_level import make_program, value_types
@@ -18,6 +20,16 @@ from .base import Pass, register
 _SHAPE_NOOPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand")
 
 
+@dataclasses.dataclass
+class CleanupOptions:
+    fold_constants: bool = dataclasses.field(
+        default=True, metadata={"doc": "evaluate nodes whose inputs are all constants"}
+    )
+    remove_noops: bool = dataclasses.field(
+        default=True, metadata={"doc": "remove Identity, Dropout, same-type Cast, same-shape Reshape & co."}
+    )
+
+
 @register
 class Cleanup(Pass):
     name = "cleanup"
@@ -25,15 +37,17 @@ class Cleanup(Pass):
     summary = "constant folding, no-op and dead-node removal, topological sort (onnx-graphsurgeon)"
     provides = ("clean",)
     check_tolerance = 1e-6
+    Options = CleanupOptions
 
     def run(self, program: Program, ctx) -> Program:
         model = program.module
         types = value_types(model)
         nodes_before = len(model.graph.node)
         graph = gs.import_onnx(model)
-        graph.fold_constants(error_ok=False)
+        if self.options.fold_constants:
+            graph.fold_constants(error_ok=False)
         graph.cleanup(remove_unused_graph_inputs=False)
-        removed = _remove_noops(graph, types)
+        removed = _remove_noops(graph, types) if self.options.remove_noops else 0
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         out = gs.export_onnx(graph, do_type_check=True)
         out.producer_name, out.producer_version = model.producer_name, model.producer_version

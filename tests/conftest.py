@@ -20,13 +20,11 @@ def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/ from the current output")
 
 
-@pytest.fixture
-def golden(request):
-    """golden(name, text): compare text with tests/golden/<name>.txt (or rewrite it)."""
-    update = request.config.getoption("--update-golden")
+def golden_checker(directory: str, update: bool):
+    """check(name, text): compare text with <directory>/<name>.txt, or rewrite it when updating."""
 
     def check(name: str, text: str) -> None:
-        path = os.path.join(GOLDEN_DIR, name + ".txt")
+        path = os.path.join(directory, name + ".txt")
         if update:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
@@ -45,6 +43,12 @@ def golden(request):
             pytest.fail(f"IR differs from golden {name} (pytest --update-golden rewrites it):\n{diff[:6000]}")
 
     return check
+
+
+@pytest.fixture
+def golden(request):
+    """golden(name, text): compare text with tests/golden/<name>.txt (or rewrite it)."""
+    return golden_checker(GOLDEN_DIR, request.config.getoption("--update-golden"))
 
 
 def example_input(shape, seed=0):

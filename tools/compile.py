@@ -44,12 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the per-pass numerical checks")
     p.add_argument("--list-passes", action="store_true", help="list the passes and their options, then exit")
     p.add_argument("--list-models", action="store_true", help="list the zoo models, then exit")
-    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--quiet", action="store_true", help="print only the summary (no progress lines)")
+    p.add_argument(
+        "--progress", action="store_true", help="print progress lines even when stderr is not a terminal"
+    )
     return p
 
 
 def _say(args, msg: str) -> None:
-    if not args.quiet:
+    if not args.quiet and (args.progress or sys.stderr.isatty()):
         print(f"[sliver] {msg}", file=sys.stderr, flush=True)
 
 
@@ -71,10 +74,8 @@ def list_passes() -> str:
 def parse_shape(text: str) -> tuple:
     from sliver.ir.errors import ModelInputError
 
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        shape = ()
+    pieces = text.replace("x", ",").split(",")
+    shape = tuple(int(s) for s in pieces) if all(s.strip().isdigit() for s in pieces) else ()
     if not shape or any(d <= 0 for d in shape):
         raise ModelInputError(f"--input-shape {text!r} is not a shape; write it like 1,3,224,224")
     return shape
@@ -162,15 +163,15 @@ def compile_model(args) -> dict:
             check=not args.no_check,
             dump_ir=os.path.join(stage, "ir") if args.dump_ir else None,
             lower_to="onnx",
-            progress=not args.quiet,
+            progress=not args.quiet and (args.progress or sys.stderr.isatty()),
         )
         final = result.program
         _write_atomic(os.path.join(stage, "model.onnx"), final.module.SerializeToString())
         _say(args, f"building with TVM for {args.target}")
         tb = time.perf_counter()
-        artifact = backends.tvm.build(final, target=args.target)
-        build_seconds = time.perf_counter() - tb
-        with _quiet_native_stderr():
+        with _quiet_native_stderr():  # TVM's C++ warnings are not for users
+            artifact = backends.tvm.build(final, target=args.target)
+            build_seconds = time.perf_counter() - tb
             paths = artifact.save(stage)
         tvm_outputs = artifact.run(final.example_inputs)
         ort_outputs = final.run()
@@ -201,7 +202,7 @@ def compile_model(args) -> dict:
 
 @contextlib.contextmanager
 def _quiet_native_stderr():
-    """Silence TVM's C++ log lines (``Warning: Scope Saving``) while a library is written."""
+    """Silence TVM's C++ log lines (``Warning: Scope Saving``) while it builds and writes."""
     sys.stderr.flush()
     saved = os.dup(2)
     with open(os.devnull, "w") as devnull:

@@ -1,0 +1,60 @@
+"""The minimal TVM x86 path: import, build for the host CPU, run, compare with ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from sliver import backends, ir
+from sliver.ir import errors
+
+
+@pytest.mark.parametrize("name", ["tiny_deit", "tiny_resnet", "tiny_mobilenet_v2", "tiny_segmenter"])
+def test_tvm_matches_onnxruntime(name, make_program):
+    prog = ir.to_onnx(make_program(name))
+    artifact = backends.tvm.build(prog, target="x86")
+    x = np.random.default_rng(7).standard_normal(prog.input_shapes[0]).astype(np.float32)
+    got = artifact.run([x])
+    ref = prog.run([x])
+    assert len(got) == len(ref) == 1 and got[0].shape == ref[0].shape
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4, rtol=0)
+
+
+def test_artifact_saves_and_loads(make_program, tmp_path):
+    prog = ir.to_onnx(make_program("tiny_vgg"))
+    artifact = backends.tvm.build(prog)
+    assert artifact.target["kind"] == "llvm" and artifact.target.get("mcpu") not in (None, "native")
+    paths = artifact.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.so"]
+    loaded = backends.tvm.load(tmp_path)
+    x = prog.example_inputs[0]
+    np.testing.assert_array_equal(loaded.run([x])[0], artifact.run([x])[0])
+    assert paths["library"].endswith("model.so")
+    with pytest.raises(errors.BackendError, match="must have shape"):
+        loaded.run([x[:, :, :8]])
+
+
+def test_tvm_level_program_prints(make_program):
+    prog = ir.convert(ir.to_onnx(make_program("tiny_vgg")), "tvm")
+    text = prog.text()
+    assert prog.level == "tvm" and "R.nn.conv2d" in text and "metadata[" in text
+
+
+def test_unsupported_op_is_named_before_import(tmp_path):
+    import onnx
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Celu", ["x"], ["y"], name="my_celu")], "g", [x], [y])
+    path = tmp_path / "celu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    prog = ir.load_onnx(path)
+    with pytest.raises(errors.UnsupportedOpError, match="TVM cannot import op Celu \\(node 'my_celu'\\)"):
+        backends.tvm.build(prog)
+
+
+def test_target_names():
+    assert backends.tvm.resolve_target("arm")["mtriple"] == "aarch64-linux-gnu"
+    with pytest.raises(errors.BackendError, match="unknown target 'gpu'"):
+        backends.tvm.resolve_target("gpu")
