@@ -102,7 +102,9 @@ def module_structure(module) -> str:
         return f"{type(module).__name__}({extra})"
     parts = [f"{name}: {module_structure(child)}" for name, child in children]
     own = [f"{n}: param {_torch_type(p)}" for n, p in module.named_parameters(recurse=False)]
-    return f"{type(module).__name__} {{" + ", ".join(own + parts) + "}"
+    extra = module.extra_repr()
+    head = f"{type(module).__name__}({extra})" if extra else type(module).__name__
+    return f"{head} {{" + ", ".join(own + parts) + "}"
 
 
 def print_torch(program: Program) -> str:

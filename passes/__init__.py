@@ -6,9 +6,10 @@
     print(result.report)
 """
 
-from . import cleanup, fold_bn  # noqa: F401  (registers the passes)
+from . import cleanup, evit, fold_bn  # noqa: F401  (registers the passes)
 from .base import Pass, get_pass, option_docs, register, registered
 from .cleanup import Cleanup
+from .evit import EViT
 from .context import PassContext
 from .fold_bn import FoldBN
 from .pipeline import Pipeline, PipelineResult, parse
@@ -16,6 +17,7 @@ from .report import Report, StepReport
 
 __all__ = [
     "Cleanup",
+    "EViT",
     "FoldBN",
     "Pass",
     "PassContext",
