@@ -6,12 +6,13 @@
     print(result.report)
 """
 
-from . import cleanup, evit, fold_bn  # noqa: F401  (registers the passes)
+from . import cleanup, evit, fold_bn, poly_act  # noqa: F401  (registers the passes)
 from .base import Pass, get_pass, option_docs, register, registered
 from .cleanup import Cleanup
 from .evit import EViT
 from .context import PassContext
 from .fold_bn import FoldBN
+from .poly_act import PolyAct
 from .pipeline import Pipeline, PipelineResult, parse
 from .report import Report, StepReport
 
@@ -19,6 +20,7 @@ __all__ = [
     "Cleanup",
     "EViT",
     "FoldBN",
+    "PolyAct",
     "Pass",
     "PassContext",
     "Pipeline",

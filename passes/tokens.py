@@ -76,11 +76,14 @@ def _maybe(module: nn.Module, name: str):
 def attention_with_probs(attn: nn.Module, x: torch.Tensor):
     """Multi-head self-attention as timm computes it, returning (output, probabilities).
 
+    The attention probabilities come from ``attn.attention_probs(scores)`` when the module has that
+    method, else from softmax.
+
     probabilities: (B, heads, N, N), softmax over the last axis."""
     b, n, c = x.shape
     heads = attn.num_heads
     head_dim = c // heads
-    scale = getattr(attn, "scale", head_dim ** -0.5)
+    scale = getattr(attn, "scale", None) or head_dim ** -0.5
     qkv = attn.qkv(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     q_norm, k_norm = _maybe(attn, "q_norm"), _maybe(attn, "k_norm")
@@ -88,7 +91,9 @@ def attention_with_probs(attn: nn.Module, x: torch.Tensor):
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
-    probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    # an attention module may bring its own normalisation (poly-act's PolyAttention does)
+    probs = attn.attention_probs(scores) if hasattr(attn, "attention_probs") else scores.softmax(dim=-1)
     out = (probs @ v).transpose(1, 2).reshape(b, n, c)
     return attn.proj(out), probs
 
@@ -109,8 +114,37 @@ def select_tokens(x: torch.Tensor, scores: torch.Tensor, k: int):
 
     x: (B, 1 + N, C) with the CLS token first; scores: (B, N). Returns the kept patch tokens
     (B, k, C), their indices (B, k) and scores (B, k). ``k`` is a Python int, so the exported
-    graph has ``TopK`` with a constant k followed by ``GatherElements``."""
-    kept_scores, index = torch.topk(scores, k, dim=1)
+    graph has ``TopK`` with a constant k followed by ``GatherElements``.
+
+    Ties go to the lower token index, as ONNX defines ``TopK``: a stable descending sort gives the
+    same choice in PyTorch, ONNX Runtime and TVM (``torch.topk`` leaves ties unspecified, and
+    quantised scores, e.g. under poly-act, tie often)."""
+    kept_scores, index = OnnxTopK.apply(scores, k)
     patches = x[:, 1:]
     kept = torch.gather(patches, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return kept, index, kept_scores
+
+
+class OnnxTopK(torch.autograd.Function):
+    """Top-k along the last axis with ONNX's tie rule (equal values: lower index first), in eager
+    PyTorch and in the exported graph (one ``TopK`` node with a constant k), so that PyTorch, ONNX
+    Runtime and TVM choose the same tokens. Gradients flow to the selected values."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k: int):
+        values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        index = order[..., :k].contiguous()
+        ctx.save_for_backward(index)
+        ctx.shape = scores.shape
+        return values[..., :k].contiguous(), index
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_index):
+        (index,) = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=grad_values.dtype, device=grad_values.device)
+        return grad.scatter(-1, index, grad_values), None
+
+    @staticmethod
+    def symbolic(g, scores, k: int):
+        k_const = g.op("Constant", value_t=torch.tensor([k], dtype=torch.int64))
+        return g.op("TopK", scores, k_const, axis_i=-1, largest_i=1, sorted_i=1, outputs=2)
