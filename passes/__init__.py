@@ -6,12 +6,13 @@
     print(result.report)
 """
 
-from . import cleanup, evit, fold_bn, poly_act  # noqa: F401  (registers the passes)
+from . import cleanup, evit, fold_bn, heatvit, poly_act  # noqa: F401  (registers the passes)
 from .base import Pass, get_pass, option_docs, register, registered
 from .cleanup import Cleanup
 from .evit import EViT
 from .context import PassContext
 from .fold_bn import FoldBN
+from .heatvit import HeatViT
 from .poly_act import PolyAct
 from .pipeline import Pipeline, PipelineResult, parse
 from .report import Report, StepReport
@@ -20,6 +21,7 @@ __all__ = [
     "Cleanup",
     "EViT",
     "FoldBN",
+    "HeatViT",
     "PolyAct",
     "Pass",
     "PassContext",

@@ -1,6 +1,7 @@
 """The pass context: what a pass may need besides the program.
 
-- ``data``: calibration / fine-tuning / evaluation data (whatever the caller provides);
+- ``data``: calibration / fine-tuning / evaluation data: a data set (``sliver.models.data``) or a
+  mapping split name -> data set; passes read it through :meth:`training_data`;
 - ``seed`` and ``rng``: passes are deterministic under the seed; the manager re-seeds torch,
   numpy and ``random`` with it before every pass;
 - ``progress(iterable, desc)``: a progress bar for long work (tqdm, on when asked);
@@ -44,6 +45,23 @@ class PassContext:
         return notes
 
     # for passes
+    def training_data(self, pass_name: str):
+        """The training split from ``data``: a data set itself, or a mapping with a ``"train"``
+        entry (e.g. ``{"train": data.digits("train"), "val": data.digits("val")}``). Passes that
+        train (token selectors, thresholds, fine-tuning) call this; without data it is a one-line
+        error naming the pass and the fix."""
+        from ..ir.errors import PassError
+
+        data = self.data
+        if isinstance(data, dict):
+            data = data.get("train")
+        if data is None:
+            raise PassError(
+                f"pass {pass_name!r} trains and needs data: run the pipeline with "
+                "data=sliver.models.data.digits('train') (or --data digits), or set its epochs=0"
+            )
+        return data
+
     def record(self, key: str, value: Any) -> None:
         """Add a statistic to this pass's entry in the report (JSON-serialisable values)."""
         self._notes[key] = value

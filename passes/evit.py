@@ -20,7 +20,15 @@ from torch import nn
 from ..ir.program import Program
 from ..ir.torch_level import retrace
 from .base import Pass, register
-from .tokens import attention_with_probs, check_blocks, keep_count, residual_branch, select_tokens, tokens_in
+from .tokens import (
+    attention_with_probs,
+    check_blocks,
+    keep_count,
+    residual_branch,
+    select_tokens,
+    tokens_in,
+    weighted_rest,
+)
 
 
 class EViTBlock(nn.Module):
@@ -42,14 +50,9 @@ class EViTBlock(nn.Module):
         attn_out, probs = attention_with_probs(self.attn, self.norm1(x))
         x = x + residual_branch(self, "ls1", attn_out)
         cls_attn = probs[:, :, 0, 1:].mean(dim=1)  # (B, N): attention of CLS to each patch
-        kept, _, kept_scores = select_tokens(x, cls_attn, self.keep_tokens)
         patches = x[:, 1:]
-        # weighted average of the tokens not kept = (all - kept) weighted sums / weights; the
-        # sums are matrix products, so the selector's own multiply-accumulates are counted
-        total = cls_attn.unsqueeze(1) @ patches
-        kept_sum = kept_scores.unsqueeze(1) @ kept
-        rest_weight = (cls_attn.sum(dim=1) - kept_scores.sum(dim=1)).clamp_min(1e-12)
-        fused = (total - kept_sum) / rest_weight.reshape(-1, 1, 1)
+        kept, _, kept_scores = select_tokens(patches, cls_attn, self.keep_tokens)
+        fused = weighted_rest(patches, cls_attn, kept, kept_scores)
         x = torch.cat([x[:, :1], kept, fused], dim=1)
         return x + residual_branch(self, "ls2", self.mlp(self.norm2(x)))
 

@@ -109,20 +109,29 @@ def keep_count(keep: float, patch_tokens: int) -> int:
     return max(1, min(patch_tokens, math.ceil(keep * patch_tokens - 1e-9)))
 
 
-def select_tokens(x: torch.Tensor, scores: torch.Tensor, k: int):
+def select_tokens(patches: torch.Tensor, scores: torch.Tensor, k: int):
     """Static top-k selection of patch tokens.
 
-    x: (B, 1 + N, C) with the CLS token first; scores: (B, N). Returns the kept patch tokens
-    (B, k, C), their indices (B, k) and scores (B, k). ``k`` is a Python int, so the exported
-    graph has ``TopK`` with a constant k followed by ``GatherElements``.
+    patches: (B, N, C) (CLS excluded); scores: (B, N). Returns the kept tokens (B, k, C), their
+    indices (B, k) and scores (B, k). ``k`` is a Python int, so the exported graph has ``TopK``
+    with a constant k followed by ``GatherElements``.
 
-    Ties go to the lower token index, as ONNX defines ``TopK``: a stable descending sort gives the
-    same choice in PyTorch, ONNX Runtime and TVM (``torch.topk`` leaves ties unspecified, and
+    Ties go to the lower token index, as ONNX defines ``TopK``: :class:`OnnxTopK` gives the same
+    choice in PyTorch, ONNX Runtime and TVM (``torch.topk`` leaves ties unspecified, and
     quantised scores, e.g. under poly-act, tie often)."""
     kept_scores, index = OnnxTopK.apply(scores, k)
-    patches = x[:, 1:]
-    kept = torch.gather(patches, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    kept = torch.gather(patches, 1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     return kept, index, kept_scores
+
+
+def weighted_rest(tokens: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor, kept_weights: torch.Tensor):
+    """Weighted average of the tokens NOT kept, without a scatter:
+    (sum_all w x - sum_kept w x) / (sum_all w - sum_kept w). The sums are matrix products, so a
+    selector's own multiply-accumulates are counted. Returns (B, 1, C)."""
+    total = weights.unsqueeze(1) @ tokens
+    kept_sum = kept_weights.unsqueeze(1) @ kept
+    rest = (weights.sum(dim=1) - kept_weights.sum(dim=1)).clamp_min(1e-12)
+    return (total - kept_sum) / rest.reshape(-1, 1, 1)
 
 
 class OnnxTopK(torch.autograd.Function):
