@@ -9,6 +9,9 @@ STAMP := $(VENV)/.sliver-installed
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# SCALE-Sim, the reference the FPGA cycle model is checked against; without its ~300 MB of
+	# dependencies (numba, pandas, ...) that the classes the test uses do not need.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps scalesim==3.0.0
 	@touch $(STAMP)
 
 setup: $(STAMP)

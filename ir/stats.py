@@ -163,28 +163,94 @@ def _node_params(gm, n) -> list:
 _FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
+@dataclass(frozen=True)
+class GemmShape:
+    """A GEMM-like ONNX node as ``batch`` independent products ``(m x k) @ (k x n)``.
+
+    ``a``, ``b``, ``out``: the names of the values that play the left operand, the right operand
+    and the result (for a convolution: input feature map, weights, output). ``groups``: a
+    convolution's groups (the batch), 1 otherwise. MACs = batch * m * k * n.
+    """
+
+    batch: int
+    m: int
+    k: int
+    n: int
+    a: str
+    b: str
+    out: str
+    groups: int = 1
+
+    @property
+    def macs(self) -> int:
+        return self.batch * self.m * self.k * self.n
+
+
+_MATMUL_OPERANDS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3)}
+_CONV_OPERANDS = {"Conv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3), "ConvTranspose": (0, 1)}
+
+
+def _attr(node, name, default):
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def gemm_shape(node, types) -> GemmShape | None:
+    """The GEMM a standard ONNX node computes, from its shapes; None for ops that are not
+    GEMM-like (custom ops declare their MACs in :mod:`.opdefs` instead).
+
+    - MatMul family (numpy broadcasting): a right operand without batch dimensions (a layer's
+      weights) is shared, so the left operand's leading dimensions fold into ``m``; otherwise
+      ``batch`` is the output's leading dimensions.
+    - Gemm: ``transA`` / ``transB`` honoured.
+    - Conv family, as an implicit GEMM per group: ``m`` = output pixels (times N), ``k`` =
+      (Cin / groups) x kernel, ``n`` = Cout / groups. ConvTranspose: ``m`` = input pixels, ``k``
+      = Cin / groups, ``n`` = (Cout / groups) x kernel (each input pixel scatters a patch).
+    """
+    op = node.op_type
+    if not node.output or types.get(node.output[0], (None, None))[1] is None:
+        return None
+    out = node.output[0]
+    so = types[out][1]
+    if op in _MATMUL_OPERANDS:
+        ia, ib = _MATMUL_OPERANDS[op]
+        a, b = node.input[ia], node.input[ib]
+        sa, sb = types[a][1], types[b][1]
+        k = int(sa[-1])
+        m = int(sa[-2]) if len(sa) > 1 else 1
+        n = int(sb[-1]) if len(sb) > 1 else 1
+        if len(sb) <= 2:  # shared right operand: fold the left operand's batch into m
+            m = int(np.prod(sa[:-1], dtype=np.int64)) if len(sa) > 1 else 1
+            return GemmShape(1, m, k, n, a, b, out)
+        batch = int(np.prod(so, dtype=np.int64)) // (m * n)
+        return GemmShape(batch, m, k, n, a, b, out)
+    if op == "Gemm":
+        a, b = node.input[0], node.input[1]
+        sa, sb = types[a][1], types[b][1]
+        m, k = (sa[1], sa[0]) if _attr(node, "transA", 0) else (sa[0], sa[1])
+        n = sb[0] if _attr(node, "transB", 0) else sb[1]
+        return GemmShape(1, int(m), int(k), int(n), a, b, out)
+    if op in _CONV_OPERANDS:
+        ix, iw = _CONV_OPERANDS[op]
+        x, w = node.input[ix], node.input[iw]
+        sx, sw = types[x][1], types[w][1]
+        g = int(_attr(node, "group", 1))
+        if op == "ConvTranspose":
+            m = int(sx[0]) * int(np.prod(sx[2:], dtype=np.int64))
+            k, n = int(sw[0]) // g, int(sw[1]) * int(np.prod(sw[2:], dtype=np.int64))
+        else:
+            m = int(so[0]) * int(np.prod(so[2:], dtype=np.int64))
+            k, n = int(np.prod(sw[1:], dtype=np.int64)), int(sw[0]) // g
+        return GemmShape(g, m, k, n, x, w, out, groups=g)
+    return None
+
+
 def _onnx_macs(node, types) -> int:
     """MACs of one ONNX node from its shapes; 0 for ops that are not GEMM-like."""
-    op = node.op_type
-    out = types.get(node.output[0], (None, None))[1] if node.output else None
-    if out is None:
+    if not node.output or types.get(node.output[0], (None, None))[1] is None:
         return 0
-    out_elems = int(np.prod(out, dtype=np.int64))
-    if op in ("Conv", "ConvInteger", "QLinearConv"):
-        w_index = 3 if op == "QLinearConv" else 1
-        w_shape = types[node.input[w_index]][1]
-        return out_elems * int(np.prod(w_shape[1:], dtype=np.int64))  # (Cin/group) * kernel
-    if op == "ConvTranspose":
-        w_shape = types[node.input[1]][1]  # (Cin, Cout/group, k...)
-        x_shape = types[node.input[0]][1]
-        return int(np.prod(x_shape, dtype=np.int64)) * int(np.prod(w_shape[1:], dtype=np.int64))
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
-        a_shape = types[node.input[0]][1]
-        return out_elems * int(a_shape[-1])
-    if op == "Gemm":
-        a_shape = types[node.input[0]][1]
-        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-        return out_elems * int(a_shape[0] if trans_a else a_shape[1])
+    shape = gemm_shape(node, types)
+    if shape is not None:
+        return shape.macs
     from .opdefs import custom_op
 
     spec = custom_op(node)

@@ -11,7 +11,9 @@ The forms (HeatViT, HPCA 2023, after I-BERT, ICML 2021):
 - sigmoid, piecewise linear: y = 1 for |x| >= 5; |x|/32 + 27/32 for 2.375 <= |x| < 5;
   |x|/8 + 5/8 for 1 <= |x| < 2.375; |x|/4 + 1/2 for |x| < 1; and 1 - y for x < 0.
 
-Fixed point: with ``bits`` > 0 the input of each function is rounded to a signed ``bits``-bit
+Fixed point: with ``bits`` > 0 the program gets the fact ``rounds-activations`` (its level
+conversions then report, not enforce, their numerical check: float re-association in another
+runtime can move a value across a rounding step). The input of each function is rounded to a signed ``bits``-bit
 fixed-point grid that covers the function's operating range (GELU and sigmoid: [-8, 8), exp:
 [-16, 0]), i.e. ``frac = bits - 1 - log2(range)`` fractional bits, saturating outside it; the
 polynomial is then evaluated exactly (as I-BERT does with wide integer intermediates). ``bits=0``
@@ -35,6 +37,7 @@ from torch import nn
 from ..ir.program import Program
 from ..ir.torch_level import is_attention, retrace
 from .base import Pass, register
+from .pipeline import ROUNDING_FACT
 from .tokens import attention_with_probs
 
 GELU_A, GELU_B = -0.2888, -1.769
@@ -212,7 +215,8 @@ class PolyAct(Pass):
                 replaced[kind] += 1
         ctx.record("replaced", replaced)
         ctx.record("errors", approximation_errors(o.bits, o.d1))
-        return retrace(program, gm)
+        program = retrace(program, gm)
+        return program.with_facts(ROUNDING_FACT) if o.bits > 0 else program
 
 
 def _function_replacement(node, o):

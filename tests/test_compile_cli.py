@@ -109,3 +109,16 @@ def test_list_passes_documents_options():
     assert proc.returncode == 0
     assert "fold-bn  (torch level)" in proc.stdout
     assert "cleanup  (onnx level)" in proc.stdout and "fold_constants: true or false, default true." in proc.stdout
+
+
+def test_fpga_target_writes_a_cost_report(tmp_path):
+    out = tmp_path / "fpga"
+    proc = compile_("tiny_deit", "--pipeline", "evit,poly-act", "--target", "fpga", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["fpga_layers.png", "fpga_report.json", "model.onnx", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["fpga"]["nonlinear"] == "poly" and report["fpga"]["bits"] == 8  # auto: poly after poly-act
+    assert report["fpga"]["latency_ms"] > 0 and report["fpga"]["macs"] == report["after"]["macs"]
+    detail = json.loads((out / "fpga_report.json").read_text())
+    assert sum(op["cycles"] for op in detail["ops"]) == pytest.approx(detail["totals"]["cycles"], abs=1)
+    assert "ms" in proc.stdout and "fpga_report.json" in proc.stdout

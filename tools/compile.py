@@ -36,7 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="compile.py", description="Compile a model through a sliver pipeline.")
     p.add_argument("model", nargs="?", help="zoo model name or path of an .onnx file")
     p.add_argument("--pipeline", default="", help='pass pipeline, e.g. "fold-bn,cleanup" (default: empty)')
-    p.add_argument("--target", default="x86", choices=["x86"], help="build target (default: x86, the host CPU)")
+    p.add_argument(
+        "--target",
+        default="x86",
+        choices=["x86", "fpga"],
+        help="x86: a TVM artifact for the host CPU (default); fpga: a cycle-level cost report on --accel",
+    )
+    p.add_argument("--accel", default="zcu102", help="FPGA accelerator preset for --target fpga (default: zcu102)")
+    p.add_argument("--bits", type=int, default=8, help="bit width of float values on the FPGA model (default: 8)")
+    p.add_argument(
+        "--nonlinear",
+        default="auto",
+        choices=["auto", "exact", "poly"],
+        help="FPGA nonlinear units; auto: poly after the poly-act pass, else exact",
+    )
     p.add_argument("--out", help="output directory")
     p.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (default: the model's own)")
     p.add_argument("--dump-ir", action="store_true", help="write the IR text after every step to OUT/ir/")
@@ -137,10 +150,9 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def compile_model(args) -> dict:
-    from sliver import backends, passes
+    from sliver import passes
     from sliver.ir import tvm_level
     from sliver.ir.errors import ModelInputError
-    from sliver.ir.runtime import max_abs_diff
 
     if not args.model:
         raise ModelInputError("no MODEL given: name a zoo model (--list-models) or an .onnx file")
@@ -151,7 +163,7 @@ def compile_model(args) -> dict:
     _say(args, f"loading {args.model}")
     program, net = load_model(args)
     pipeline.validate(program.level, program.facts)
-    if program.level == "onnx":
+    if program.level == "onnx" and args.target != "fpga":
         tvm_level.check_importable(program)  # fail before any work, not after the passes
     reference_outputs = program.run()
     report = {"model": args.model, "target": args.target, "seed": args.seed, "pipeline": str(pipeline)}
@@ -167,37 +179,62 @@ def compile_model(args) -> dict:
         )
         final = result.program
         _write_atomic(os.path.join(stage, "model.onnx"), final.module.SerializeToString())
-        _say(args, f"building with TVM for {args.target}")
-        tb = time.perf_counter()
-        with _quiet_native_stderr():  # TVM's C++ warnings are not for users
-            artifact = backends.tvm.build(final, target=args.target)
-            build_seconds = time.perf_counter() - tb
-            paths = artifact.save(stage)
-        tvm_outputs = artifact.run(final.example_inputs)
-        ort_outputs = final.run()
         report.update(
             {
                 "input_shapes": [list(s) for s in final.input_shapes],
-                "tvm_target": artifact.target,
                 "steps": result.report.to_dict()["steps"],
                 "before": result.report.before,
                 "after": result.report.after,
-                "tvm_build_seconds": build_seconds,
-                "max_abs_diff": {
-                    "tvm_vs_onnxruntime": max_abs_diff(tvm_outputs, ort_outputs),
-                    "tvm_vs_input_model": max_abs_diff(tvm_outputs, reference_outputs),
-                },
-                "total_seconds": time.perf_counter() - t0,
-                "files": {
-                    "onnx": "model.onnx",
-                    "library": os.path.basename(paths["library"]),
-                    "description": os.path.basename(paths["description"]),
-                    "ir": "ir/" if args.dump_ir else None,
-                },
+                "files": {"onnx": "model.onnx", "ir": "ir/" if args.dump_ir else None},
             }
         )
+        if args.target == "fpga":
+            report.update(_cost_on_fpga(args, final, stage))
+        else:
+            report.update(_build_with_tvm(args, final, stage, reference_outputs))
+        report["total_seconds"] = time.perf_counter() - t0
         _write_atomic(os.path.join(stage, "report.json"), json.dumps(report, indent=2).encode())
     return report
+
+
+def _build_with_tvm(args, final, stage, reference_outputs) -> dict:
+    """Build the TVM artifact into ``stage`` and check it against the references."""
+    from sliver import backends
+    from sliver.ir.runtime import max_abs_diff
+
+    _say(args, f"building with TVM for {args.target}")
+    tb = time.perf_counter()
+    with _quiet_native_stderr():  # TVM's C++ warnings are not for users
+        artifact = backends.tvm.build(final, target=args.target)
+        build_seconds = time.perf_counter() - tb
+        paths = artifact.save(stage)
+    tvm_outputs = artifact.run(final.example_inputs)
+    ort_outputs = final.run()
+    return {
+        "tvm_target": artifact.target,
+        "tvm_build_seconds": build_seconds,
+        "max_abs_diff": {
+            "tvm_vs_onnxruntime": max_abs_diff(tvm_outputs, ort_outputs),
+            "tvm_vs_input_model": max_abs_diff(tvm_outputs, reference_outputs),
+        },
+        "artifact": {"library": os.path.basename(paths["library"]), "description": os.path.basename(paths["description"])},
+    }
+
+
+def _cost_on_fpga(args, final, stage) -> dict:
+    """Cost the final program on the FPGA model; writes fpga_report.json and fpga_layers.png."""
+    from sliver.backends import fpga
+
+    nonlinear = args.nonlinear
+    if nonlinear == "auto":
+        nonlinear = "poly" if "poly-act" in final.facts else "exact"
+    _say(args, f"costing on the {args.accel} model at {args.bits} bits ({nonlinear} nonlinear units)")
+    fpga_report = fpga.cost(final, accel=args.accel, bits=args.bits, nonlinear=nonlinear)
+    fpga_report.save(stage)
+    totals = fpga_report.to_dict()["totals"]
+    return {"fpga": {"accel": args.accel, "bits": args.bits, "nonlinear": nonlinear, **totals},
+            "fpga_summary": fpga_report.summary(),
+            "fpga_files": ["fpga_report.json", "fpga_layers.png"]}
 
 
 @contextlib.contextmanager
@@ -218,21 +255,32 @@ def summary(report: dict, out: str) -> str:
     b, a = report["before"], report["after"]
     change = 100.0 * (a["macs"] - b["macs"]) / b["macs"] if b["macs"] else 0.0
     steps = " | ".join(f"{s['name']} {s['seconds']:.2f}s" for s in report["steps"]) or "(none)"
-    diff = report["max_abs_diff"]
-    cpu = report["tvm_target"].get("mcpu", "generic")
-    return "\n".join(
-        [
-            f"sliver: {report['model']} -> {out} ({report['target']}, {cpu})",
-            f"  pipeline  {report['pipeline'] or '(empty)'}",
-            f"  MACs      {b['macs'] / 1e9:.4f} G -> {a['macs'] / 1e9:.4f} G ({change:+.1f}%)"
-            f"   params {b['params'] / 1e6:.3f} M -> {a['params'] / 1e6:.3f} M",
+    if report["target"] == "fpga":
+        where = f"fpga, {report['fpga']['accel']}, {report['fpga']['bits']}-bit"
+    else:
+        where = f"{report['target']}, {report['tvm_target'].get('mcpu', 'generic')}"
+    lines = [
+        f"sliver: {report['model']} -> {out} ({where})",
+        f"  pipeline  {report['pipeline'] or '(empty)'}",
+        f"  MACs      {b['macs'] / 1e9:.4f} G -> {a['macs'] / 1e9:.4f} G ({change:+.1f}%)"
+        f"   params {b['params'] / 1e6:.3f} M -> {a['params'] / 1e6:.3f} M",
+    ]
+    ir_dir = ", ir/" if report["files"]["ir"] else ""
+    if report["target"] == "fpga":
+        lines += [
+            f"  steps     {steps}",
+            "  fpga      " + report["fpga_summary"].replace("\n", "\n            "),
+            f"  wrote     {os.path.join(out, 'model.onnx')}, fpga_report.json, fpga_layers.png, report.json{ir_dir}",
+        ]
+    else:
+        diff = report["max_abs_diff"]
+        lines += [
             f"  steps     {steps} | tvm-build {report['tvm_build_seconds']:.2f}s",
             f"  check     max|TVM - ONNX Runtime| {diff['tvm_vs_onnxruntime']:.2e}, "
             f"max|TVM - input model| {diff['tvm_vs_input_model']:.2e}",
-            f"  wrote     {os.path.join(out, 'model.onnx')}, model.so, model.json, report.json"
-            + (", ir/" if report["files"]["ir"] else ""),
+            f"  wrote     {os.path.join(out, 'model.onnx')}, model.so, model.json, report.json{ir_dir}",
         ]
-    )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
