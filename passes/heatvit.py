@@ -36,8 +36,6 @@ latency-aware block/keep choice from the cost model is not implemented yet.
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,18 +44,7 @@ from ..ir.errors import PassError
 from ..ir.program import Program
 from ..ir.torch_level import retrace
 from .base import Pass, register
-from .tokens import check_blocks, residual_branch, select_tokens, tokens_in, transformer_blocks, weighted_rest
-
-
-class TokenPolicy:
-    """Shared training-time state: the keep policy over the current tokens (B, T), 1 = kept."""
-
-    def __init__(self) -> None:
-        self.policy = None
-        self.stage_fractions: list = []
-
-    def reset(self) -> None:
-        self.policy, self.stage_fractions = None, []
+from .tokens import TokenPolicy, check_blocks, distill_fine_tune, frozen_copy, select_tokens, tokens_in, weighted_rest
 
 
 class TokenSelector(nn.Module):
@@ -132,38 +119,6 @@ class TokenSelector(nn.Module):
         return torch.cat([x, package], dim=1)
 
 
-class PolicyBlock(nn.Module):
-    """Training-time wrapper: runs a block with attention restricted to the kept tokens."""
-
-    def __init__(self, block: nn.Module, state: TokenPolicy):
-        super().__init__()
-        self.block = block
-        self.state = state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        policy = self.state.policy
-        if policy is None:
-            return self.block(x)
-        blk = self.block
-        attn = blk.attn
-        h = blk.norm1(x)
-        b, n, c = h.shape
-        heads = attn.num_heads
-        qkv = attn.qkv(h).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scale = getattr(attn, "scale", None) or (c // heads) ** -0.5
-        logits = (q * scale) @ k.transpose(-2, -1)
-        # DynamicViT's masked softmax: pruned keys get no weight, a token always sees itself
-        allowed = policy.reshape(b, 1, 1, n)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(1, 1, n, n)
-        allowed = allowed + (1.0 - allowed) * eye
-        e = torch.exp(logits - logits.amax(dim=-1, keepdim=True)) * allowed
-        probs = (e + 1e-6 / n) / (e.sum(dim=-1, keepdim=True) + 1e-6)
-        out = attn.proj((probs @ v).transpose(1, 2).reshape(b, n, c))
-        x = x + residual_branch(blk, "ls1", out)
-        return x + residual_branch(blk, "ls2", blk.mlp(blk.norm2(x)))
-
-
 @dataclasses.dataclass
 class HeatViTOptions:
     blocks: tuple[int, ...] = dataclasses.field(default=(3, 6, 9), metadata={"doc": "0-indexed blocks to insert a selector before"})
@@ -204,7 +159,7 @@ class HeatViT(Pass):
         n0 = tokens_in(first) - 1
         dim = int(first.args[0].meta["tensor_meta"].shape[-1])
         heads = gm.get_submodule(first.target).attn.num_heads
-        teacher = program.module if train_set is None else _frozen_copy(gm)
+        teacher = None if train_set is None else frozen_copy(gm)
         selectors, schedule = [], []
         for stage, (index, node) in enumerate(zip(sorted(o.blocks), nodes), start=1):
             k = max(1, int(n0 * o.keep**stage))
@@ -227,62 +182,14 @@ class HeatViT(Pass):
         return retrace(program, gm)
 
 
-def _frozen_copy(gm):
-    import copy
-
-    teacher = copy.deepcopy(gm).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
 def _fine_tune(gm, teacher, selectors, nodes, n0, o, train_set, ctx) -> list:
-    state = TokenPolicy()
-    blocks = transformer_blocks(gm)
-    start = [n.target for n in blocks].index(nodes[0].target)
-    originals = {}
-    for node in blocks[start:]:
-        originals[node.target] = gm.get_submodule(node.target)
-        gm.set_submodule(node.target, PolicyBlock(originals[node.target], state))
-    for s in selectors:
-        s.mode, s.state = "train", state
     targets = [s.keep_tokens / n0 for s in selectors]
+
+    def ratio_loss(state):
+        return o.ratio_weight * sum((f.mean() - t) ** 2 for f, t in zip(state.stage_fractions, targets))
+
     selector_params = [p for s in selectors for p in s.parameters()]
-    selector_ids = {id(p) for p in selector_params}
-    dense_params = [p for p in gm.parameters() if id(p) not in selector_ids]
-    opt = torch.optim.AdamW(
-        [{"params": selector_params, "lr": o.lr}, {"params": dense_params, "lr": o.lr / 10}], weight_decay=0.01
+    return distill_fine_tune(
+        gm, teacher, nodes[0].target, selectors, selector_params, ratio_loss, train_set, ctx,
+        epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, distill_weight=o.distill_weight, name="heatvit",
     )
-    history = []
-    gm.train()
-    try:
-        for epoch in range(o.epochs):
-            total, count = 0.0, 0
-            loader = train_set.loader(o.batch_size, shuffle=True, seed=ctx.seed + epoch)
-            for images, labels in ctx.progress(loader, f"epoch {epoch + 1}/{o.epochs}", total=len(loader)):
-                state.reset()
-                logits = gm(images)
-                with torch.no_grad():
-                    soft = teacher(images).softmax(dim=-1)
-                ratio = sum(((f.mean() - t) ** 2) for f, t in zip(state.stage_fractions, targets))
-                loss = (
-                    F.cross_entropy(logits, labels)
-                    + o.ratio_weight * ratio
-                    + o.distill_weight * F.kl_div(logits.log_softmax(dim=-1), soft, reduction="batchmean")
-                )
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(labels)
-                count += len(labels)
-            history.append(round(total / max(count, 1), 4))
-    finally:
-        gm.eval()
-        state.reset()
-        for target, module in originals.items():
-            gm.set_submodule(target, module)
-        for s in selectors:
-            s.state = None
-    if not all(math.isfinite(h) for h in history):
-        raise PassError(f"heatvit fine-tuning diverged (losses {history}); lower lr")
-    return history

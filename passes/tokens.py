@@ -11,13 +11,15 @@ block from the traced shapes and fixes every keep count at compile time (``topk`
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+import torch.nn.functional as F
 import torch.fx
 from torch import nn
 
-from ..ir.errors import OptionValueError, UnsupportedOpError
+from ..ir.errors import OptionValueError, PassError, UnsupportedOpError
 from ..ir.torch_level import is_transformer_block
 
 
@@ -73,13 +75,15 @@ def _maybe(module: nn.Module, name: str):
     return sub if isinstance(sub, nn.Module) else None
 
 
-def attention_with_probs(attn: nn.Module, x: torch.Tensor):
-    """Multi-head self-attention as timm computes it, returning (output, probabilities).
+def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | None = None):
+    """Multi-head self-attention as timm computes it, returning (output, probabilities, context).
 
-    The attention probabilities come from ``attn.attention_probs(scores)`` when the module has that
-    method, else from softmax.
+    probabilities: (B, heads, N, N); context: the per-head A.V before the output projection,
+    (B, heads, N, head_dim). The probabilities come from ``attn.attention_probs(scores)`` when the
+    module has that method (poly-act's PolyAttention does), else from softmax.
 
-    probabilities: (B, heads, N, N), softmax over the last axis."""
+    ``policy`` (B, N), 1 = kept, is the training-time token mask of the pruning passes: pruned keys
+    get no weight and every token still attends to itself (DynamicViT's masked softmax)."""
     b, n, c = x.shape
     heads = attn.num_heads
     head_dim = c // heads
@@ -92,10 +96,24 @@ def attention_with_probs(attn: nn.Module, x: torch.Tensor):
     if k_norm is not None:
         k = k_norm(k)
     scores = (q * scale) @ k.transpose(-2, -1)
-    # an attention module may bring its own normalisation (poly-act's PolyAttention does)
-    probs = attn.attention_probs(scores) if hasattr(attn, "attention_probs") else scores.softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(b, n, c)
-    return attn.proj(out), probs
+    if policy is not None:
+        allowed = policy.reshape(b, 1, 1, n)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(1, 1, n, n)
+        allowed = allowed + (1.0 - allowed) * eye
+        e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed
+        probs = (e + 1e-6 / n) / (e.sum(dim=-1, keepdim=True) + 1e-6)
+    elif hasattr(attn, "attention_probs"):
+        probs = attn.attention_probs(scores)
+    else:
+        probs = scores.softmax(dim=-1)
+    context = probs @ v
+    return attn.proj(context.transpose(1, 2).reshape(b, n, c)), probs, context
+
+
+def attention_with_probs(attn: nn.Module, x: torch.Tensor):
+    """(output, probabilities) of :func:`attention_parts`."""
+    out, probs, _ = attention_parts(attn, x)
+    return out, probs
 
 
 def residual_branch(block: nn.Module, scale_name: str, value: torch.Tensor) -> torch.Tensor:
@@ -157,3 +175,99 @@ class OnnxTopK(torch.autograd.Function):
     def symbolic(g, scores, k: int):
         k_const = g.op("Constant", value_t=torch.tensor([k], dtype=torch.int64))
         return g.op("TopK", scores, k_const, axis_i=-1, largest_i=1, sorted_i=1, outputs=2)
+
+
+# -- training with a token policy ---------------------------------------------------------------
+class TokenPolicy:
+    """Shared training-time state: the keep policy over the current tokens (B, T), 1 = kept, and
+    each pruning stage's kept fraction per image (what the ratio/budget losses read)."""
+
+    def __init__(self) -> None:
+        self.policy = None
+        self.stage_fractions: list = []
+        self.block_tokens: list = []
+
+    def reset(self) -> None:
+        self.policy, self.stage_fractions, self.block_tokens = None, [], []
+
+
+class PolicyBlock(nn.Module):
+    """Training-time wrapper: runs a block with attention restricted to the kept tokens and
+    records the number of kept tokens it processed (per image)."""
+
+    def __init__(self, block: nn.Module, state: TokenPolicy):
+        super().__init__()
+        self.block = block
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        policy = self.state.policy
+        if policy is None:
+            return self.block(x)
+        self.state.block_tokens.append(policy.sum(dim=1))
+        blk = self.block
+        out, _, _ = attention_parts(blk.attn, blk.norm1(x), policy)
+        x = x + residual_branch(blk, "ls1", out)
+        return x + residual_branch(blk, "ls2", blk.mlp(blk.norm2(x)))
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode copy without gradients: the dense teacher for distillation."""
+    teacher = copy.deepcopy(module).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extra_loss, train_set, ctx, *,
+                      epochs: int, lr: float, batch_size: int, distill_weight: float, name: str) -> list:
+    """Fine-tune ``gm`` with a token policy: every block from ``first_target`` on runs as a
+    :class:`PolicyBlock`, the pruning ``stages`` run in ``"train"`` mode sharing one
+    :class:`TokenPolicy`. Loss = cross-entropy + ``extra_loss(state)`` + ``distill_weight`` x
+    KL(student || teacher). The stages' own parameters learn at ``lr``, the dense layers at
+    ``lr``/10 (AdamW). The blocks are restored and the stages left in eval mode afterwards.
+    Returns the mean loss per epoch."""
+    state = TokenPolicy()
+    blocks = transformer_blocks(gm)
+    start = [n.target for n in blocks].index(first_target)
+    originals = {}
+    for node in blocks[start:]:
+        originals[node.target] = gm.get_submodule(node.target)
+        gm.set_submodule(node.target, PolicyBlock(originals[node.target], state))
+    for s in stages:
+        s.mode, s.state = "train", state
+    stage_ids = {id(p) for p in stage_params}
+    dense_params = [p for p in gm.parameters() if id(p) not in stage_ids]
+    opt = torch.optim.AdamW([{"params": stage_params, "lr": lr}, {"params": dense_params, "lr": lr / 10}], weight_decay=0.01)
+    history = []
+    gm.train()
+    try:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + epoch)
+            for images, labels in ctx.progress(loader, f"epoch {epoch + 1}/{epochs}", total=len(loader)):
+                state.reset()
+                logits = gm(images)
+                with torch.no_grad():
+                    soft = teacher(images).softmax(dim=-1)
+                loss = (
+                    F.cross_entropy(logits, labels)
+                    + extra_loss(state)
+                    + distill_weight * F.kl_div(logits.log_softmax(dim=-1), soft, reduction="batchmean")
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(labels)
+                count += len(labels)
+            history.append(round(total / max(count, 1), 4))
+    finally:
+        gm.eval()
+        state.reset()
+        for target, module in originals.items():
+            gm.set_submodule(target, module)
+        for s in stages:
+            s.state = None
+    if not all(math.isfinite(h) for h in history):
+        raise PassError(f"{name} fine-tuning diverged (losses {history}); lower lr")
+    return history
