@@ -6,8 +6,9 @@
     print(result.report)
 """
 
-from . import cleanup, evit, fold_bn, heatvit, poly_act  # noqa: F401  (registers the passes)
+from . import asvit, cleanup, evit, fold_bn, heatvit, poly_act  # noqa: F401  (registers the passes)
 from .base import Pass, get_pass, option_docs, register, registered
+from .asvit import ASViT
 from .cleanup import Cleanup
 from .evit import EViT
 from .context import PassContext
@@ -18,6 +19,7 @@ from .pipeline import Pipeline, PipelineResult, parse
 from .report import Report, StepReport
 
 __all__ = [
+    "ASViT",
     "Cleanup",
     "EViT",
     "FoldBN",

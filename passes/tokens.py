@@ -11,6 +11,7 @@ block from the traced shapes and fixes every keep count at compile time (``topk`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -184,11 +185,12 @@ class TokenPolicy:
 
     def __init__(self) -> None:
         self.policy = None
-        self.stage_fractions: list = []
-        self.block_tokens: list = []
+        self.stage_fractions: list = []  # per stage: kept fraction of its patch tokens (B,)
+        self.stage_kept: list = []  # per stage: kept patch tokens (B,)
+        self.block_tokens: list = []  # per policy block: tokens it processed (B,)
 
     def reset(self) -> None:
-        self.policy, self.stage_fractions, self.block_tokens = None, [], []
+        self.policy, self.stage_fractions, self.stage_kept, self.block_tokens = None, [], [], []
 
 
 class PolicyBlock(nn.Module):
@@ -219,6 +221,35 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return teacher
 
 
+@contextlib.contextmanager
+def policy_mode(gm, first_target: str, stages):
+    """Run ``gm`` with a token policy inside the ``with``: every block from ``first_target`` on
+    becomes a :class:`PolicyBlock` and the pruning ``stages`` switch to ``"train"`` mode, sharing
+    the yielded :class:`TokenPolicy`. On exit the blocks are restored, the stages are back in
+    ``"static"`` mode and ``gm`` is in eval mode."""
+    state = TokenPolicy()
+    blocks = transformer_blocks(gm)
+    start = [n.target for n in blocks].index(first_target)
+    originals = {}
+    for node in blocks[start:]:
+        module = gm.get_submodule(node.target)
+        if module in stages:
+            continue  # a stage handles the policy itself
+        originals[node.target] = module
+        gm.set_submodule(node.target, PolicyBlock(module, state))
+    for s in stages:
+        s.mode, s.state = "train", state
+    try:
+        yield state
+    finally:
+        gm.eval()
+        state.reset()
+        for target, module in originals.items():
+            gm.set_submodule(target, module)
+        for s in stages:
+            s.mode, s.state = "static", None
+
+
 def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extra_loss, train_set, ctx, *,
                       epochs: int, lr: float, batch_size: int, distill_weight: float, name: str) -> list:
     """Fine-tune ``gm`` with a token policy: every block from ``first_target`` on runs as a
@@ -227,21 +258,12 @@ def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extr
     KL(student || teacher). The stages' own parameters learn at ``lr``, the dense layers at
     ``lr``/10 (AdamW). The blocks are restored and the stages left in eval mode afterwards.
     Returns the mean loss per epoch."""
-    state = TokenPolicy()
-    blocks = transformer_blocks(gm)
-    start = [n.target for n in blocks].index(first_target)
-    originals = {}
-    for node in blocks[start:]:
-        originals[node.target] = gm.get_submodule(node.target)
-        gm.set_submodule(node.target, PolicyBlock(originals[node.target], state))
-    for s in stages:
-        s.mode, s.state = "train", state
     stage_ids = {id(p) for p in stage_params}
     dense_params = [p for p in gm.parameters() if id(p) not in stage_ids]
     opt = torch.optim.AdamW([{"params": stage_params, "lr": lr}, {"params": dense_params, "lr": lr / 10}], weight_decay=0.01)
     history = []
-    gm.train()
-    try:
+    with policy_mode(gm, first_target, stages) as state:
+        gm.train()
         for epoch in range(epochs):
             total, count = 0.0, 0
             loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + epoch)
@@ -261,13 +283,6 @@ def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extr
                 total += loss.item() * len(labels)
                 count += len(labels)
             history.append(round(total / max(count, 1), 4))
-    finally:
-        gm.eval()
-        state.reset()
-        for target, module in originals.items():
-            gm.set_submodule(target, module)
-        for s in stages:
-            s.state = None
     if not all(math.isfinite(h) for h in history):
         raise PassError(f"{name} fine-tuning diverged (losses {history}); lower lr")
     return history
