@@ -6,6 +6,6 @@
     artifact.save("build/")                               # model.so + model.json
 """
 
-from . import tvm
+from . import lowering, schedules, tvm
 
-__all__ = ["tvm"]
+__all__ = ["lowering", "schedules", "tvm"]

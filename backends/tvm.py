@@ -97,6 +97,22 @@ class Artifact:
         out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
         return _to_numpy(out)
 
+    def runner(self):
+        """A function ``run(inputs) -> None`` bound to one VM, for timing (no output copies)."""
+        import tvm
+        from tvm import relax
+
+        if not is_host(self.target):
+            raise BackendError(f"this artifact targets {self.target.get('mtriple')}; run it on that device")
+        dev = tvm.cpu()
+        main = relax.VirtualMachine(self.executable, dev)["main"]
+        dtypes = list(self.input_dtypes)
+
+        def run(inputs):
+            main(*[tvm.runtime.tensor(np.ascontiguousarray(a, dtype=d), dev) for a, d in zip(inputs, dtypes)])
+
+        return run
+
     def save(self, directory: str | os.PathLike) -> dict:
         """Write ``model.so`` and ``model.json`` into ``directory`` (atomically); returns paths."""
         directory = os.fspath(directory)
@@ -139,16 +155,99 @@ def _to_numpy(out) -> list:
     return [a for item in out for a in _to_numpy(item)]
 
 
-def build(program: Program, target="x86") -> Artifact:
-    """Lower ``program`` (onnx or tvm level) to the tvm level and compile it for ``target``."""
+#: schedule choices for :func:`build`: ``"rules"`` (sliver's own CPU rules, the default) or
+#: ``"none"`` (TVM's default pipeline, no schedules: the slow baseline, ~50-85x slower).
+#: A MetaSchedule-database choice belongs here once tuning beats the rules (see README).
+SCHEDULES = ("rules", "none")
+
+
+def fusion_passes(target: dict) -> list:
+    """Relax passes up to fused PrimFuncs: layouts, fast math, legalisation, fusion.
+
+    Convolutions go to NHWC activations with HWIO weights, so that output channels are the
+    innermost, contiguous axis of outputs and weights (the axis the rules vectorise);
+    ``FastMathTransform`` replaces ``exp``/``erf``/softmax by vectorisable polynomials (scalar
+    libm calls made softmax and GELU 10x slower than the matmuls around them).
+    """
+    from tvm import relax
+
+    return [
+        # TVM's own CPU library dispatch first (topk/sort/scan of token selection, sampling)
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+        relax.transform.FastMathTransform(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def lowering_passes() -> list:
+    """Relax passes after scheduling: the CPU backend's dataflow lowering and finalisation."""
+    from tvm import relax
+
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def relax_pipeline(target: dict, schedule: str = "rules"):
+    """The Relax pipeline :func:`build` runs for ``target`` (a TVM target dict)."""
+    import tvm
+
+    from . import schedules
+
+    if schedule not in SCHEDULES:
+        raise BackendError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if schedule == "none":
+        return None
+    passes = fusion_passes(target)
+    passes.append(schedules.schedule_module(target))
+    passes += lowering_passes()
+    seq = tvm.transform.Sequential(passes)
+    tvm_target = tvm.target.Target(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="SliverCpuPipeline")
+    def _pipeline(mod, _ctx):
+        with tvm_target:
+            return seq(mod)
+
+    return _pipeline
+
+
+def build(program: Program, target="x86", schedule: str = "rules") -> Artifact:
+    """Lower ``program`` (onnx or tvm level) to the tvm level and compile it for ``target``.
+
+    ``schedule`` picks how loops are scheduled (see :data:`SCHEDULES`): by default sliver's
+    CPU rules (:mod:`sliver.backends.schedules`) after NHWC layout conversion and fast math.
+    """
     import tvm
 
     if program.level == "torch":
         raise BackendError("build() takes an onnx- or tvm-level program; run it through a pipeline or ir.to_onnx first")
     tdict = resolve_target(target)
+    pipeline = relax_pipeline(tdict, schedule)
     tvm_program = convert(program, "tvm")
     try:
-        executable = tvm.compile(tvm_program.module, target=tvm.target.Target(tdict))
+        if pipeline is None:
+            executable = tvm.compile(tvm_program.module, target=tvm.target.Target(tdict))
+        else:
+            executable = tvm.compile(tvm_program.module, target=tvm.target.Target(tdict), relax_pipeline=pipeline)
     except Exception as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise BackendError(f"TVM failed to compile {program.name} for {tdict}: {msg}") from None
@@ -159,6 +258,7 @@ def build(program: Program, target="x86") -> Artifact:
         input_shapes=[list(a.shape) for a in program.example_inputs],
         input_dtypes=[str(a.dtype) for a in program.example_inputs],
         name=program.name,
+        meta={"schedule": schedule},
     )
 
 

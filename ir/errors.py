@@ -51,6 +51,10 @@ class UnknownModelError(ModelInputError):
     """A zoo model name that does not exist."""
 
 
+class DataError(SliverError):
+    """A data set, split or data path that does not exist, or data that does not fit the model."""
+
+
 class TraceError(SliverError):
     """A torch module that torch.fx cannot trace, or an example input that does not fit it."""
 

@@ -37,6 +37,11 @@ def define(op: CustomOp) -> CustomOp:
     return op
 
 
+def lookup(domain: str, op_type: str) -> Optional[CustomOp]:
+    """The definition of ``domain.op_type``, or None."""
+    return _OPS.get((domain, op_type))
+
+
 def custom_op(node) -> Optional[CustomOp]:
     """The definition of an ONNX node's op, if it is one of sliver's custom ops."""
     return _OPS.get((node.domain, node.op_type))
@@ -44,3 +49,30 @@ def custom_op(node) -> Optional[CustomOp]:
 
 def defined_ops() -> list:
     return sorted(_OPS.values(), key=lambda o: (o.domain, o.op_type))
+
+
+# ------------------------------------------------------------------------------------------------
+# definitions
+
+INT8_RANGE = (-128, 127)
+
+
+def shift_requant_reference(inputs, attrs):
+    """int32 x -> int8 ``clip((x + 2^(shift-1)) >> shift, -128, 127)`` (round half up; shift 0: x)."""
+    import numpy as np
+
+    x = np.asarray(inputs[0]).astype(np.int64)
+    shift = int(attrs.get("shift", 0))
+    if shift > 0:
+        x = (x + (1 << (shift - 1))) >> shift
+    return [np.clip(x, *INT8_RANGE).astype(np.int8)]
+
+
+SHIFT_REQUANT = define(
+    CustomOp(
+        op_type="ShiftRequant",
+        doc="requantise an int32 accumulator to int8: rounding arithmetic right shift by the "
+        "attribute `shift` (>= 0), then saturate to [-128, 127]",
+        reference=shift_requant_reference,
+    )
+)

@@ -7,6 +7,7 @@ timm's ``VisionTransformer`` layout and CNNs torchvision's, so their checkpoints
 with ``torch.onnx.export``.
 """
 
+from . import data, training  # noqa: F401
 from .mobilenet import ConvNormAct, InvertedResidual, MobileNetV2
 from .resnet import BasicBlock, Bottleneck, ResNet
 from .vgg import VGG

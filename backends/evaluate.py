@@ -1,0 +1,213 @@
+"""Score a model at any level on a named data split: accuracy for classifiers, mIoU for segmenters.
+
+    from sliver.backends.evaluate import evaluate
+    acc = evaluate(program)                          # torch level: PyTorch; onnx level: ONNX Runtime
+    acc = evaluate(backends.tvm.build(onnx_prog))    # tvm: the compiled artifact, on this machine
+    miou = evaluate(seg_program, split="val", task="segmentation")
+
+What runs where:
+
+- a torch-level Program runs its ``GraphModule`` in PyTorch (no grad);
+- an onnx-level Program runs in ONNX Runtime (one CPU session for the whole split);
+- a tvm-level Program is built for the host (``x86``) first; an :class:`~sliver.backends.tvm.Artifact`
+  runs as it is.
+
+Batching: a Program has static shapes, so every level runs at the batch size of the Program's
+example input (a Program traced at batch 1 is scored image by image; trace at, say, batch 32 for
+speed). The last, partial batch is padded by repeating its last image and the padded outputs are
+dropped, so every image counts exactly once whatever the batch size.
+
+The data: ``data`` may be an :class:`~sliver.models.data.ImageSet`, a data set name (``digits``,
+``digit-scenes``) or a path (see :func:`sliver.models.data.load`). Without it, ``task`` picks the
+set (classification -> digits, segmentation -> digit-scenes), and without a task the model's input
+size does (32x32 -> digits, 64x64 -> digit-scenes). Scores are percentages.
+
+(This module lives in ``backends`` because scoring the tvm level needs the TVM backend; it reads
+the data sets and scores from ``sliver.models.data``.)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..ir.errors import DataError, SliverError
+from ..ir.program import Program
+from ..models import data as datasets
+from . import tvm as tvm_backend
+
+__all__ = ["Evaluation", "evaluate", "score", "evaluate_before_after", "TASK_DATASETS"]
+
+#: the data set each task is scored on by default
+TASK_DATASETS = {"classification": "digits", "segmentation": "digit-scenes"}
+_SIZE_DATASETS = {32: "digits", 64: "digit-scenes"}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A score and what it was measured on."""
+
+    value: float  # percent
+    metric: str  # "accuracy" or "miou"
+    dataset: str  # e.g. "digits/test"
+    level: str  # "torch", "onnx" or "tvm"
+    count: int  # images scored
+    batch_size: int
+    seconds: float
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.metric} {self.value:.2f}% on {self.dataset} ({self.count} images, {self.level} level, "
+                f"{self.seconds:.1f} s)")
+
+
+# -- what to run ------------------------------------------------------------------------------
+def _input_shape(target) -> tuple:
+    if not isinstance(target, (Program, tvm_backend.Artifact)):
+        raise DataError(f"evaluate() takes a sliver Program or a TVM Artifact, got {type(target).__name__}")
+    if isinstance(target, Program):
+        if len(target.example_inputs) != 1:
+            raise DataError(f"{target.name} takes {len(target.example_inputs)} inputs; evaluate() scores "
+                            "single-image models")
+        return tuple(target.example_inputs[0].shape)
+    if len(target.input_shapes) != 1:
+        raise DataError(f"{target.name} takes {len(target.input_shapes)} inputs; evaluate() scores single-image models")
+    return tuple(target.input_shapes[0])
+
+
+def _runner(target, threads: int | None):
+    """(level, run(batch: np.ndarray) -> first output as np.ndarray) for a Program or an Artifact."""
+    if isinstance(target, tvm_backend.Artifact):
+        return "tvm", lambda batch: target.run([batch])[0]
+    if not isinstance(target, Program):
+        raise DataError(f"evaluate() takes a sliver Program or a TVM Artifact, got {type(target).__name__}")
+    if target.level == "torch":
+        import torch
+
+        module = target.module
+
+        def run_torch(batch):
+            with torch.no_grad():
+                out = module(torch.from_numpy(batch))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            return out.detach().cpu().numpy()
+
+        return "torch", run_torch
+    if target.level == "onnx":
+        from ..ir.runtime import onnxruntime_session
+
+        session = onnxruntime_session(target.module, threads=threads)
+        name = session.get_inputs()[0].name
+        return "onnx", lambda batch: session.run(None, {name: batch})[0]
+    artifact = tvm_backend.build(target, target="x86")
+    return "tvm", lambda batch: artifact.run([batch])[0]
+
+
+def _resolve_data(data, split: str, task: str | None, shape: tuple) -> datasets.ImageSet:
+    if isinstance(data, datasets.ImageSet):
+        dataset = data
+    else:
+        if data is None:
+            if task is not None:
+                if task not in TASK_DATASETS:
+                    raise DataError(f"unknown task {task!r}; tasks: {', '.join(TASK_DATASETS)}")
+                data = TASK_DATASETS[task]
+            elif len(shape) == 4 and shape[2] == shape[3] and shape[2] in _SIZE_DATASETS:
+                data = _SIZE_DATASETS[shape[2]]
+            else:
+                raise DataError(f"cannot tell which data set fits input {'x'.join(map(str, shape))}; "
+                                "pass task='classification' or 'segmentation', or data=...")
+        datasets.check_split(split, str(data))
+        dataset = datasets.load(data, split)
+    if task is not None and dataset.task != task:
+        raise DataError(f"{dataset.name} is a {dataset.task} set, not {task}; pass matching data or task")
+    if dataset.task not in TASK_DATASETS:
+        raise DataError(f"{dataset.name} has no labels to score against; use digits or digit-scenes")
+    if tuple(dataset.image_shape) != tuple(shape[1:]):
+        raise DataError(f"{dataset.name} images are {'x'.join(map(str, dataset.image_shape))} but the model takes "
+                        f"{'x'.join(map(str, shape[1:]))}; pass data that fits the model")
+    return dataset
+
+
+# -- scoring ----------------------------------------------------------------------------------
+def score(target, split: str = "test", task: str | None = None, data=None, *, limit: int | None = None,
+          threads: int | None = None, progress: bool = False) -> Evaluation:
+    """Score ``target`` (a Program at any level, or an Artifact) on ``split``; see the module notes.
+
+    ``limit`` scores only the first ``limit`` images of the split (for quick checks); ``threads``
+    sets ONNX Runtime's threads (torch uses its global setting, TVM its own pool).
+    """
+    shape = _input_shape(target)
+    dataset = _resolve_data(data, split, task, shape)
+    if limit is not None:
+        dataset = dataset.take(limit)
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.name} is empty; nothing to score")
+    level, run = _runner(target, threads)
+    batch_size = int(shape[0])
+    metric = datasets.metric_for(dataset.task, dataset.num_classes)
+    images = dataset.images
+    starts = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"evaluate {level}", unit="batch", leave=False)
+    t0 = time.perf_counter()
+    for start in starts:
+        batch = images[start:start + batch_size].numpy()
+        real = batch.shape[0]
+        if real < batch_size:  # pad with copies of the last image; their outputs are dropped
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+        try:
+            out = run(np.ascontiguousarray(batch, dtype=np.float32))
+        except SliverError:
+            raise
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"running the {level}-level model on {dataset.name} failed: {msg}") from None
+        metric.update(np.asarray(out)[:real], dataset.targets[start:start + real])
+    return Evaluation(metric.value(), metric.name, dataset.name, level, len(dataset), batch_size,
+                      time.perf_counter() - t0)
+
+
+def evaluate(target, split: str = "test", task: str | None = None, data=None, **options) -> float:
+    """Accuracy (classification) or mIoU (segmentation), in percent, of ``target`` on ``split``.
+
+    ``target`` is a Program at the torch, onnx or tvm level, or a built TVM Artifact. Options are
+    those of :func:`score`, which also says how long it took and on what.
+    """
+    return score(target, split, task, data, **options).value
+
+
+def evaluate_before_after(before: Program, after, *, data="digits", split: str = "test",
+                          artifact=None, task: str | None = None, limit: int | None = None) -> dict:
+    """Score a model before and after a pipeline, as a JSON-ready dict for a report.
+
+    ``before`` and ``after`` are Programs (any level); ``artifact`` (optional) is the TVM build of
+    ``after``, scored too. Returns ``{"dataset", "metric", "before", "after", "change"[, "tvm"],
+    "count", "seconds"}`` with scores in percent and ``change = after - before``.
+    """
+    first = score(before, split, task, data, limit=limit)
+    second = score(after, split, task, data, limit=limit)
+    report = {
+        "dataset": first.dataset,
+        "metric": first.metric,
+        "before": first.value,
+        "after": second.value,
+        "change": second.value - first.value,
+        "levels": {"before": first.level, "after": second.level},
+        "count": first.count,
+        "seconds": first.seconds + second.seconds,
+    }
+    if artifact is not None:
+        built = score(artifact, split, task, data, limit=limit)
+        report["tvm"] = built.value
+        report["seconds"] += built.seconds
+    return report

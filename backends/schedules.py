@@ -1,0 +1,497 @@
+"""CPU schedule rules of sliver's own, applied without tuning (the way TVM's DLight works for GPUs).
+
+After Relax fuses the model into PrimFuncs (one per fused group: ``matmul + bias + GELU``,
+``conv2d + bias + residual add + relu6``, ``layer_norm``, ``softmax``...), :func:`schedule_module`
+gives every PrimFunc a schedule from three rules:
+
+- **GEMM-like** functions (one reduction block ``C += A * B``: dense, batched attention matmuls,
+  conv2d in NHWC/HWIO layout incl. depthwise): the output's innermost axis ``j`` (features /
+  channels, contiguous in the output and the weights) is split into one or two SIMD vectors and
+  vectorised; the next axis ``i`` (tokens / output width) is split into a register block and
+  unrolled; the reduction loops go between them. Each reduction step loads the weight vector(s),
+  broadcasts one activation per row and does ``rows x vectors`` FMAs on accumulators that stay in
+  registers (6x16 floats on AVX2; 14 accumulators spilled). Extents that do not tile (197 tokens,
+  197 keys) are padded with ``pad_einsum``. When the weights are the bigger operand the weight
+  panel is the outer loop and the rows stream past it, in L2-sized chunks. The outer loops are
+  fused and run in parallel; the epilogue (bias, GELU, residual add, ReLU/ReLU6) is computed per
+  register tile while it is hot (blocks read several times, like GELU's, are not inlined, which
+  would copy their expression).
+- **row-wise** functions (softmax, layer norm, mean): every block is computed per row, rows in
+  parallel.
+- **everything else** (transposes, padding, pooling): each block's leading spatial loops run in
+  parallel (only when big enough to pay for a thread wake-up) and the innermost loop is
+  vectorised when it divides by the SIMD width.
+
+The rules change loop order only, never what is computed, so results match ONNX Runtime up to
+float reassociation (tests/test_tvm_fast.py). A rule that fails on a function falls back to the
+next one; the last one always applies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir, tirx
+
+
+@dataclass(frozen=True)
+class CpuParams:
+    """Tile sizes for one CPU: the SIMD width in float32 lanes and the register-block shape."""
+
+    lanes: int = 8  # AVX2: 8 float32 in a ymm register; NEON: 4
+    vector_regs: int = 16  # AVX2 and SSE: 16; AVX-512 and NEON (aarch64): 32
+    threads: int = 1
+
+    @property
+    def j_block(self) -> int:
+        return 2 * self.lanes
+
+    @property
+    def i_block(self) -> int:
+        # accumulators i_block * 2 registers + 2 for B + 1 broadcast <= vector_regs
+        return max(1, min(8, (self.vector_regs - 3) // 2))
+
+
+def cpu_params(target: dict) -> CpuParams:
+    """Tile sizes from a TVM target dict (x86 with AVX2 / AVX-512, or aarch64 NEON)."""
+    triple = target.get("mtriple", "")
+    arm = triple.startswith("aarch64") or triple.startswith("arm")
+    # a device's core count is unknown when cross-compiling: parallel loops cost little on one core
+    threads = int(target.get("num-cores", 4 if arm else 1) or 1)
+    if arm:
+        return CpuParams(lanes=4, vector_regs=32, threads=threads)
+    mcpu = str(target.get("mcpu", ""))
+    attrs = " ".join(target.get("mattr", []) or [])
+    avx512 = "avx512" in attrs or mcpu in {"skylake-avx512", "cascadelake", "icelake-server", "sapphirerapids", "znver4", "znver5"}
+    if avx512:
+        # 512-bit FMAs run at half rate on several of these parts; 256-bit vectors with 32 registers
+        return CpuParams(lanes=8, vector_regs=32, threads=threads)
+    return CpuParams(lanes=8, vector_regs=16, threads=threads)
+
+
+#: blocks with fewer loop iterations than this are not parallelised
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+# ------------------------------------------------------------------------------------------------
+# analysis helpers
+
+
+def _iter_kinds(sch, block) -> list:
+    return ["R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in sch.get(block).iter_vars]
+
+
+def _extent(sch, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _loops_match_iters(sch, block) -> bool:
+    """True when the block's loops are its iter vars one to one, in order (fresh TE output)."""
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    if len(loops) != len(iters):
+        return False
+    for loop, iv in zip(loops, iters):
+        if _extent(sch, loop) is None or _extent(sch, loop) != int(iv.dom.extent):
+            return False
+    return True
+
+
+def _is_multiply_reduction(sch, block) -> bool:
+    """A reduction block whose update is ``C = C + A * B`` with A and B two different tensors."""
+    b = sch.get(block)
+    if "R" not in _iter_kinds(sch, block) or len(b.reads) < 2 or len(b.writes) != 1:
+        return False
+    body = b.body
+    if not isinstance(body, tirx.BufferStore):
+        return False
+    value = body.value
+    if isinstance(value, tirx.Add):
+        terms = [value.a, value.b]
+        for t in terms:
+            while isinstance(t, tirx.Cast):
+                t = t.value
+            if isinstance(t, tirx.Mul):
+                return True
+    return False
+
+
+def _divisor(n: int, candidates) -> int | None:
+    for c in candidates:
+        if c <= n and n % c == 0:
+            return c
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# rules
+
+
+def _schedule_gemm(sch, main, params: CpuParams) -> None:
+    """Register-tile the multiply-reduction block ``main`` (see the module docstring)."""
+    kinds = _iter_kinds(sch, main)
+    n_spatial = kinds.index("R")
+    if kinds[n_spatial:] != ["R"] * (len(kinds) - n_spatial) or n_spatial < 1:
+        raise ValueError("iterators are not spatial-then-reduction")
+    main = _pad_awkward_extents(sch, main, n_spatial, params)
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    names = [sch.get(b).name_hint for b in blocks]
+    main_name = sch.get(main).name_hint
+    pos = names.index(main_name)
+    # prologue: identity copies (1x1 convs' pad_temp) are inlined; the rest stay materialised
+    for name in names[:pos]:
+        blk = sch.get_sblock(name)
+        try:
+            if _is_plain_copy(sch, blk):
+                sch.compute_inline(blk)
+        except Exception:
+            pass
+    # epilogue: inline elementwise blocks read once into their consumer; blocks read several
+    # times (GELU reads its input three times, erf's polynomial many more) stay blocks of their
+    # own, computed per register tile, since inlining them copies their expression each time
+    epilogue = names[pos + 1 :]
+    for name in epilogue[:-1]:
+        blk = sch.get_sblock(name)
+        try:
+            if _reads_per_consumer(sch, blk) <= 1:
+                sch.compute_inline(blk)
+        except Exception:
+            pass
+    remaining = [n for n in epilogue if _has_block(sch, n)]
+    epi = sch.get_sblock(remaining[-1]) if remaining else None
+    extra_epi = remaining[:-1]
+
+    loops = sch.get_loops(main)
+    spatial, reduction = loops[:n_spatial], loops[n_spatial:]
+    j = spatial[-1]
+    nj = _extent(sch, j)
+    i_loops = spatial[:-1]
+    ni = _extent(sch, i_loops[-1]) if i_loops else 1
+    ib, jb = _register_block(ni, nj, params)
+    writer = None
+    if epi is None:
+        writer = sch.cache_write(main, 0, "local")
+    else:
+        sch.set_scope(main, 0, "local")  # the accumulator tile: a stack array LLVM keeps in registers
+    j0, j1 = sch.split(j, [None, jb])
+    weights_first = _weights_bigger(sch, main)
+    if i_loops:
+        i0, i1 = sch.split(i_loops[-1], [None, ib])
+        outer = list(i_loops[:-1])
+        if weights_first:
+            # a weight column panel stays in cache while the rows / pixels pass by; when the
+            # rows are too big for L2 (fc2 of a ViT: 197 x 1536), they pass by in L2-sized chunks
+            n_i0 = _extent(sch, i0)
+            per_block = _data_bytes(sch, main) / max(1, n_i0 * _product(sch, outer))
+            fit = max(1, int(L2_BUDGET_BYTES // max(1.0, per_block)))
+            if not outer and fit < n_i0:
+                chunk = max(d for d in range(1, fit + 1) if n_i0 % d == 0)
+                ia, i0 = sch.split(i0, [None, chunk])
+                sch.reorder(ia, j0, i0, *reduction, i1, j1)
+                par_loops = [ia, j0, i0]
+            else:
+                sch.reorder(j0, *outer, i0, *reduction, i1, j1)
+                par_loops = [j0] + outer + [i0]
+        else:
+            sch.reorder(*outer, i0, j0, *reduction, i1, j1)
+            par_loops = outer + [i0]
+    else:
+        i1 = None
+        sch.reorder(j0, *reduction, j1)
+        par_loops = [j0]
+    fused = sch.fuse(*par_loops) if len(par_loops) > 1 else par_loops[0]
+    # consumer of the register tile, computed right after the reduction over the tile
+    tile_loop = fused if (weights_first or not i_loops) else j0
+    consumer = epi if epi is not None else writer
+    tile_blocks = [sch.get_sblock(n) for n in extra_epi] + [consumer]
+    for blk in tile_blocks:
+        sch.reverse_compute_at(blk, tile_loop, preserve_unit_loops=True)
+        try:
+            sch.vectorize(sch.get_loops(blk)[-1])
+        except Exception:
+            pass
+    for blk in tile_blocks[:-1]:
+        try:
+            sch.set_scope(blk, 0, "local")
+        except Exception:
+            pass
+    if i1 is not None:
+        sch.unroll(i1)
+    sch.vectorize(j1)
+    if params.threads > 1:
+        sch.parallel(fused)
+    init = sch.decompose_reduction(main, reduction[0])
+    done = {main_name, sch.get(init).name_hint} | {sch.get(b).name_hint for b in tile_blocks}
+    _schedule_rest(sch, params, skip=done)
+
+
+def _reads_per_consumer(sch, block) -> int:
+    """How many times the consumers of ``block`` load its output (max over consumers)."""
+    buf = sch.get(block).writes[0].source
+    name = buf.name
+    worst = 0
+    for consumer in sch.get_consumers(block):
+        text = str(sch.get(consumer).body)
+        worst = max(worst, len(re.findall(r"(?<![\w.])" + re.escape(name) + r"\[", text)))
+    return worst
+
+
+def _pad_awkward_extents(sch, main, n_spatial: int, params: CpuParams):
+    """Pad a matmul whose rows or columns do not tile (197 tokens) to the next multiple.
+
+    ``pad_einsum`` adds a producer block that zero-pads the inputs and a consumer block that crops
+    the output; the padded block then gets full register tiles with no tail predicate.
+    """
+    b = sch.get(main)
+    extents = [int(iv.dom.extent) for iv in b.iter_vars]
+    ni = extents[n_spatial - 2] if n_spatial >= 2 else 1
+    nj = extents[n_spatial - 1]
+    padding = [1] * len(extents)
+    if nj % params.lanes:
+        padding[n_spatial - 1] = params.j_block
+        nj = -(-nj // params.j_block) * params.j_block
+    if n_spatial >= 2:
+        ib, jb = _register_block(ni, nj, params)
+        if ib * (jb // params.lanes) < 4 or ni % ib:
+            padding[n_spatial - 2] = max(1, (params.vector_regs - 3) // 2) if jb // params.lanes == 2 else params.vector_regs // 2
+    if all(p == 1 for p in padding):
+        return main
+    name = b.name_hint
+    try:
+        sch.pad_einsum(main, padding)
+    except Exception:
+        return main
+    # the crop block pad_einsum adds is a plain copy: inline it into the epilogue
+    main = sch.get_sblock(name)
+    for consumer in sch.get_consumers(main):
+        try:
+            sch.reverse_compute_inline(consumer)
+        except Exception:
+            pass
+    return sch.get_sblock(name)
+
+
+def _register_block(ni: int, nj: int, params: CpuParams) -> tuple:
+    """(rows, columns) of the register tile: as many FMAs per reduction step as registers allow.
+
+    Rows must divide ``ni`` (no tail predicate in the hot loop) unless none does; columns are one
+    or two SIMD vectors and must divide ``nj``.
+    """
+    best = None
+    for jv in (2, 1):
+        jb = jv * params.lanes
+        if nj % jb:
+            continue
+        # half the registers hold accumulators: LLVM unrolls the reduction loop by two and
+        # needs the other half (measured: 14 accumulators spill, 8 do not)
+        max_rows = max(1, (params.vector_regs - 3) // 2) if jv == 2 else params.vector_regs // 2
+        for ib in range(min(max_rows, ni), 0, -1):
+            if ni % ib == 0:
+                score = ib * jv * (1.0 if jv == 2 else 0.6)
+                if best is None or score > best[0]:
+                    best = (score, ib, jb)
+                break
+    if best is not None and best[1] * (best[2] // params.lanes) >= 4:
+        return best[1], best[2]
+    # no good divisor (e.g. 197 tokens): a tail predicate on the rows
+    jb = params.j_block if nj % params.j_block == 0 else (params.lanes if nj % params.lanes == 0 else min(nj, params.j_block))
+    jv = max(1, jb // params.lanes)
+    ib = min(ni, max(1, (params.vector_regs // 2) // jv))
+    if best is not None and best[0] >= ib * jv * 0.75:
+        return best[1], best[2]
+    return ib, jb
+
+
+#: bytes of the data operand a weight panel should sweep while it stays in L2
+L2_BUDGET_BYTES = 192 * 1024
+
+
+def _product(sch, loops) -> int:
+    n = 1
+    for loop in loops:
+        n *= _extent(sch, loop) or 1
+    return n
+
+
+def _data_bytes(sch, main) -> int:
+    """Bytes of the operand not indexed by the vector axis (activations)."""
+    b = sch.get(main)
+    j_var = b.iter_vars[[k for k, kind in enumerate(_iter_kinds(sch, main)) if kind == "S"][-1]].var
+    reads = [r for r in b.reads if not r.source.same_as(b.writes[0].source)]
+    for r in reads:
+        if not any(_uses_var(rg.min, j_var) for rg in r.region):
+            return _buffer_bytes(r.source)
+    return 0
+
+
+def _buffer_bytes(buf) -> int:
+    n = 1
+    for d in buf.shape:
+        n *= int(d)
+    return n * 4
+
+
+def _weights_bigger(sch, main) -> bool:
+    """True when the operand indexed by the vector axis (weights) is larger than the other one."""
+    b = sch.get(main)
+    j_var = b.iter_vars[[k for k, kind in enumerate(_iter_kinds(sch, main)) if kind == "S"][-1]].var
+    reads = [r for r in b.reads if not r.source.same_as(b.writes[0].source)]
+    if len(reads) != 2:
+        return False
+    uses_j = [any(_uses_var(rg.min, j_var) for rg in r.region) for r in reads]
+    if uses_j.count(True) != 1:
+        return False
+    weight = reads[uses_j.index(True)]
+    data = reads[uses_j.index(False)]
+    return _buffer_bytes(weight.source) > _buffer_bytes(data.source)
+
+
+def _uses_var(expr, var) -> bool:
+    import re
+
+    return re.search(r"(?<![\w.])" + re.escape(var.name) + r"(?!\w)", str(expr)) is not None
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:
+        return False
+
+
+def _is_plain_copy(sch, block) -> bool:
+    b = sch.get(block)
+    if len(b.reads) != 1 or len(b.writes) != 1 or not isinstance(b.body, tirx.BufferStore):
+        return False
+    if not isinstance(b.body.value, tirx.BufferLoad):
+        return False
+    rshape = [int(x) for x in b.reads[0].source.shape]
+    wshape = [int(x) for x in b.writes[0].source.shape]
+    return rshape == wshape
+
+
+def _schedule_block_generic(sch, block, params: CpuParams) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    kinds = _iter_kinds(sch, block)
+    if len(kinds) != len(loops):
+        return
+    spatial = []
+    for loop, kind in zip(loops, kinds):
+        if kind != "S":
+            break
+        spatial.append(loop)
+    if not spatial:
+        return
+    all_spatial = len(spatial) == len(loops)
+    vec = None
+    if all_spatial:
+        last = spatial[-1]
+        n = _extent(sch, last)
+        if n is not None and n % params.lanes == 0 and n >= params.lanes:
+            lo, vec = sch.split(last, [None, params.lanes])
+            spatial = spatial[:-1] + [lo]
+    size = 1
+    for loop in loops:
+        size *= _extent(sch, loop) or 1
+    # small blocks run serially: a parallel region costs a thread-pool wake-up, and on a busy
+    # machine a wait for a descheduled worker (MobileNetV2 has ~100 small blocks)
+    if params.threads > 1 and size >= PARALLEL_MIN_ELEMENTS:
+        par = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        ext = _extent(sch, par)
+        if ext is None or ext > 1:
+            sch.parallel(par)
+    if vec is not None:
+        sch.vectorize(vec)
+
+
+def _schedule_rest(sch, params: CpuParams, skip=frozenset()) -> None:
+    root = sch.get_sblock("root")
+    for blk in sch.get_child_blocks(root):
+        name = sch.get(blk).name_hint
+        if name in skip:
+            continue
+        try:
+            _schedule_block_generic(sch, blk, params)
+        except Exception:
+            pass
+
+
+def schedule_func(func: tirx.PrimFunc, params: CpuParams):
+    """A scheduled copy of ``func`` (or None when no rule applies)."""
+    sch = s_tir.Schedule(func)
+    try:
+        root = sch.get_sblock("root")
+        blocks = sch.get_child_blocks(root)
+    except Exception:
+        return None
+    mains = [b for b in blocks if _is_multiply_reduction(sch, b)]
+    if len(mains) == 1 and _loops_match_iters(sch, mains[0]):
+        trial = s_tir.Schedule(func)
+        try:
+            _schedule_gemm(trial, trial.get_sblock(sch.get(mains[0]).name_hint), params)
+            return trial.mod["main"]
+        except Exception:
+            pass
+    if any("R" in _iter_kinds(sch, b) for b in blocks) and len(blocks) > 1:
+        trial = s_tir.Schedule(func)
+        try:
+            _schedule_rowwise(trial, params)
+            return trial.mod["main"]
+        except Exception:
+            pass
+    sch = s_tir.Schedule(func)
+    _schedule_rest(sch, params)
+    return sch.mod["main"]
+
+
+def _schedule_rowwise(sch, params: CpuParams) -> None:
+    """Row-wise functions (softmax, layer norm, mean): every block computed per row.
+
+    The last block's leading loops (all but the innermost) are the rows; each earlier block
+    (row max, exp, row sum, mean, variance...) is moved under that loop, so a row's
+    intermediates stay in L1 and the rows run in parallel.
+    """
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    last = blocks[-1]
+    kinds = _iter_kinds(sch, last)
+    loops = sch.get_loops(last)
+    if "R" in kinds or len(loops) < 2 or len(loops) != len(kinds):
+        raise ValueError("not a row-wise function")
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    for blk in reversed(blocks[:-1]):
+        sch.compute_at(blk, row, preserve_unit_loops=True)
+    rows = _extent(sch, row) or 1
+    size = rows * (_extent(sch, sch.get_loops(last)[-1]) or 1)
+    if params.threads > 1 and rows > 1 and size >= PARALLEL_MIN_ELEMENTS // 4:
+        sch.parallel(row)
+
+
+def schedule_module(target: dict):
+    """A Relax module pass that schedules every unscheduled PrimFunc with sliver's CPU rules."""
+    params = cpu_params(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="SliverCpuSchedule")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
+                continue
+            new = schedule_func(func, params)
+            if new is not None:
+                updates[gv] = new.with_attr("tirx.is_scheduled", True)
+        if not updates:
+            return mod
+        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for gv, func in updates.items():
+            out[gv] = func
+        return out
+
+    return _pass

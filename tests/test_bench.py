@@ -1,0 +1,43 @@
+"""tools/bench.py runs the three engines side by side and emits well-formed numbers (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "tools", "bench.py")
+
+
+def test_bench_tiny_model_emits_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, BENCH, "tiny_vgg", "--batch", "1", "2", "--threads", "1", "--repeat", "2", "--warmup", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "onnxruntime" in proc.stdout and "tvm" in proc.stdout and "torch" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny_vgg" and result["threads"] == 1 and result["schedule"] == "rules"
+    assert [b["batch"] for b in result["batches"]] == [1, 2]
+    for b in result["batches"]:
+        assert b["input_shapes"][0][0] == b["batch"]
+        assert b["macs"] > 0 and b["tvm_build_seconds"] > 0
+        assert 0 <= b["max_abs_diff_tvm_vs_onnxruntime"] < 1e-4
+        assert set(b["engines"]) == {"torch", "onnxruntime", "tvm"}
+        for name, e in b["engines"].items():
+            assert e["runs"] == 2
+            assert 0 < e["min_ms"] <= e["median_ms"] <= e["max_ms"] and math.isfinite(e["max_ms"])
+        tvm = b["engines"]["tvm"]
+        assert math.isclose(tvm["ratio_to_onnxruntime"], tvm["median_ms"] / b["engines"]["onnxruntime"]["median_ms"])
+    assert result["batches"][1]["macs"] == 2 * result["batches"][0]["macs"]
+
+
+def test_bench_rejects_bad_arguments():
+    proc = subprocess.run([sys.executable, BENCH, "tiny_vgg", "--repeat", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error:" in proc.stderr

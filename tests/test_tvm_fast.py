@@ -1,0 +1,173 @@
+"""sliver's CPU schedule rules, the custom-op lowering registry and the aarch64 target."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from sliver import backends, ir
+from sliver.backends import lowering, schedules
+from sliver.ir import opdefs
+
+
+def _onnx_program(nodes, inputs, outputs, initializers=(), name="g", opsets=(("", 17),)):
+    import onnx
+
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], ir_version=9)
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny_deit", "tiny_resnet", "tiny_mobilenet_v2", "tiny_segmenter", "tiny_vgg"])
+def test_scheduled_build_matches_onnxruntime(name, make_program):
+    prog = ir.to_onnx(make_program(name))
+    artifact = backends.tvm.build(prog, target="x86", schedule="rules")
+    assert artifact.meta["schedule"] == "rules"
+    x = np.random.default_rng(3).standard_normal(prog.input_shapes[0]).astype(np.float32)
+    got, ref = artifact.run([x]), prog.run([x])
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(197, 64, 48), (7, 24, 10), (32, 32, 32), (1, 16, 1000), (50, 20, 197)],
+)
+def test_matmul_shapes_that_do_not_tile(m, k, n):
+    """Rows like 197 tokens and columns that are no multiple of the SIMD width (padding paths)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal((n,)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("Add", ["y", "b"], ["z"]),
+        helper.make_node("Relu", ["z"], ["out"]),
+    ]
+    model = _onnx_program(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, m, k])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, m, n])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel()), helper.make_tensor("b", TensorProto.FLOAT, b.shape, b)],
+    )
+    prog = ir.Program(level="onnx", module=model, example_inputs=(rng.standard_normal((1, m, k)).astype(np.float32),), input_names=("x",))
+    got = backends.tvm.build(prog).run(prog.example_inputs)[0]
+    np.testing.assert_allclose(got, prog.run()[0], atol=1e-4, rtol=0)
+
+
+def test_rules_schedule_the_hot_functions():
+    """Every matmul/conv PrimFunc of a small conv net gets the register-tiled schedule."""
+    import tvm
+
+    prog = ir.convert(ir.to_onnx(_tiny_convnet()), "tvm")
+    target = backends.tvm.host_target()
+    with tvm.target.Target(target):
+        mod = tvm.transform.Sequential(backends.tvm.fusion_passes(target) + [schedules.schedule_module(target)])(prog.module)
+    scripts = {gv.name_hint: f.script() for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    hot = {k: v for k, v in scripts.items() if "conv2d" in k or "matmul" in k}
+    assert hot and all("T.vectorized" in s and "T.parallel" in s for s in hot.values()), sorted(hot)
+    assert all('"tirx.is_scheduled": True' in s or "tirx.is_scheduled" in s for s in scripts.values())
+
+
+def _tiny_convnet():
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        torch.nn.Conv2d(16, 24, 1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(24 * 8 * 8, 10),
+    ).eval()
+    return ir.trace(net, torch.randn(1, 3, 8, 8), name="tiny_convnet")
+
+
+def test_register_block_choice():
+    p = schedules.CpuParams(lanes=8, vector_regs=16, threads=2)
+    assert schedules._register_block(56, 64, p) == (4, 16)
+    ib, jb = schedules._register_block(7, 512, p)
+    assert (ib, jb) == (7, 8)
+    neon = schedules.cpu_params(dict(backends.tvm.ARM_TARGET))
+    assert neon.lanes == 4 and neon.vector_regs == 32
+
+
+def test_unknown_schedule_is_rejected(make_program):
+    prog = ir.to_onnx(make_program("tiny_vgg"))
+    with pytest.raises(ir.errors.BackendError, match="unknown schedule 'fast'"):
+        backends.tvm.build(prog, schedule="fast")
+
+
+# ------------------------------------------------------------------------------------------------
+# custom-op lowering registry: sliver.ShiftRequant
+
+
+def _shift_requant_program(shift: int, x: np.ndarray):
+    node = helper.make_node("ShiftRequant", ["x"], ["y"], domain="sliver", shift=shift, name="requant")
+    model = _onnx_program(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.INT32, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, list(x.shape))],
+        opsets=(("", 17), ("sliver", 1)),
+    )
+    return model
+
+
+@pytest.mark.parametrize("shift", [0, 1, 7, 12])
+def test_shift_requant_is_bit_exact(shift):
+    rng = np.random.default_rng(shift)
+    x = rng.integers(-(2**31), 2**31 - 1, size=(4, 257), dtype=np.int64).astype(np.int32)
+    x[0, :8] = [0, 1, -1, 2**31 - 1, -(2**31), 127 << shift, -(128 << shift), (1 << shift) // 2 if shift else 5]
+    x[1] = rng.integers(-300 << shift, 300 << shift, size=257) if shift else rng.integers(-300, 300, size=257)
+    model = _shift_requant_program(shift, x)
+    import tvm
+    from tvm import relax
+
+    from sliver.ir.tvm_level import import_onnx
+
+    prog = ir.Program(level="onnx", module=model, example_inputs=(x,), input_names=("x",))
+    mod = import_onnx(prog).module
+    ex = tvm.compile(mod, target=tvm.target.Target(backends.tvm.host_target()), relax_pipeline=backends.tvm.relax_pipeline(backends.tvm.host_target()))
+    dev = tvm.cpu()
+    got = relax.VirtualMachine(ex, dev)["main"](tvm.runtime.tensor(x, dev))
+    got = got.numpy() if hasattr(got, "numpy") else got[0].numpy()
+    want = opdefs.lookup("sliver", "ShiftRequant").reference([x], {"shift": shift})[0]
+    assert got.dtype == np.int8 and want.dtype == np.int8
+    np.testing.assert_array_equal(got, want)
+
+
+def test_registry_lists_and_guards():
+    assert "ShiftRequant" in lowering.registered()
+    from sliver.ir.tvm_level import CUSTOM_IMPORTERS
+
+    assert "ShiftRequant" in CUSTOM_IMPORTERS
+    with pytest.raises(ValueError, match="registered twice"):
+        lowering.register("ShiftRequant")(lambda bb, inputs, attrs: inputs[0])
+    with pytest.raises(ValueError, match="no definition"):
+        lowering.register("NoSuchOp")(lambda bb, inputs, attrs: inputs[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# aarch64
+
+
+def test_arm_artifact_is_an_aarch64_shared_library(make_program, tmp_path):
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ missing: make setup installs it (apt-get install g++-aarch64-linux-gnu)")
+    prog = ir.to_onnx(make_program("tiny_resnet"))
+    artifact = backends.tvm.build(prog, target="arm")
+    assert artifact.target["mtriple"] == "aarch64-linux-gnu"
+    paths = artifact.save(tmp_path)
+    with open(paths["library"], "rb") as f:
+        head = f.read(20)
+    assert head[:4] == b"\x7fELF" and head[4] == 2  # 64-bit
+    assert int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    if shutil.which("aarch64-linux-gnu-nm"):
+        symbols = subprocess.run(["aarch64-linux-gnu-nm", "-D", "--defined-only", paths["library"]], capture_output=True, text=True).stdout
+        assert "__tvm_ffi__library_bin" in symbols or "__tvm_dev_mblob" in symbols or "tvm" in symbols
+    with pytest.raises(ir.errors.BackendError, match="run it on that device"):
+        artifact.run(prog.example_inputs)
