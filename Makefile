@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sliver-installed
 
-.PHONY: setup compile test clean
+.PHONY: setup setup-arm compile test clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
@@ -15,6 +15,17 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# The aarch64 path: Debian's cross compiler and qemu-user (apt-get, as root), then the aarch64
+# TVM runtime (pip download of the wheels matching the installed versions) and the runner of
+# backends/runner/ built against it, in build/arm-runtime. tests/test_arm.py runs an artifact
+# under qemu with them. Each step is skipped when its result is already there.
+setup-arm: setup
+	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			g++-aarch64-linux-gnu qemu-user-static; \
+	fi
+	$(PY) -c "from sliver.backends import tvm; print('aarch64 runtime:', tvm.arm_runtime()['runner'])"
 
 # Compile the default zoo model (DeiT-Tiny, 224x224) through the default pipeline to an x86 artifact.
 compile: setup

@@ -113,6 +113,56 @@ class Artifact:
 
         return run
 
+    def profile(self, inputs: Sequence, repeat: int = 10) -> list:
+        """Time every kernel call of ``main`` (VM instrumentation); host targets only.
+
+        Returns rows ``{"kernel", "calls", "min_ms", "median_ms"}`` sorted by ``min_ms``: a
+        kernel's calls per run times the fastest of all its calls (every call of a kernel does
+        the same work: static shapes), and the median time it takes per run. On a loaded
+        machine the sum of ``min_ms`` is the closest estimate of the idle time (a whole run's
+        minimum still includes waits for descheduled worker threads).
+        """
+        import time
+
+        import tvm
+        from tvm import relax
+
+        if not is_host(self.target):
+            raise BackendError(f"this artifact targets {self.target.get('mtriple')}; run it on that device")
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(self.executable, dev)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a, dtype=d), dev) for a, d in zip(inputs, self.input_dtypes)]
+        vm["main"](*args)  # warm-up
+        runs, current, started = [], [], {}
+
+        def instrument(func, symbol, before, ret, *call_args):
+            if before:
+                started[symbol] = time.perf_counter()
+            else:
+                current.append((symbol, time.perf_counter() - started[symbol]))
+            return 0
+
+        vm.set_instrument(instrument)
+        for _ in range(max(1, repeat)):
+            current = []
+            vm["main"](*args)
+            runs.append(current)
+        rows = {}
+        for run in runs:
+            per_run = {}
+            for name, t in run:
+                if not name.startswith("vm.builtin."):
+                    per_run.setdefault(name, []).append(t)
+            for name, ts in per_run.items():
+                row = rows.setdefault(name, {"kernel": name, "calls": len(ts), "fastest": [], "totals": []})
+                row["fastest"].append(min(ts))
+                row["totals"].append(sum(ts))
+        for row in rows.values():
+            fastest, totals = row.pop("fastest"), sorted(row.pop("totals"))
+            row["min_ms"] = 1e3 * row["calls"] * min(fastest)
+            row["median_ms"] = 1e3 * totals[len(totals) // 2]
+        return sorted(rows.values(), key=lambda r: -r["min_ms"])
+
     def save(self, directory: str | os.PathLike) -> dict:
         """Write ``model.so`` and ``model.json`` into ``directory`` (atomically); returns paths."""
         directory = os.fspath(directory)
@@ -171,6 +221,8 @@ def fusion_passes(target: dict) -> list:
     """
     from tvm import relax
 
+    from . import schedules
+
     return [
         # TVM's own CPU library dispatch first (topk/sort/scan of token selection, sampling)
         relax.backend.DispatchSampling(),
@@ -179,7 +231,7 @@ def fusion_passes(target: dict) -> list:
         relax.transform.CanonicalizeBindings(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         relax.transform.FastMathTransform(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(schedules.packed_legalizers(target)),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -242,7 +294,10 @@ def build(program: Program, target="x86", schedule: str = "rules") -> Artifact:
         raise BackendError("build() takes an onnx- or tvm-level program; run it through a pipeline or ir.to_onnx first")
     tdict = resolve_target(target)
     pipeline = relax_pipeline(tdict, schedule)
-    tvm_program = convert(program, "tvm")
+    from . import lowering
+
+    with lowering.build_importers():
+        tvm_program = convert(program, "tvm")
     try:
         if pipeline is None:
             executable = tvm.compile(tvm_program.module, target=tvm.target.Target(tdict))
@@ -282,3 +337,179 @@ def load(directory: str | os.PathLike) -> Artifact:
         input_dtypes=[i["dtype"] for i in d["inputs"]],
         name=d.get("name", "model"),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# aarch64: checking a cross-compiled library, and running it under qemu-user
+
+
+#: ELF e_machine codes of the architectures sliver builds for
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+#: cross tools the aarch64 path needs (``make setup-arm`` installs them with apt-get)
+ARM_TOOLS = ("aarch64-linux-gnu-g++", "qemu-aarch64-static")
+#: where ``make setup-arm`` puts the aarch64 TVM runtime and the runner built against it
+ARM_RUNTIME_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "arm-runtime")
+_RUNNER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner", "run_model.cc")
+_ARM_SYSROOT = "/usr/aarch64-linux-gnu"
+
+
+def inspect_library(path: str | os.PathLike) -> dict:
+    """Architecture and exported symbols of a shared library, read from its ELF headers.
+
+    Returns ``{"format": "ELF64", "machine": "aarch64", "symbols": [...]}`` where ``symbols`` are
+    the defined dynamic symbols (what the TVM runtime looks up: ``__tvm_ffi__library_bin``, the
+    serialised VM executable, and one ``__tvm_ffi_<kernel>`` per compiled PrimFunc). Needs no
+    tool of the target architecture.
+    """
+    import struct
+
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF":
+        raise BackendError(f"{path} is not an ELF shared library")
+    if data[4] != 2 or data[5] != 1:
+        raise BackendError(f"{path} is not a 64-bit little-endian ELF file")
+    e_machine = struct.unpack_from("<H", data, 18)[0]
+    e_shoff = struct.unpack_from("<Q", data, 40)[0]
+    e_shentsize, e_shnum = struct.unpack_from("<HH", data, 58)
+    sections = []
+    for k in range(e_shnum):
+        off = e_shoff + k * e_shentsize
+        _name, sh_type, _flags, _addr, sh_offset, sh_size, sh_link, _info, _align, sh_entsize = struct.unpack_from(
+            "<IIQQQQIIQQ", data, off
+        )
+        sections.append((sh_type, sh_offset, sh_size, sh_link, sh_entsize))
+    symbols = []
+    for sh_type, offset, size, link, entsize in sections:
+        if sh_type != 11:  # SHT_DYNSYM
+            continue
+        str_off = sections[link][1]
+        for pos in range(offset, offset + size, entsize or 24):
+            st_name, st_info, _other, st_shndx = struct.unpack_from("<IBBH", data, pos)
+            if st_shndx == 0 or st_name == 0:  # undefined or unnamed
+                continue
+            end = data.index(b"\0", str_off + st_name)
+            symbols.append(data[str_off + st_name : end].decode())
+    return {"format": "ELF64", "machine": ELF_MACHINES.get(e_machine, f"e_machine {e_machine}"), "symbols": sorted(symbols)}
+
+
+def check_library(path: str | os.PathLike, target: dict) -> dict:
+    """The static checks of a cross-compiled artifact: ELF architecture and TVM's entry symbols.
+
+    Raises :class:`BackendError` when the library is for another architecture or lacks the
+    serialised executable; returns what was checked (for report.json).
+    """
+    info = inspect_library(path)
+    triple = target.get("mtriple", "") or os.uname().machine
+    want = "aarch64" if triple.startswith("aarch64") else ("x86_64" if triple.startswith("x86_64") else triple.split("-")[0])
+    if info["machine"] != want:
+        raise BackendError(f"{path} is built for {info['machine']}, not {want}; rebuild with --target matching the device")
+    if "__tvm_ffi__library_bin" not in info["symbols"]:
+        raise BackendError(f"{path} exports no __tvm_ffi__library_bin (the VM executable); it is not a TVM artifact")
+    kernels = [s for s in info["symbols"] if s.startswith("__tvm_ffi_") and s != "__tvm_ffi__library_bin"]
+    return {"format": info["format"], "machine": info["machine"], "executable_symbol": "__tvm_ffi__library_bin", "kernels": len(kernels)}
+
+
+def missing_arm_tools() -> list:
+    """The cross tools of :data:`ARM_TOOLS` that are not on PATH (and a missing sysroot)."""
+    import shutil
+
+    missing = [t for t in ARM_TOOLS if shutil.which(t) is None]
+    if not os.path.isdir(_ARM_SYSROOT):
+        missing.append(_ARM_SYSROOT)
+    return missing
+
+
+def arm_runtime(directory: str | os.PathLike = ARM_RUNTIME_DIR, fetch: bool = True) -> dict:
+    """The aarch64 TVM runtime and ``run_model`` built against it, in ``directory``.
+
+    On first use (``fetch=True``): ``pip download`` of the aarch64 wheels of the installed
+    ``apache-tvm`` and ``apache-tvm-ffi`` versions, their runtime libraries unpacked into
+    ``directory/lib``, and ``backends/runner/run_model.cc`` cross-compiled to
+    ``directory/run_model``. Later calls reuse them. Returns ``{"runner", "lib"}``.
+    """
+    import glob
+    import importlib.metadata as metadata
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    directory = os.path.abspath(os.fspath(directory))
+    runner = os.path.join(directory, "run_model")
+    lib = os.path.join(directory, "lib")
+    needed = ["libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_ffi.so"]
+    fresh = os.path.exists(runner) and os.path.getmtime(runner) >= os.path.getmtime(_RUNNER_SOURCE)
+    if fresh and all(os.path.exists(os.path.join(lib, n)) for n in needed):
+        return {"runner": runner, "lib": lib}
+    if not fetch:
+        raise BackendError(f"no aarch64 runtime in {directory}; run `make setup-arm`")
+    missing = missing_arm_tools()
+    if missing:
+        raise BackendError(f"missing {', '.join(missing)}; run `make setup-arm` (apt-get install g++-aarch64-linux-gnu qemu-user-static)")
+    wheels = os.path.join(directory, "wheels")
+    os.makedirs(wheels, exist_ok=True)
+    pins = [f"apache-tvm=={metadata.version('apache-tvm')}", f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}"]
+    pyver = f"{sys.version_info[0]}{sys.version_info[1]}"
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:", "--no-deps",
+           "--platform", "manylinux_2_28_aarch64", "--python-version", pyver, "-d", wheels, *pins]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BackendError(f"pip download of the aarch64 TVM wheels failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    unpacked = os.path.join(directory, "unpacked")
+    for wheel in glob.glob(os.path.join(wheels, "*aarch64*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(unpacked)
+    os.makedirs(lib, exist_ok=True)
+    for name in needed:
+        found = glob.glob(os.path.join(unpacked, "**", name), recursive=True)
+        if not found:
+            raise BackendError(f"the aarch64 wheels hold no {name}; check the versions {', '.join(pins)}")
+        shutil.copy2(found[0], os.path.join(lib, name))
+    include = glob.glob(os.path.join(unpacked, "**", "tvm", "ffi", "function.h"), recursive=True)
+    if not include:
+        raise BackendError("the apache-tvm-ffi wheel holds no C++ headers (tvm/ffi/function.h)")
+    include_dir = os.path.dirname(os.path.dirname(os.path.dirname(include[0])))
+    dlpack = glob.glob(os.path.join(unpacked, "**", "dlpack", "dlpack.h"), recursive=True)
+    flags = ["-I" + include_dir] + (["-I" + os.path.dirname(os.path.dirname(dlpack[0]))] if dlpack else [])
+    cmd = ["aarch64-linux-gnu-g++", "-std=c++17", "-O2", _RUNNER_SOURCE, *flags, "-L" + lib,
+           "-ltvm_runtime", "-ltvm_runtime_extra", "-ltvm_ffi", "-o", runner + ".tmp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BackendError(f"building run_model for aarch64 failed: {(proc.stderr.strip().splitlines() or ['?'])[0]}")
+    os.replace(runner + ".tmp", runner)
+    return {"runner": runner, "lib": lib}
+
+
+def run_with_qemu(artifact_dir: str | os.PathLike, inputs: Sequence, runtime_dir: str | os.PathLike = ARM_RUNTIME_DIR,
+                  timeout: float = 600) -> list:
+    """Run an aarch64 artifact (``model.so`` + ``model.json``) under qemu-user on this machine.
+
+    For correctness only (qemu timings mean nothing). Uses the runtime of :func:`arm_runtime`
+    (built on first use); one float32 input, returns the first output as a numpy array in a list.
+    """
+    import subprocess
+
+    artifact_dir = os.path.abspath(os.fspath(artifact_dir))
+    with open(os.path.join(artifact_dir, "model.json")) as f:
+        desc = json.load(f)
+    specs = desc["inputs"]
+    if len(inputs) != 1 or len(specs) != 1 or specs[0]["dtype"] != "float32":
+        raise BackendError("the aarch64 runner takes one float32 input; this model has " + ", ".join(f"{s['dtype']}{s['shape']}" for s in specs))
+    x = np.ascontiguousarray(np.asarray(inputs[0]), dtype=np.float32)
+    if list(x.shape) != list(specs[0]["shape"]):
+        raise BackendError(f"input must have shape {tuple(specs[0]['shape'])}, got {tuple(x.shape)}")
+    runtime = arm_runtime(runtime_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "input.bin"), os.path.join(tmp, "output.bin")
+        x.tofile(src)
+        env = dict(os.environ, QEMU_LD_PREFIX=_ARM_SYSROOT, LD_LIBRARY_PATH=runtime["lib"])
+        cmd = ["qemu-aarch64-static", runtime["runner"], os.path.join(artifact_dir, "model.so"), src,
+               ",".join(str(d) for d in x.shape), dst]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0:
+            raise BackendError(f"the aarch64 artifact failed under qemu: {(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1]}")
+        shape_line = [line for line in proc.stdout.splitlines() if line.startswith("output shape")]
+        shape = tuple(int(d) for d in shape_line[-1].split()[-1].split(","))
+        return [np.fromfile(dst, dtype=np.float32).reshape(shape)]

@@ -35,6 +35,17 @@ def test_artifact_saves_and_loads(make_program, tmp_path):
         loaded.run([x[:, :, :8]])
 
 
+def test_artifact_profile_times_every_kernel(make_program):
+    prog = ir.to_onnx(make_program("tiny_vgg"))
+    artifact = backends.tvm.build(prog)
+    rows = artifact.profile(prog.example_inputs, repeat=3)
+    names = [r["kernel"] for r in rows]
+    assert len(names) == len(set(names)) and any("conv2d" in n for n in names)
+    assert not any(n.startswith("vm.builtin") for n in names)
+    assert all(r["calls"] >= 1 and 0 < r["min_ms"] <= r["median_ms"] for r in rows)
+    assert [r["min_ms"] for r in rows] == sorted((r["min_ms"] for r in rows), reverse=True)
+
+
 def test_tvm_level_program_prints(make_program):
     prog = ir.convert(ir.to_onnx(make_program("tiny_vgg")), "tvm")
     text = prog.text()
