@@ -428,6 +428,20 @@ def load(spec: str | os.PathLike, split: str = "test") -> ImageSet:
     return photos(path=text)
 
 
+def context_data(spec: str | os.PathLike) -> dict:
+    """The data a pipeline's passes get through the pass context for ``spec``:
+    ``{"train", "val", "calib"}`` of a named set (``digits``, ``digit-scenes``), or the one
+    labelled set of an ``.npz`` file for all three."""
+    text = os.fspath(spec)
+    named = text.replace("_", "-")
+    if named in ("digits", "digit-scenes"):
+        return {"train": load(named, "train"), "val": load(named, "val"), "calib": calibration(named)}
+    one = load(text)
+    if one.task not in ("classification", "segmentation"):
+        raise DataError(f"{text} has no labels to train or score with; save 'labels' next to 'images'")
+    return {"train": one, "val": one, "calib": one}
+
+
 # -- scores -----------------------------------------------------------------------------------
 class Accuracy:
     """Top-1 accuracy in percent, accumulated over batches of (N, classes) logits."""

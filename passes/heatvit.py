@@ -20,8 +20,8 @@ a token *policy* instead of removing tokens: the selector draws a hard keep mask
 Gumbel-Softmax (straight-through), masks multiply across stages, and attention ignores pruned keys
 (each token still attends to itself). The loss is cross-entropy + ``ratio_weight`` x the squared
 gap between each stage's kept fraction and its target + ``distill_weight`` x KL to the dense model
-(weights as in DynamicViT: 2 and 0.5). The dense layers are fine-tuned with the selectors at
-``lr``/10.
+(weights as in DynamicViT: 2 and 0.5). The selectors learn at ``selector_lr``, the dense layers
+at ``lr``/10.
 
 Inference modes: ``static`` (default; what compile.py lowers): top-k with constant k + gather and
 the package token as a weighted sum, static shapes; ``adaptive``: at batch 1, keep exactly the
@@ -29,8 +29,12 @@ tokens whose keep score exceeds 0.5 (PyTorch only).
 
 What the paper leaves open and we chose: the shared per-head local MLP, head weights from the
 mean local feature, and the package token's weighting by keep score (REFERENCE.md marks these
-as secondary sources). The 8-bit polynomial nonlinearities are the separate ``poly-act`` pass;
-latency-aware block/keep choice from the cost model is not implemented yet.
+as secondary sources). The 8-bit polynomial nonlinearities are the separate ``poly-act`` pass.
+
+Latency-aware choice (``latency`` > 0): instead of taking ``blocks`` and ``keep`` as given, the
+pass reads the block-latency table (token count -> ms of one block) of ``ctx.cost_model`` (e.g.
+``sliver.backends.fpga.CostModel``, or any object with ``block_latency_table``) and picks the
+selector blocks and keep ratio that meet the latency target; see :func:`latency_aware_schedule`.
 """
 
 from __future__ import annotations
@@ -44,7 +48,17 @@ from ..ir.errors import PassError
 from ..ir.program import Program
 from ..ir.torch_level import retrace
 from .base import Pass, register
-from .tokens import TokenPolicy, check_blocks, distill_fine_tune, frozen_copy, select_tokens, tokens_in, weighted_rest
+from .tokens import (
+    TokenPolicy,
+    check_blocks,
+    distill_fine_tune,
+    frozen_copy,
+    record_selection,
+    select_tokens,
+    tokens_in,
+    transformer_blocks,
+    weighted_rest,
+)
 
 
 class TokenSelector(nn.Module):
@@ -88,6 +102,7 @@ class TokenSelector(nn.Module):
             if x.shape[0] != 1:
                 raise PassError("heatvit's adaptive mode runs at batch 1; use mode=static for batches")
             keep = torch.nonzero(patch_scores[0] > 0.5).flatten()
+            record_selection(keep.unsqueeze(0))
             kept, kept_scores = patches[:, keep], patch_scores[:, keep]
         else:
             kept, _, kept_scores = select_tokens(patches, patch_scores, self.keep_tokens)
@@ -124,19 +139,27 @@ class HeatViTOptions:
     blocks: tuple[int, ...] = dataclasses.field(default=(3, 6, 9), metadata={"doc": "0-indexed blocks to insert a selector before"})
     keep: float = dataclasses.field(default=0.7, metadata={"doc": "keep ratio per stage: stage s keeps int(N0 keep^s) tokens"})
     epochs: int = dataclasses.field(default=3, metadata={"doc": "fine-tuning epochs over the training data"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "selector learning rate (dense layers: lr/10)"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the dense layers x 10 (they learn at lr/10)"})
+    selector_lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the selectors"})
     batch_size: int = dataclasses.field(default=64, metadata={"doc": "fine-tuning batch size"})
     ratio_weight: float = dataclasses.field(default=2.0, metadata={"doc": "weight of the keep-ratio loss"})
     distill_weight: float = dataclasses.field(default=0.5, metadata={"doc": "weight of the KL loss to the dense model"})
     mode: str = dataclasses.field(default="static", metadata={"doc": "static (compiled) or adaptive (PyTorch, batch 1)"})
+    latency: float = dataclasses.field(
+        default=0.0,
+        metadata={"doc": "latency-aware choice: target latency of the blocks as a fraction of the dense ones', from the "
+                         "cost model's block-latency table; picks blocks (as given or shifted by one) and keep; 0 = off"},
+    )
 
     def validate(self):
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"keep={self.keep} must lie in (0, 1]")
+        if not 0.0 <= self.latency <= 1.0:
+            raise ValueError(f"latency={self.latency} must lie in [0, 1] (0 turns the latency-aware choice off)")
         if not self.blocks:
             raise ValueError("blocks is empty; name at least one block index")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.selector_lr <= 0:
+            raise ValueError("epochs must be >= 0, batch_size >= 1, lr and selector_lr > 0")
         if self.mode not in ("static", "adaptive"):
             raise ValueError(f"mode={self.mode} must be static or adaptive")
 
@@ -153,7 +176,11 @@ class HeatViT(Pass):
         o = self.options
         program = program.clone()
         gm = program.module
-        nodes = check_blocks(self.name, gm, o.blocks)
+        blocks, keep = o.blocks, o.keep
+        check_blocks(self.name, gm, blocks)
+        if o.latency > 0:
+            blocks, keep = self._latency_aware(gm, ctx)
+        nodes = check_blocks(self.name, gm, blocks)
         train_set = ctx.training_data(self.name) if o.epochs > 0 else None
         first = nodes[0]
         n0 = tokens_in(first) - 1
@@ -161,8 +188,8 @@ class HeatViT(Pass):
         heads = gm.get_submodule(first.target).attn.num_heads
         teacher = None if train_set is None else frozen_copy(gm)
         selectors, schedule = [], []
-        for stage, (index, node) in enumerate(zip(sorted(o.blocks), nodes), start=1):
-            k = max(1, int(n0 * o.keep**stage))
+        for stage, (index, node) in enumerate(zip(sorted(blocks), nodes), start=1):
+            k = max(1, int(n0 * keep**stage))
             selector = TokenSelector(dim, heads, k, absorbs_package=stage > 1)
             name = f"token_selector_{index}"
             gm.add_submodule(name, selector)
@@ -181,6 +208,70 @@ class HeatViT(Pass):
         ctx.record("tokens", schedule)
         return retrace(program, gm)
 
+    def _latency_aware(self, gm, ctx) -> tuple:
+        """(blocks, keep) meeting the latency target on the cost model's block-latency table."""
+        o = self.options
+        model = ctx.cost_model
+        if model is None or not hasattr(model, "block_latency_table"):
+            raise PassError(
+                f"heatvit{{latency={o.latency}}} needs a cost model with a block-latency table in the pass context: "
+                "PassContext(cost_model=sliver.backends.fpga.CostModel()), or set latency=0"
+            )
+        all_blocks = transformer_blocks(gm)
+        first = gm.get_submodule(all_blocks[0].target)
+        dim = first.norm1.normalized_shape[0]
+        mlp_ratio = first.mlp.fc1.out_features / dim if hasattr(first.mlp, "fc1") else 4.0
+        n0 = tokens_in(all_blocks[0]) - 1
+        table = model.block_latency_table(dim, first.attn.num_heads, mlp_ratio, token_counts=range(2, n0 + 3))
+        choice = latency_aware_schedule(table, len(all_blocks), n0, sorted(o.blocks), o.latency)
+        if choice is None:
+            raise PassError(
+                f"heatvit cannot meet latency={o.latency} of the dense blocks at blocks {list(o.blocks)} even keeping "
+                "one token per stage; raise latency or prune earlier blocks"
+            )
+        ctx.record("latency_choice", choice)
+        return tuple(choice["blocks"]), choice["keep"]
+
+
+def schedule_latency_ms(table: dict, depth: int, n0: int, blocks, keep: float) -> float:
+    """Latency of the ``depth`` blocks from a {tokens: ms} table when selectors before ``blocks``
+    keep int(n0 keep^s) patch tokens at stage s (plus CLS and the package token)."""
+    tokens, stage, total = n0 + 1, 0, 0.0
+    for i in range(depth):
+        if i in blocks:
+            stage += 1
+            tokens = max(1, int(n0 * keep**stage)) + 2
+        total += table[tokens]
+    return total
+
+
+def latency_aware_schedule(table: dict, depth: int, n0: int, blocks, target: float, step: float = 0.01):
+    """HeatViT's latency-aware choice of selector blocks and keep ratio, from a block-latency table.
+
+    Candidates: the given ``blocks`` and the same stages shifted one block earlier or later. For
+    each, the largest keep ratio (on a ``step`` grid) whose block latency is at most ``target`` x
+    the dense blocks' latency; the candidate keeping the most wins (ties: the later blocks), since a
+    larger keep ratio loses fewer tokens at each selection. HeatViT picks its stages and ratios
+    from latency measured on its board (arXiv 2211.08110, latency-aware multi-stage training); the
+    candidate set and the keep-the-most rule are our choices. Returns ``{"blocks", "keep",
+    "latency_ratio", "dense_ms", "pruned_ms"}`` or None when no candidate meets the target."""
+    dense = depth * table[n0 + 1]
+    best = None
+    for shift in (-1, 0, 1):
+        candidate = [b + shift for b in blocks]
+        if candidate[0] < 0 or candidate[-1] >= depth:
+            continue
+        for i in range(round(1 / step), 0, -1):
+            keep = i * step
+            ms = schedule_latency_ms(table, depth, n0, candidate, keep)
+            if ms <= target * dense + 1e-12:
+                key = (keep, sum(candidate))
+                if best is None or key > best[0]:
+                    best = (key, {"blocks": candidate, "keep": round(keep, 6), "latency_ratio": ms / dense,
+                                  "dense_ms": dense, "pruned_ms": ms})
+                break
+    return None if best is None else best[1]
+
 
 def _fine_tune(gm, teacher, selectors, nodes, n0, o, train_set, ctx) -> list:
     targets = [s.keep_tokens / n0 for s in selectors]
@@ -192,4 +283,5 @@ def _fine_tune(gm, teacher, selectors, nodes, n0, o, train_set, ctx) -> list:
     return distill_fine_tune(
         gm, teacher, nodes[0].target, selectors, selector_params, ratio_loss, train_set, ctx,
         epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, distill_weight=o.distill_weight, name="heatvit",
+        stage_lr=o.selector_lr,
     )

@@ -139,8 +139,33 @@ def select_tokens(patches: torch.Tensor, scores: torch.Tensor, k: int):
     choice in PyTorch, ONNX Runtime and TVM (``torch.topk`` leaves ties unspecified, and
     quantised scores, e.g. under poly-act, tie often)."""
     kept_scores, index = OnnxTopK.apply(scores, k)
+    record_selection(index)
     kept = torch.gather(patches, 1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     return kept, index, kept_scores
+
+
+# -- which tokens were kept (for keep maps) -----------------------------------------------------
+_SELECTIONS: list | None = None
+
+
+@contextlib.contextmanager
+def recording_selections():
+    """Inside the ``with``, every token selection a pruning stage makes is appended, in execution
+    order, to the yielded list as an index tensor (B, k): the positions, within the stage's own
+    patch tokens (CLS excluded), of the tokens it kept. ``sliver.passes.keep_maps`` composes them
+    into keep maps on the patch grid."""
+    global _SELECTIONS
+    saved, _SELECTIONS = _SELECTIONS, []
+    try:
+        yield _SELECTIONS
+    finally:
+        _SELECTIONS = saved
+
+
+def record_selection(index: torch.Tensor) -> None:
+    """Called by every stage with the (B, k) positions it kept; a no-op unless recording."""
+    if _SELECTIONS is not None:
+        _SELECTIONS.append(index.detach().clone())
 
 
 def weighted_rest(tokens: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor, kept_weights: torch.Tensor):
@@ -251,16 +276,21 @@ def policy_mode(gm, first_target: str, stages):
 
 
 def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extra_loss, train_set, ctx, *,
-                      epochs: int, lr: float, batch_size: int, distill_weight: float, name: str) -> list:
+                      epochs: int, lr: float, batch_size: int, distill_weight: float, name: str,
+                      stage_lr: float | None = None, stage_weight_decay: float = 0.01) -> list:
     """Fine-tune ``gm`` with a token policy: every block from ``first_target`` on runs as a
     :class:`PolicyBlock`, the pruning ``stages`` run in ``"train"`` mode sharing one
     :class:`TokenPolicy`. Loss = cross-entropy + ``extra_loss(state)`` + ``distill_weight`` x
-    KL(student || teacher). The stages' own parameters learn at ``lr``, the dense layers at
-    ``lr``/10 (AdamW). The blocks are restored and the stages left in eval mode afterwards.
-    Returns the mean loss per epoch."""
+    KL(student || teacher). The stages' own parameters learn at ``stage_lr`` (default ``lr``) with
+    ``stage_weight_decay``, the dense layers at ``lr``/10 (AdamW, weight decay 0.01). The blocks
+    are restored and the stages left in eval mode afterwards. Returns the mean loss per epoch."""
     stage_ids = {id(p) for p in stage_params}
     dense_params = [p for p in gm.parameters() if id(p) not in stage_ids]
-    opt = torch.optim.AdamW([{"params": stage_params, "lr": lr}, {"params": dense_params, "lr": lr / 10}], weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [{"params": stage_params, "lr": lr if stage_lr is None else stage_lr, "weight_decay": stage_weight_decay},
+         {"params": dense_params, "lr": lr / 10}],
+        weight_decay=0.01,
+    )
     history = []
     with policy_mode(gm, first_target, stages) as state:
         gm.train()

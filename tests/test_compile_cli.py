@@ -83,6 +83,10 @@ def test_compile_a_users_onnx_file_without_touching_it(tmp_path):
         (["resnet99"], ["unknown", "resnet99", "resnet18"]),
         (["tiny_vgg", "--input-shape", "1,3,x"], ["--input-shape", "1,3,224,224"]),
         (["tiny_vgg", "--target", "gpu"], ["invalid choice: 'gpu'"]),
+        (["tiny_vgg", "--data", "nowhere/d.npz"], ["no such data file or directory: nowhere/d.npz"]),
+        (["tiny_vgg", "--data", "digits", "--split", "tset"], ["unknown split 'tset'", "did you mean 'test'"]),
+        (["resnet18", "--data", "digits"], ["only random ones", "tiny_resnet"]),
+        (["tiny_segmenter", "--data", "digits"], ["trained on digit-scenes", "--data digit-scenes"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, words, tmp_path):
@@ -102,6 +106,21 @@ def test_bad_input_exits_2_with_one_line(args, words, tmp_path):
     # OUT keeps what it held; no staging directory is left behind
     assert sorted(os.listdir(out)) == ["keep.txt"]
     assert [p for p in os.listdir(tmp_path) if p.startswith(".out")] == []
+
+
+def test_data_scores_the_trained_model_before_after_and_as_artifact(tmp_path):
+    """--data digits: the trained tiny ResNet, scored on the test split at all three levels."""
+    from trained import trained
+
+    out = tmp_path / "scored"
+    proc = compile_("tiny_resnet", "--data", "digits", "--pipeline", "fold-bn,cleanup", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    acc = json.loads((out / "report.json").read_text())["accuracy"]
+    _, checkpoint = trained("tiny_resnet")
+    assert (acc["dataset"], acc["metric"], acc["count"], acc["split"]) == ("digits/test", "accuracy", 360, "test")
+    assert acc["before"] == pytest.approx(checkpoint["scores"]["test"], abs=1e-9)  # the trained weights were used
+    assert abs(acc["after"] - acc["before"]) <= 0.2 and abs(acc["tvm"] - acc["before"]) <= 0.2  # exact rewrites
+    assert f"accuracy  {acc['before']:.2f}% -> {acc['after']:.2f}%" in proc.stdout
 
 
 def test_list_passes_documents_options():

@@ -120,3 +120,25 @@ def test_keep_count_rule():
 
     assert keep_count(0.7, 196) == math.ceil(0.7 * 196) == 138
     assert keep_count(0.7, 139) == 98 and keep_count(0.01, 10) == 1 and keep_count(1.0, 10) == 10
+
+
+def test_bench_compares_pruned_with_dense(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "bench.py"), "tiny_deit", "--pipeline", "evit{blocks=3,6,9 keep=0.7}",
+         "--compare-dense", "--engines", "torch", "onnxruntime", "--repeat", "2", "--warmup", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    b = json.loads(out.read_text())["batches"][0]
+    assert set(b["speedup"]) == {"torch", "onnxruntime"} and "speedup / MAC reduction" in proc.stdout
+    assert b["dense"]["macs"] / b["macs"] == pytest.approx(1.50, abs=0.02)  # tiny DeiT, 3 stages at keep 0.7
+    for name, sp in b["speedup"].items():
+        assert sp["speedup"] == pytest.approx(b["dense"]["engines"][name]["median_ms"] / b["engines"][name]["median_ms"])
+        assert sp["speedup_per_mac_reduction"] == pytest.approx(sp["speedup"] / sp["mac_reduction"])

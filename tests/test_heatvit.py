@@ -101,3 +101,34 @@ def test_bad_use_is_a_one_line_error(pipeline, data_given, error, words, make_pr
         passes.parse(pipeline).run(make_program("tiny_deit"))
     for w in words:
         assert w in str(info.value)
+
+
+def test_latency_aware_choice_from_the_cost_models_block_table(make_program):
+    from sliver.backends import fpga
+    from sliver.passes import PassContext
+    from sliver.passes.heatvit import latency_aware_schedule, schedule_latency_ms
+
+    prog = make_program("tiny_deit")
+    cost = fpga.CostModel(accel="zcu102", bits=8)
+    result = passes.parse("heatvit{epochs=0 latency=0.7}").run(prog, PassContext(cost_model=cost), check=False)
+    notes = result.report.steps[0].notes
+    choice = notes["latency_choice"]
+    table = cost.block_latency_table(64, 4, 2.0, token_counts=range(2, 67))
+    blocks, keep = choice["blocks"], choice["keep"]
+    assert blocks in ([2, 5, 8], [3, 6, 9], [4, 7, 10])  # the given stages or shifted by one
+    dense = 12 * table[65]
+    assert choice["pruned_ms"] == pytest.approx(schedule_latency_ms(table, 12, 64, blocks, keep))
+    assert choice["pruned_ms"] <= 0.7 * dense < schedule_latency_ms(table, 12, 64, blocks, keep + 0.01)
+    for shifted in ([2, 5, 8], [3, 6, 9], [4, 7, 10]):  # no candidate meets the target keeping more
+        assert schedule_latency_ms(table, 12, 64, shifted, keep + 0.01) > 0.7 * dense
+    assert [s["kept"] for s in notes["tokens"]] == [int(64 * keep**s) for s in (1, 2, 3)]
+    assert [s["block"] for s in notes["tokens"]] == blocks
+    # the table's steps matter: FPGA blocks cost a tile of 32 token rows at a time
+    assert table[33] - table[32] > 10 * (table[32] - table[31])
+    assert latency_aware_schedule(table, 12, 64, [3, 6, 9], 0.01) is None
+
+
+def test_latency_aware_choice_needs_a_cost_model(make_program):
+    with pytest.raises(errors.PassError) as info:
+        passes.parse("heatvit{epochs=0 latency=0.7}").run(make_program("tiny_deit"))
+    assert "needs a cost model" in str(info.value) and "latency=0" in str(info.value)

@@ -4,6 +4,7 @@
     python tools/bench.py deit_small --batch 1 8 --threads 2 --repeat 20 --json build/bench.json
     python tools/bench.py resnet18 --pipeline fold-bn,cleanup --batch 1
     python tools/bench.py model.onnx --input-shape 1,3,224,224 --engines onnxruntime tvm
+    python tools/bench.py deit_small --pipeline "evit{blocks=3,6,9 keep=0.7}" --compare-dense
 
 For each batch size the model goes through the pipeline to the onnx level and TVM builds it for
 the host CPU; then the engines run the same input on the same number of threads, interleaved (one
@@ -11,6 +12,9 @@ run of each engine per round, so load changes on a shared machine hit all of the
 warm-up. Reported per engine: median latency, min and max, and the ratio to ONNX Runtime and to
 PyTorch; per model: MACs and the largest |TVM - ONNX Runtime|. PyTorch eager runs the input model
 (before the pipeline): with a pipeline that changes the model its ratio compares two models.
+With ``--compare-dense`` the model without the pipeline runs too, interleaved with the pipeline's
+model (PyTorch eager then runs the pipeline's torch-level model), and each engine reports the
+speedup, the MAC reduction and their ratio (1.0: the engine turns every MAC saved into time).
 
 Prints a table; ``--json OUT`` also writes every number. Errors exit with code 2.
 """
@@ -39,12 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="rules", choices=["rules", "none"], help="TVM schedules: rules (default) or none")
     p.add_argument("--input-shape", help="input shape for an .onnx model (batch is replaced by --batch)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="also run the model without the pipeline, interleaved, and report per engine the speedup of the "
+        "pipeline's model and that speedup divided by its MAC reduction (PyTorch then runs the pruned model)",
+    )
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--appmul-selection", type=float, metavar="BUDGET",
+                   help="instead of the engines: time the appmul selection (exact knapsack vs GA baseline) on "
+                        "MODEL's trained sensitivity table at loss budget BUDGET (tiny zoo models)")
+    p.add_argument("--appmul-bits", type=int, default=5, help="operand width for --appmul-selection (default: 5)")
     return p
 
 
-def _load(args, batch: int):
-    """(onnx-level program, torch module or None) of MODEL at ``batch``."""
+def _load(args, batch: int, pipeline: str | None = None):
+    """(onnx-level program, torch module or None, torch module after ``pipeline`` or None) of MODEL
+    at ``batch``; ``pipeline`` defaults to ``--pipeline``."""
     import numpy as np
     import torch
 
@@ -62,8 +77,11 @@ def _load(args, batch: int):
         shape = (batch,) + tuple(models.input_shape(args.model))[1:]
         x = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32))
         program = ir.trace(net, x, name=args.model)
-    result = passes.parse(args.pipeline).run(program, seed=args.seed, check=False, lower_to="onnx")
-    return result.program, net
+    pipeline = args.pipeline if pipeline is None else pipeline
+    result = passes.parse(pipeline).run(program, seed=args.seed, check=False)
+    eager = result.program.module if result.program.level == "torch" else None
+    lowered = passes.parse("").run(result.program, seed=args.seed, check=False, lower_to="onnx")
+    return lowered.program, net, eager
 
 
 def _ort_session(model, threads: int):
@@ -89,22 +107,22 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_batch(args, batch: int) -> dict:
+def _runners(args, program, torch_module) -> tuple:
+    """({engine: run()}, TVM build seconds or None, max|TVM - ORT| or None) for one model."""
     import numpy as np
     import torch
 
     from sliver import backends
     from sliver.ir.runtime import max_abs_diff
 
-    program, net = _load(args, batch)
     x = program.example_inputs
-    runners, notes = {}, {}
-    if "torch" in args.engines and net is not None:
+    runners = {}
+    if "torch" in args.engines and torch_module is not None:
         xt = [torch.from_numpy(np.ascontiguousarray(a)) for a in x]
 
         def run_torch():
             with torch.no_grad():
-                net(*xt)
+                torch_module(*xt)
 
         runners["torch"] = run_torch
     sess = _ort_session(program.module, args.threads)
@@ -120,13 +138,10 @@ def bench_batch(args, batch: int) -> dict:
         diff = max_abs_diff(artifact.run(x), ort_out)
         run_tvm = artifact.runner()
         runners["tvm"] = lambda: run_tvm(x)
-    for _ in range(args.warmup):
-        for fn in runners.values():
-            fn()
-    times = {name: [] for name in runners}
-    for _ in range(args.repeat):
-        for name, fn in runners.items():
-            times[name].append(_time(fn))
+    return runners, build_seconds, diff
+
+
+def _summaries(times: dict) -> dict:
     engines = {}
     for name, ts in times.items():
         engines[name] = {
@@ -139,17 +154,49 @@ def bench_batch(args, batch: int) -> dict:
         for ref in ("onnxruntime", "torch"):
             if ref in engines and ref != name:
                 e[f"ratio_to_{ref}"] = e["median_ms"] / engines[ref]["median_ms"]
+    return engines
+
+
+def bench_batch(args, batch: int) -> dict:
+    compare = bool(args.compare_dense and args.pipeline)
+    program, net, eager = _load(args, batch)
+    runners, build_seconds, diff = _runners(args, program, eager if compare else net)
+    every = dict(runners)
+    if compare:  # the dense model's engines run interleaved with the pruned model's
+        dense_program, dense_net, _ = _load(args, batch, pipeline="")
+        dense_runners, _, _ = _runners(args, dense_program, dense_net)
+        every.update({f"dense:{name}": fn for name, fn in dense_runners.items()})
+    for _ in range(args.warmup):
+        for fn in every.values():
+            fn()
+    times = {name: [] for name in every}
+    for _ in range(args.repeat):
+        for name, fn in every.items():
+            times[name].append(_time(fn))
+    engines = _summaries({k: v for k, v in times.items() if not k.startswith("dense:")})
     stats = program.stats()
     out = {
         "batch": batch,
-        "input_shapes": [list(a.shape) for a in x],
+        "input_shapes": [list(a.shape) for a in program.example_inputs],
         "macs": int(stats.macs),
         "params": int(stats.params),
         "engines": engines,
         "tvm_build_seconds": build_seconds,
         "max_abs_diff_tvm_vs_onnxruntime": diff,
     }
-    out.update(notes)
+    if compare:
+        dense_engines = _summaries({k[6:]: v for k, v in times.items() if k.startswith("dense:")})
+        dense_macs = int(dense_program.stats().macs)
+        reduction = dense_macs / max(out["macs"], 1)
+        out["dense"] = {"macs": dense_macs, "engines": dense_engines}
+        out["speedup"] = {
+            name: {
+                "speedup": dense_engines[name]["median_ms"] / e["median_ms"],
+                "mac_reduction": reduction,
+                "speedup_per_mac_reduction": dense_engines[name]["median_ms"] / e["median_ms"] / reduction,
+            }
+            for name, e in engines.items() if name in dense_engines
+        }
     return out
 
 
@@ -172,7 +219,35 @@ def table(result: dict) -> str:
         if b["tvm_build_seconds"] is not None:
             extra += f", TVM build {b['tvm_build_seconds']:.1f} s, max|TVM - ORT| {b['max_abs_diff_tvm_vs_onnxruntime']:.2e}"
         lines.append(extra)
+        if "speedup" in b:
+            lines.append(f"{'':>5} {'engine':<12} {'dense ms':>10} {'pruned ms':>10} {'speedup':>8} {'MACs /':>7} {'ratio':>6}")
+            for name, sp in b["speedup"].items():
+                lines.append(
+                    f"{b['batch']:>5} {name:<12} {b['dense']['engines'][name]['median_ms']:>10.2f} "
+                    f"{b['engines'][name]['median_ms']:>10.2f} {sp['speedup']:>7.2f}x {sp['mac_reduction']:>6.2f}x "
+                    f"{sp['speedup_per_mac_reduction']:>6.2f}"
+                )
+            lines.append("  speedup = dense / pruned median; MACs / = dense / pruned MACs; ratio = speedup / MAC reduction")
     return "\n".join(lines)
+
+
+def _appmul_selection(args) -> int:
+    """One row: exact AppMul selection vs the genetic baseline on the same objective."""
+    from sliver.models import data, training
+    from sliver.passes.appmul.substitute import selection_benchmark
+
+    net, _ = training.cached(args.model, seed=args.seed)
+    calib = data.digits("calib")
+    r = selection_benchmark(net, calib.images[:128], calib.targets[:128], args.appmul_bits, args.appmul_selection,
+                            repeat=args.repeat, seed=args.seed)
+    print(f"{'model':<12} {'bits':>4} {'layers':>6} {'exact ms':>9} {'GA ms':>9} {'speedup':>8} {'saved exact':>11} {'saved GA':>9}")
+    print(f"{args.model:<12} {r['bits']:>4} {r['layers']:>6} {r['exact_ms']:>9.2f} {r['genetic_ms']:>9.1f} "
+          f"{r['speedup']:>7.0f}x {100 * r['exact_energy_saved']:>10.1f}% {100 * r['genetic_energy_saved']:>8.1f}%")
+    print(f"  HiGHS ILP on the same problem: {r['milp_ms']:.2f} ms, objective {r['milp_value']:.6g} (exact DP {r['exact_value']:.6g})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -196,6 +271,8 @@ def main(argv=None) -> int:
     if args.repeat < 1 or args.threads < 1 or any(b < 1 for b in args.batch):
         print("error: --repeat, --threads and --batch must be positive", file=sys.stderr)
         return 2
+    if args.appmul_selection is not None:
+        return _appmul_selection(args)
     try:
         result = {
             "model": args.model,

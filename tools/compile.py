@@ -3,11 +3,21 @@
 
     python tools/compile.py deit_tiny --pipeline fold-bn,cleanup --target x86 --out build/deit_tiny
     python tools/compile.py model.onnx --input-shape 1,3,224,224 --pipeline cleanup --out build/m
+    python tools/compile.py tiny_deit --data digits --pipeline "evit{blocks=1,2 keep=0.7}" --out build/t
     python tools/compile.py --list-passes
 
 MODEL is a zoo name (``--list-models``) or the path of an ``.onnx`` file (never modified). OUT
 receives ``model.onnx`` (the program after the pipeline), ``model.so`` + ``model.json`` (the TVM
-artifact), ``report.json`` and, with ``--dump-ir``, ``ir/NN-<step>.txt``. OUT is written
+artifact), ``report.json`` and, with ``--dump-ir``, ``ir/NN-<step>.txt``. With ``--keep-maps``
+(after a token pass) it also receives ``keep_maps.png``: the patches each pruning stage kept, drawn
+over a digit (a digit scene for 64x64 models) and scikit-image's astronaut photo.
+
+With ``--data`` (``digits``, ``digit-scenes`` or an ``.npz`` path) the pipeline's passes receive
+that data (splits ``train``/``val``/``calib``) for calibration and fine-tuning, and the model is
+scored before and after the pipeline (and as the built x86 artifact) on ``--split``; the scores go
+into ``report.json`` under ``accuracy``, next to the MACs. A tiny zoo model is then used with its
+trained weights (trained once per machine under ``--seed`` and cached, see
+``sliver.models.training.cached``); full-size zoo models have only random weights and are refused. OUT is written
 atomically: it holds either the complete result or, on failure, whatever it held before.
 
 Errors exit with code 2 and one line ``error: ...``.
@@ -54,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory")
     p.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (default: the model's own)")
     p.add_argument("--dump-ir", action="store_true", help="write the IR text after every step to OUT/ir/")
+    p.add_argument(
+        "--keep-maps",
+        action="store_true",
+        help="draw the token keep maps of each pruning stage over a digit and a photo into OUT/keep_maps.png",
+    )
+    p.add_argument(
+        "--data",
+        help="score before/after on this data and hand it to passes that calibrate or fine-tune: "
+        "digits, digit-scenes or an .npz path (tiny zoo models then use their trained weights)",
+    )
+    p.add_argument("--split", default="test", help="split --data is scored on: train, val or test (default: test)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights of zoo models, example inputs and passes")
     p.add_argument("--no-check", action="store_true", help="skip the per-pass numerical checks")
     p.add_argument("--list-passes", action="store_true", help="list the passes and their options, then exit")
@@ -66,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _say(args, msg: str) -> None:
-    if not args.quiet and (args.progress or sys.stderr.isatty()):
+    if _show_progress(args):
         print(f"[sliver] {msg}", file=sys.stderr, flush=True)
 
 
@@ -111,11 +132,52 @@ def load_model(args):
         return program, None
     if args.model not in models.available():
         models.create(args.model)  # raises the zoo's error naming the models there are
-    torch.manual_seed(args.seed)
-    net = models.create(args.model)
+    if args.data:
+        net = _trained(args)
+    else:
+        torch.manual_seed(args.seed)
+        net = models.create(args.model)
     shape = shape or models.input_shape(args.model)
     example = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32))
     return ir.trace(net, example, name=args.model), net
+
+
+def _trained(args):
+    """The zoo model's trained weights for ``--data`` (trained and cached on first use)."""
+    from sliver.ir.errors import ModelInputError
+    from sliver.models import training
+
+    if args.model not in training.DEFAULTS:
+        raise ModelInputError(
+            f"--data scores trained weights, but zoo model {args.model!r} has only random ones; "
+            f"use a tiny model ({', '.join(training.DEFAULTS)}) or an .onnx file of your own"
+        )
+    config = training.config_for(args.model, seed=args.seed)
+    named = args.data.replace("_", "-")
+    if named in ("digits", "digit-scenes") and named != config.dataset:
+        raise ModelInputError(f"{args.model} is trained on {config.dataset}; use --data {config.dataset}")
+    _say(args, f"loading trained {args.model} (training it first if this machine has no checkpoint)")
+    net, _ = training.cached(args.model, seed=args.seed, progress=_show_progress(args))
+    return net
+
+
+def load_data(args):
+    """The pass context's data for ``--data``: ``{"train", "val", "calib"}`` (a named set) or the
+    one set in an ``.npz`` file for all three; the split to score is checked here, before any work."""
+    from sliver.models import data as datasets
+
+    if not args.data:
+        return None
+    datasets.check_split(args.split, args.data)
+    if args.split == "calib":
+        from sliver.ir.errors import DataError
+
+        raise DataError("--split calib is the calibration subset of train; score on train, val or test")
+    return datasets.context_data(args.data)
+
+
+def _show_progress(args) -> bool:
+    return not args.quiet and (args.progress or sys.stderr.isatty())
 
 
 @contextlib.contextmanager
@@ -160,6 +222,7 @@ def compile_model(args) -> dict:
     if not args.out:
         raise ModelInputError("no --out directory given")
     pipeline = passes.parse(args.pipeline)
+    data = load_data(args)
     t0 = time.perf_counter()
     _say(args, f"loading {args.model}")
     program, net = load_model(args)
@@ -170,14 +233,9 @@ def compile_model(args) -> dict:
     report = {"model": args.model, "target": args.target, "seed": args.seed, "pipeline": str(pipeline)}
     with staged_output(args.out) as stage:
         _say(args, f"running pipeline {str(pipeline) or '(empty)'}")
-        result = pipeline.run(
-            program,
-            seed=args.seed,
-            check=not args.no_check,
-            dump_ir=os.path.join(stage, "ir") if args.dump_ir else None,
-            lower_to="onnx",
-            progress=not args.quiet and (args.progress or sys.stderr.isatty()),
-        )
+        result, keep_maps = _run_pipeline(args, pipeline, program, data, stage)
+        if keep_maps is not None:
+            report["keep_maps"] = keep_maps
         final = result.program
         _write_atomic(os.path.join(stage, "model.onnx"), final.module.SerializeToString())
         report.update(
@@ -189,13 +247,48 @@ def compile_model(args) -> dict:
                 "files": {"onnx": "model.onnx", "ir": "ir/" if args.dump_ir else None},
             }
         )
+        artifact = None
         if args.target == "fpga":
             report.update(_cost_on_fpga(args, final, stage))
         else:
-            report.update(_build_with_tvm(args, final, stage, reference_outputs))
+            built, artifact = _build_with_tvm(args, final, stage, reference_outputs)
+            report.update(built)
+        if data is not None:
+            report["accuracy"] = _score(args, program, final, artifact)
         report["total_seconds"] = time.perf_counter() - t0
         _write_atomic(os.path.join(stage, "report.json"), json.dumps(report, indent=2).encode())
     return report
+
+
+def _run_pipeline(args, pipeline, program, data, stage):
+    """(pipeline result at the onnx level, keep-map summary or None). With ``--keep-maps`` the
+    pipeline runs in two parts, its leading torch-level passes and the rest, so that the token keep
+    maps of the torch-level program in between are drawn into ``keep_maps.png``; the two reports
+    are joined into one."""
+    from sliver import passes
+
+    options = dict(data=data, seed=args.seed, check=not args.no_check, progress=_show_progress(args))
+    dump = os.path.join(stage, "ir") if args.dump_ir else None
+    if not args.keep_maps:
+        return pipeline.run(program, dump_ir=dump, lower_to="onnx", **options), None
+    from sliver.passes import keep_maps
+
+    head = 0
+    while head < len(pipeline.passes) and pipeline.passes[head].level == "torch":
+        head += 1
+    first = passes.Pipeline(pipeline.passes[:head]).run(program, dump_ir=dump, **options)
+    if first.program.level != "torch":
+        from sliver.ir.errors import ModelInputError
+
+        raise ModelInputError("--keep-maps needs a torch-level model (a zoo name) and a token pass (evit, heatvit, asvit, lvtp)")
+    _say(args, "drawing token keep maps")
+    kept = keep_maps.draw(first.program, keep_maps.default_images(first.program), os.path.join(stage, "keep_maps.png"))
+    rest = passes.Pipeline(pipeline.passes[head:]).run(
+        first.program, dump_ir=os.path.join(dump, "after-keep-maps") if dump else None, lower_to="onnx", **options
+    )
+    rest.report.pipeline, rest.report.before = str(pipeline), first.report.before
+    rest.report.steps = first.report.steps + rest.report.steps
+    return rest, {"file": "keep_maps.png", "kept_per_stage": kept}
 
 
 def _build_with_tvm(args, final, stage, reference_outputs) -> dict:
@@ -209,21 +302,61 @@ def _build_with_tvm(args, final, stage, reference_outputs) -> dict:
         artifact = backends.tvm.build(final, target=args.target)
         build_seconds = time.perf_counter() - tb
         paths = artifact.save(stage)
+    tvm_outputs, check = None, {}
     if backends.tvm.is_host(artifact.target):
         tvm_outputs = artifact.run(final.example_inputs)
-        ort_outputs = final.run()
+        check["method"] = "run on this machine"
+    else:
+        # a cross-compiled artifact: its ELF architecture and TVM entry symbols are always
+        # checked; it also runs under qemu-user when `make setup-arm` has installed the tools
+        check["library"] = backends.tvm.check_library(paths["library"], artifact.target)
+        reason = _qemu_unavailable(backends.tvm, final)
+        if reason is None:
+            _say(args, "running the aarch64 artifact under qemu-user (correctness only)")
+            tvm_outputs = backends.tvm.run_with_qemu(stage, final.example_inputs)
+            check["method"] = "run under qemu-aarch64-static with backends/runner/run_model (timings meaningless)"
+        else:
+            check["method"] = "static: ELF architecture and exported symbols only; outputs not compared"
+            check["not_run_because"] = reason
+    if tvm_outputs is not None:
         diffs = {
-            "tvm_vs_onnxruntime": max_abs_diff(tvm_outputs, ort_outputs),
+            "tvm_vs_onnxruntime": max_abs_diff(tvm_outputs, final.run()),
             "tvm_vs_input_model": max_abs_diff(tvm_outputs, reference_outputs),
         }
-    else:  # a cross-compiled artifact runs on its device (backends/runner/README.md)
-        diffs = {"tvm_vs_onnxruntime": float("nan"), "tvm_vs_input_model": float("nan")}
+    else:
+        diffs = None
     return {
         "tvm_target": artifact.target,
         "tvm_build_seconds": build_seconds,
+        "check": check,
         "max_abs_diff": diffs,
         "artifact": {"library": os.path.basename(paths["library"]), "description": os.path.basename(paths["description"])},
-    }
+    }, artifact
+
+
+def _qemu_unavailable(tvm_backend, final) -> str | None:
+    """Why the aarch64 artifact cannot run here under qemu (None when it can)."""
+    missing = tvm_backend.missing_arm_tools()
+    if missing:
+        return f"missing {', '.join(missing)} (make setup-arm installs them)"
+    try:
+        tvm_backend.arm_runtime(fetch=False)
+    except Exception as e:
+        return str(e)
+    if len(final.example_inputs) != 1 or str(final.example_inputs[0].dtype) != "float32":
+        return "the aarch64 runner takes one float32 input"
+    return None
+
+
+def _score(args, before, after, artifact) -> dict:
+    """Accuracy / mIoU before and after the pipeline (and of the host artifact) on ``--split``."""
+    from sliver import backends
+    from sliver.backends.evaluate import evaluate_before_after
+
+    _say(args, f"scoring on {args.data} {args.split} before and after the pipeline")
+    host = artifact if artifact is not None and backends.tvm.is_host(artifact.target) else None
+    data = args.data.replace("_", "-") if args.data.replace("_", "-") in ("digits", "digit-scenes") else args.data
+    return {"split": args.split, **evaluate_before_after(before, after, data=data, split=args.split, artifact=host)}
 
 
 def _cost_on_fpga(args, final, stage) -> dict:
@@ -270,6 +403,12 @@ def summary(report: dict, out: str) -> str:
         f"  MACs      {b['macs'] / 1e9:.4f} G -> {a['macs'] / 1e9:.4f} G ({change:+.1f}%)"
         f"   params {b['params'] / 1e6:.3f} M -> {a['params'] / 1e6:.3f} M",
     ]
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        unit = "%" if acc["metric"] == "accuracy" else "% mIoU"
+        tvm = f", TVM artifact {acc['tvm']:.2f}{unit}" if "tvm" in acc else ""
+        lines.append(f"  {acc['metric']:<9} {acc['before']:.2f}{unit} -> {acc['after']:.2f}{unit} "
+                     f"({acc['change']:+.2f} pt) on {acc['dataset']}{tvm}")
     ir_dir = ", ir/" if report["files"]["ir"] else ""
     if report["target"] == "fpga":
         lines += [
@@ -279,12 +418,22 @@ def summary(report: dict, out: str) -> str:
         ]
     else:
         diff = report["max_abs_diff"]
+        if diff is None:
+            lib = report["check"]["library"]
+            check = (f"{lib['machine']} ELF with {lib['kernels']} kernels and the VM executable; not run: "
+                     f"{report['check']['not_run_because']}")
+        else:
+            where = " (under qemu)" if "library" in report["check"] else ""
+            check = (f"max|TVM - ONNX Runtime|{where} {diff['tvm_vs_onnxruntime']:.2e}, "
+                     f"max|TVM - input model| {diff['tvm_vs_input_model']:.2e}")
         lines += [
             f"  steps     {steps} | tvm-build {report['tvm_build_seconds']:.2f}s",
-            f"  check     max|TVM - ONNX Runtime| {diff['tvm_vs_onnxruntime']:.2e}, "
-            f"max|TVM - input model| {diff['tvm_vs_input_model']:.2e}",
+            f"  check     {check}",
             f"  wrote     {os.path.join(out, 'model.onnx')}, model.so, model.json, report.json{ir_dir}",
         ]
+    if "keep_maps" in report:
+        kept = "; ".join(f"{name} {'/'.join(map(str, counts))}" for name, counts in report["keep_maps"]["kept_per_stage"].items())
+        lines.append(f"  keep maps {os.path.join(out, 'keep_maps.png')} (patches kept per stage: {kept})")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@
 The model is a trained tiny zoo model: from ``--checkpoint`` (written by tools/train.py) or, by
 default, from the per-machine training cache (trained there on first use, about a minute). The
 dense model (the empty pipeline) is always the first point. Each pipeline runs through
-``sliver.passes.parse(text).run(program, data=<calibration images>, seed=SEED)``; its result is
+``sliver.passes.parse(text).run(program, data=data.context_data(dataset), seed=SEED)``; its result is
 scored on ``--split`` of the model's data set (digits: accuracy, digit scenes: mIoU) at the level
 the pipeline ends on, and, with ``--tvm``, also as a TVM build for this machine. MACs are per image.
 
@@ -68,7 +68,7 @@ def measure(net, model: str, pipelines, *, dataset: str, split: str = "test", se
 
     example = torch.zeros(models.input_shape(model))
     program = ir.trace(net, example, name=model)
-    calibration = datasets.calibration(dataset)
+    data = datasets.context_data(dataset)
     texts = [""] + [p for p in pipelines if p.strip()]
     parsed = [passes.parse(t) for t in texts]  # every pipeline parses before anything runs
     for pipe in parsed:
@@ -76,7 +76,7 @@ def measure(net, model: str, pipelines, *, dataset: str, split: str = "test", se
     rows = []
     for text, pipe in zip(texts, parsed):
         t0 = time.perf_counter()
-        result = pipe.run(program, data=calibration, seed=seed)
+        result = pipe.run(program, data=data, seed=seed)
         final = result.program
         stats = final.stats().totals() if final.level != "tvm" else result.report.after or {}
         batch = program.input_shapes[0][0]
