@@ -24,6 +24,8 @@ call's default ``bits``. A GEMM runs at the wider of its two operands' widths.
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 from math import prod
 from typing import Callable
 
@@ -66,6 +68,16 @@ class OpContext:
         for name, (elem, _) in self.types.items():
             if elem in _INT_BITS:
                 self.value_bits[name] = _INT_BITS[elem]
+        # narrower widths held in int8 containers, recorded by pot-shift: node -> [wbits, abits]
+        widths = {p.key: p.value for p in model.metadata_props}.get("sliver.bits")
+        if widths:
+            import json
+
+            widths = json.loads(widths)
+            for node in g.node:
+                if node.name in widths and len(node.input) > 1:
+                    self.value_bits[node.input[1]] = int(widths[node.name][0])
+                    self.value_bits[node.input[0]] = int(widths[node.name][1])
         for node in g.node:
             ins = [i for i in node.input if i]
             if node.op_type == "Constant" or (ins and all(i in self.constants for i in ins)):
@@ -265,7 +277,11 @@ def _bias_bytes(node, ctx, index: int) -> float:
 
 @_rule("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm")
 def _matmul(node, ctx):
-    return ctx.matmul_work(node, extra_ddr_bytes=_bias_bytes(node, ctx, 2) if node.op_type == "Gemm" else 0.0)
+    work = ctx.matmul_work(node, extra_ddr_bytes=_bias_bytes(node, ctx, 2) if node.op_type == "Gemm" else 0.0)
+    if node.op_type in ("MatMul", "Gemm"):
+        transposed = node.op_type == "Gemm" and bool(ctx.attr(node, "transB", 0))
+        work = _skip_zero_blocks(node.input[1], ctx, work, outputs_first=transposed)
+    return work
 
 
 @_rule("Conv", "ConvInteger", "QLinearConv", "ConvTranspose")
@@ -277,7 +293,35 @@ def _conv(node, ctx):
     bias = {"Conv": 2, "ConvTranspose": 2, "QLinearConv": 8}.get(node.op_type, 99)
     work = ctx.gemm(s.a, s.b, s.out, batch=s.batch, m=s.m, k=s.k, n=s.n, extra_ddr_bytes=_bias_bytes(node, ctx, bias),
                     a_bytes=ctx.nbytes(s.a) / g, b_bytes=ctx.nbytes(s.b) / g, out_bytes=ctx.nbytes(s.out) / g)
+    if g == 1 and node.op_type == "Conv":
+        work = _skip_zero_blocks(node.input[1], ctx, work, outputs_first=True)
     return dataclasses.replace(work, grouped=g > 1)
+
+
+def _skip_zero_blocks(weight: str, ctx, work, *, outputs_first: bool):
+    """Block-sparse weights (passes/block_prune.py): in each column fold of the output-stationary
+    array (``cols`` output channels) the reduction steps whose weights are zero across the whole
+    fold are skipped and not loaded. The fold's ``T`` becomes its count of non-zero reduction rows;
+    cycles are linear in ``T`` per fold, so the work's ``k`` is the width-weighted mean of those
+    counts. Dense weights leave the work unchanged."""
+    from onnx import numpy_helper
+
+    inits = getattr(ctx, "_initializers", None)
+    if inits is None:
+        inits = ctx._initializers = {i.name: i for i in ctx.model.graph.initializer}
+    if weight not in inits or work.grouped:
+        return work
+    w = numpy_helper.to_array(inits[weight])
+    matrix = w.reshape(w.shape[0], -1) if outputs_first else w.reshape(-1, w.shape[-1]).T  # outputs x reduction
+    if matrix.shape != (work.n, work.k) or np.all(matrix != 0):
+        return work
+    cols = max(1, min(ctx.accel.gemm.cols, work.n))
+    rows = [int(np.any(matrix[j:j + cols] != 0, axis=0).sum()) * len(matrix[j:j + cols])
+            for j in range(0, work.n, cols)]
+    k = max(1, -(-sum(rows) // work.n))
+    if k >= work.k:
+        return work
+    return dataclasses.replace(work, k=k, b_bytes=work.b_bytes * k / work.k)
 
 
 #: elementwise ops: fused into their producer when all other operands are constants

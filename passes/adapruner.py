@@ -1,0 +1,284 @@
+"""adapruner: channel pruning to a FLOPs budget by BN-scale bisection (Liu, Cao, Yao, Sun, Zhang,
+"AdaPruner: Adaptive Channel Pruning and Effective Weights Inheritance", arXiv 2109.06397).
+
+Steps, as in the paper, on the dependency-aware channel groups of :mod:`.channels`:
+
+1. Sparse training (network slimming): ``sparse_epochs`` of cross-entropy + ``sparsity`` x the L1
+   norm of the BN scales (gamma) of the prunable groups, on the context's training data.
+2. Importance. The paper scores a block by the mean of its BN scaling factors. Here a *block* is
+   a coupled channel group (e.g. every layer feeding one residual stage) and a channel's importance
+   is the mean |gamma| over the group's BatchNorms, so a channel shared through residual adds is
+   judged by all the layers that write it. A network without BatchNorm (VGG-16 of the zoo) has no
+   gamma: there the importance is the per-layer-normalised L1 norm of the channel's filters (the
+   report says which source was used). Ties are broken by that same normalised L1 norm.
+3. Bisection: a global threshold drops every channel below it; each group keeps the count above it
+   (at least ``min_channels``, rounded up to a multiple of ``round_to``). The threshold is bisected
+   over the sorted importances (rank space, see :class:`.channels.WidthPlan`) until the MACs meet
+   ``flops`` x the dense MACs from below, within ``tolerance`` (relative); at most
+   ceil(log2(channels + 1)) + 1 MAC evaluations (15 for ResNet-50). An unreachable budget is an
+   error that names the smallest reachable ratio.
+4. Adaptive weight inheritance. The widths fix the structure; which channels of each group survive
+   is decided by a criterion: ``l1-norm``, ``bn-scale``, ``geometric-median`` or ``random`` (see
+   :func:`.channels.unit_scores`). With ``criterion=auto`` each candidate sub-network is built,
+   its BN statistics re-estimated on ``proxy_images`` training images (adaptive BN, EagleEye,
+   Li et al. ECCV 2020, the paper leaves the proxy open), and the one with the lowest
+   cross-entropy on the validation split (or those training images when no ``val`` split is given)
+   is kept.
+5. Fine-tuning: ``finetune_epochs`` of AdamW (cosine learning rate) on cross-entropy plus
+   ``distill`` x KL divergence to the dense model's predictions.
+
+The pruned program is a plain smaller network (sliced weights, no masks): it exports to ONNX and
+builds with TVM as it is. ``flops`` counts MACs with sliver's convention (``sliver.ir.stats``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ir.errors import PassError
+from ..ir.program import Program
+from ..ir.torch_level import retrace
+from .base import Pass, register
+from .channels import ChannelGraph, WidthPlan, has_bn_everywhere, unit_scores
+
+CRITERIA = ("l1-norm", "bn-scale", "geometric-median", "random")
+
+
+@dataclasses.dataclass
+class AdaPrunerOptions:
+    flops: float = dataclasses.field(default=0.67, metadata={"doc": "MACs budget as a fraction of the dense model's"})
+    tolerance: float = dataclasses.field(default=0.01, metadata={"doc": "allowed relative shortfall below the budget"})
+    round_to: int = dataclasses.field(default=1, metadata={"doc": "channel counts are rounded up to multiples of this"})
+    min_channels: int = dataclasses.field(default=1, metadata={"doc": "fewest channels a group keeps"})
+    criterion: Literal["auto", "l1-norm", "bn-scale", "geometric-median", "random"] = dataclasses.field(
+        default="auto", metadata={"doc": "weight-inheritance criterion; auto picks by a proxy evaluation"})
+    sparse_epochs: int = dataclasses.field(default=1, metadata={"doc": "epochs of L1-on-gamma sparse training"})
+    sparsity: float = dataclasses.field(default=0.5, metadata={
+        "doc": "L1 coefficient on the BN gammas (proximal shrink lr x sparsity per step)"})
+    finetune_epochs: int = dataclasses.field(default=4, metadata={"doc": "fine-tuning epochs after pruning"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate (sparse training and fine-tuning)"})
+    batch_size: int = dataclasses.field(default=64, metadata={"doc": "training batch size"})
+    distill: float = dataclasses.field(default=1.0, metadata={"doc": "weight of the KL loss to the dense model"})
+    proxy_images: int = dataclasses.field(default=256, metadata={"doc": "images for BN re-estimation in the proxy"})
+
+    def validate(self) -> None:
+        if not 0.0 < self.flops <= 1.0:
+            raise ValueError(f"flops={self.flops} must be in (0, 1] (a fraction of the dense MACs)")
+        if not 0.0 < self.tolerance < 1.0:
+            raise ValueError(f"tolerance={self.tolerance} must be in (0, 1)")
+        if self.round_to < 1 or self.min_channels < 1:
+            raise ValueError("round_to and min_channels must be >= 1")
+        if self.sparse_epochs < 0 or self.finetune_epochs < 0 or self.batch_size < 1 or self.proxy_images < 1:
+            raise ValueError("epochs must be >= 0, batch_size and proxy_images >= 1")
+        if self.sparsity < 0 or self.lr <= 0 or self.distill < 0:
+            raise ValueError("sparsity and distill must be >= 0, lr > 0")
+
+
+@register
+class AdaPruner(Pass):
+    name = "adapruner"
+    level = "torch"
+    summary = "channel pruning to a FLOPs budget: BN-scale bisection, adaptive weight inheritance, fine-tuning"
+    provides = ("channel-pruned",)
+    Options = AdaPrunerOptions
+
+    def run(self, program: Program, ctx) -> Program:
+        o = self.options
+        program = program.clone()
+        gm = program.module
+        teacher = copy.deepcopy(gm).eval()
+        graph = prunable_graph(self.name, program)
+        dense = int(program.stats().macs)
+        fixed = dense - graph.macs(graph.full_mask())
+        needs_data = o.sparse_epochs > 0 or o.finetune_epochs > 0 or o.criterion == "auto"
+        train_set = ctx.training_data(self.name) if needs_data else None
+        if o.sparse_epochs:
+            losses = sparse_train(gm, graph, train_set, ctx, epochs=o.sparse_epochs, sparsity=o.sparsity,
+                                  lr=o.lr, batch_size=o.batch_size)
+            ctx.record("sparse_losses", losses)
+        importance, source = channel_importance(gm, graph)
+        tie_break = unit_scores(gm, graph, "l1-norm")
+        candidates = list(candidate_criteria(graph)) if o.criterion == "auto" else [o.criterion]
+        first = unit_scores(gm, graph, candidates[0], seed=ctx.seed)
+        plan = WidthPlan(graph, importance, tie_break, first, o.round_to, o.min_channels)
+        fit = plan.fit(o.flops * dense, fixed, dense, o.tolerance, what="flops budget")
+        widths = plan.widths(fit.position)
+        masks = {c: WidthPlan(graph, importance, tie_break, unit_scores(gm, graph, c, seed=ctx.seed),
+                              o.round_to, o.min_channels).mask(widths=widths) for c in candidates}
+        if len(candidates) > 1:
+            proxy = {c: proxy_loss(graph.sliced(gm, m), ctx, train_set, o.proxy_images, o.batch_size)
+                     for c, m in masks.items()}
+            chosen = min(candidates, key=lambda c: (proxy[c], candidates.index(c)))
+            ctx.record("proxy_loss", {c: round(v, 4) for c, v in proxy.items()})
+        else:
+            chosen = candidates[0]
+        keep = masks[chosen]
+        macs = fixed + graph.macs(keep)
+        pruned = graph.sliced(gm, keep)
+        if len(candidates) > 1:
+            recalibrate_bn(pruned, _images(train_set, o.proxy_images), o.batch_size)
+        if o.finetune_epochs:
+            ctx.record("finetune_losses", fine_tune(pruned, teacher, train_set, ctx, epochs=o.finetune_epochs,
+                                                    lr=o.lr, batch_size=o.batch_size, distill=o.distill))
+        pruned.eval()
+        ctx.record("flops_ratio", round(macs / dense, 5))
+        ctx.record("flops_evaluations", fit.evaluations)
+        ctx.record("threshold", plan.threshold(fit.position))
+        ctx.record("importance", source)
+        ctx.record("criterion", chosen)
+        ctx.record("channels", {g.name: int(w) for g, w in zip(graph.groups, widths)})
+        return retrace(program, pruned)
+
+
+# -- shared by the channel-pruning passes ------------------------------------------------------
+def prunable_graph(pass_name: str, program: Program) -> ChannelGraph:
+    graph = ChannelGraph(program.module)
+    if not graph.groups:
+        raise PassError(
+            f"{pass_name}: {program.name} has no prunable channel group (needs Conv2d/Linear layers whose "
+            f"channels reach no graph output unchanged); frozen: {'; '.join(sorted(graph.frozen)[:3])}")
+    return graph
+
+
+def candidate_criteria(graph: ChannelGraph) -> tuple:
+    """The inheritance criteria that apply to this network (bn-scale only where every group has a BN)."""
+    return tuple(c for c in CRITERIA if c != "bn-scale" or has_bn_everywhere(graph))
+
+
+def channel_importance(gm, graph: ChannelGraph) -> tuple:
+    """(importance per unit, source): mean |gamma| over each group's BNs; the per-layer-normalised
+    filter L1 norm for groups without BN. Source counts the groups of each kind."""
+    l1 = unit_scores(gm, graph, "l1-norm")
+    importance = l1.copy()
+    with_bn = 0
+    for g in graph.groups:
+        if g.bns:
+            with_bn += 1
+            importance[g.units] = np.mean(
+                [gm.get_submodule(t).weight.detach().abs().double().numpy()[ch] for t, ch in g.bns], axis=0)
+        else:
+            importance[g.units] = l1[g.units] / max(len(g.members), 1)
+    return importance, {"bn_gamma_groups": with_bn, "filter_l1_groups": len(graph.groups) - with_bn}
+
+
+def _gammas(gm, graph: ChannelGraph) -> list:
+    seen, out = set(), []
+    for g in graph.groups:
+        for target, _ in g.bns:
+            if target not in seen:
+                seen.add(target)
+                out.append(gm.get_submodule(target).weight)
+    return out
+
+
+def sparse_train(gm, graph: ChannelGraph, train_set, ctx, *, epochs: int, sparsity: float, lr: float,
+                 batch_size: int) -> list:
+    """Network slimming (Liu et al., ICCV 2017): cross-entropy + ``sparsity`` x sum |gamma| over
+    the BNs of the prunable groups. The L1 term is applied as its proximal step after each AdamW
+    update (soft-thresholding every gamma by lr x sparsity), which drives unneeded gammas to exactly
+    zero instead of oscillating around it. AdamW moves a weight by about lr per step, so sparsity
+    near 1 balances the shrinkage against the task gradient of a short schedule (network slimming's
+    1e-4 is meant for SGD over 160 epochs)."""
+    gammas = _gammas(gm, graph)
+    if not gammas:
+        return []
+    opt = torch.optim.AdamW(gm.parameters(), lr=lr, weight_decay=0.0)
+    history = []
+    gm.train()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + epoch)
+        for images, labels in ctx.progress(loader, f"sparse {epoch + 1}/{epochs}", total=len(loader)):
+            loss = F.cross_entropy(gm(images), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                shrink = lr * sparsity
+                for g in gammas:
+                    g.copy_(g.sign() * (g.abs() - shrink).clamp_min(0))
+            total += loss.item() * len(labels)
+            count += len(labels)
+        history.append(round(total / max(count, 1), 4))
+    gm.eval()
+    _check_finite("sparse training", history)
+    return history
+
+
+def _images(train_set, count: int) -> torch.Tensor:
+    return train_set.images[: min(count, len(train_set))]
+
+
+@torch.no_grad()
+def recalibrate_bn(module: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+    """Re-estimate every BN's running statistics on ``images`` (cumulative average)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    module.train()
+    for start in range(0, len(images), batch_size):
+        module(images[start:start + batch_size])
+    module.eval()
+    for m, (momentum, _) in zip(bns, saved):
+        m.momentum = momentum
+
+
+@torch.no_grad()
+def proxy_loss(module: nn.Module, ctx, train_set, proxy_images: int, batch_size: int) -> float:
+    """Cross-entropy of a candidate after adaptive BN, on the val split (or the proxy images)."""
+    recalibrate_bn(module, _images(train_set, proxy_images), batch_size)
+    data = ctx.data.get("val") if isinstance(ctx.data, dict) and ctx.data.get("val") is not None else None
+    data = data if data is not None else train_set.take(proxy_images)
+    total, count = 0.0, 0
+    for images, labels in data.batches(256):
+        total += F.cross_entropy(module(images), labels, reduction="sum").item()
+        count += len(labels)
+    return total / max(count, 1)
+
+
+def fine_tune(module: nn.Module, teacher: nn.Module, train_set, ctx, *, epochs: int, lr: float, batch_size: int,
+              distill: float) -> list:
+    """AdamW with a cosine schedule on cross-entropy + ``distill`` x KL(student || dense teacher)."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(train_set) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    teacher.eval()
+    history = []
+    module.train()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + 1000 + epoch)
+        for images, labels in ctx.progress(loader, f"fine-tune {epoch + 1}/{epochs}", total=len(loader)):
+            logits = module(images)
+            loss = F.cross_entropy(logits, labels)
+            if distill > 0:
+                with torch.no_grad():
+                    soft = teacher(images).softmax(dim=-1)
+                loss = loss + distill * F.kl_div(logits.log_softmax(dim=-1), soft, reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(labels)
+            count += len(labels)
+        history.append(round(total / max(count, 1), 4))
+    module.eval()
+    _check_finite("fine-tuning", history)
+    return history
+
+
+def _check_finite(what: str, history: list) -> None:
+    if not all(math.isfinite(h) for h in history):
+        raise PassError(f"adapruner {what} diverged (losses {history}); lower lr")

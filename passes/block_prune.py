@@ -1,0 +1,130 @@
+"""block-prune: block-structured weight sparsity for convolution and linear layers (after
+"Mobile or FPGA? A Comprehensive Evaluation on Energy Efficiency and a Unified Optimization
+Framework", ACM TECS 2022, arXiv 2106.09166).
+
+Each dense layer's weight is viewed as its GEMM matrix ``W`` (output channels x reduction, the
+reduction of a conv being ``in_channels x kh x kw``) and cut into ``block = rows,cols`` tiles
+(``rows`` output channels by ``cols`` reduction elements; tiles at the edges are smaller and a
+layer with fewer than ``rows`` outputs uses all of them). In every layer the fraction
+``sparsity`` of tiles with the smallest Frobenius norm is set to zero (a uniform per-layer rate:
+the paper leaves the allocation open, and a uniform rate keeps each layer's work balanced on the
+accelerator). With data and ``finetune_epochs`` the network is then fine-tuned with the zero
+tiles held at zero.
+
+The regular pattern is what hardware can exploit: the FPGA model (``sliver.backends.fpga``)
+skips the reduction rows that are zero across a whole column tile of its GEMM array, which the
+default ``block=64,4`` produces on the ZCU102's 64-column array. The program stays dense: no
+ONNX or TVM op changes, so TVM runs it at dense speed (see the README for the measurement).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ir.errors import PassError
+from ..ir.program import Program
+from ..ir.torch_level import retrace
+from .base import Pass, register
+
+
+@dataclasses.dataclass
+class BlockPruneOptions:
+    block: tuple[int, ...] = dataclasses.field(default=(64, 4), metadata={
+        "doc": "tile shape: output channels, reduction elements"})
+    sparsity: float = dataclasses.field(default=0.5, metadata={"doc": "fraction of tiles zeroed in each layer"})
+    min_blocks: int = dataclasses.field(default=4, metadata={"doc": "layers with fewer tiles stay dense"})
+    finetune_epochs: int = dataclasses.field(default=0, metadata={"doc": "masked fine-tuning epochs (needs data)"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "fine-tuning learning rate"})
+    batch_size: int = dataclasses.field(default=64, metadata={"doc": "fine-tuning batch size"})
+
+    def validate(self) -> None:
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise ValueError(f"block={','.join(map(str, self.block))} must be two positive sizes: rows,cols")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity={self.sparsity} must be in [0, 1)")
+        if self.min_blocks < 1 or self.finetune_epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("min_blocks and batch_size must be >= 1, finetune_epochs >= 0, lr > 0")
+
+
+def block_mask(matrix: torch.Tensor, block: tuple, sparsity: float) -> torch.Tensor:
+    """Keep-mask (same shape as ``matrix``, rows x reduction) zeroing the ``sparsity`` fraction of
+    ``block`` tiles with the smallest Frobenius norm (ties: the earlier tile is kept)."""
+    rows, cols = matrix.shape
+    br, bc = min(block[0], rows), min(block[1], cols)
+    nr, nc = -(-rows // br), -(-cols // bc)
+    padded = F.pad(matrix.detach().double() ** 2, (0, nc * bc - cols, 0, nr * br - rows))
+    norms = padded.reshape(nr, br, nc, bc).sum(dim=(1, 3)).flatten()
+    drop = int(round(sparsity * norms.numel()))
+    keep = torch.ones(norms.numel(), dtype=torch.bool)
+    if drop:
+        order = np.lexsort((-np.arange(norms.numel()), norms.numpy()))  # smallest first, later tiles first on ties
+        keep[torch.as_tensor(order[:drop])] = False
+    tiles = keep.reshape(nr, nc)
+    full = tiles.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    return full[:rows, :cols]
+
+
+@register
+class BlockPrune(Pass):
+    name = "block-prune"
+    level = "torch"
+    summary = "block-structured weight sparsity (zero tiles) for conv/linear layers"
+    provides = ("block-sparse",)
+    Options = BlockPruneOptions
+
+    def run(self, program: Program, ctx) -> Program:
+        o = self.options
+        program = program.clone()
+        gm = program.module
+        masks, zeroed, total = {}, 0, 0
+        for name, mod in gm.named_modules():
+            dense_conv = isinstance(mod, nn.Conv2d) and mod.groups == 1
+            if not (dense_conv or isinstance(mod, nn.Linear)):
+                continue
+            matrix = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+            br, bc = min(o.block[0], matrix.shape[0]), min(o.block[1], matrix.shape[1])
+            if -(-matrix.shape[0] // br) * -(-matrix.shape[1] // bc) < o.min_blocks:
+                continue
+            mask = block_mask(matrix, tuple(o.block), o.sparsity).reshape(mod.weight.shape)
+            with torch.no_grad():
+                mod.weight.mul_(mask.to(mod.weight.dtype))
+            masks[name] = mask
+            zeroed += int((~mask).sum())
+            total += mask.numel()
+        if not masks:
+            raise PassError(f"block-prune: no conv/linear layer of {program.name} has {o.min_blocks} tiles of "
+                            f"{o.block[0]}x{o.block[1]}; use a smaller block or min_blocks")
+        if o.finetune_epochs:
+            ctx.record("finetune_losses", _masked_fine_tune(gm, masks, ctx.training_data(self.name), ctx, o))
+        ctx.record("layers", len(masks))
+        ctx.record("weight_sparsity", round(zeroed / total, 4))
+        return retrace(program, gm)
+
+
+def _masked_fine_tune(gm, masks: dict, train_set, ctx, o) -> list:
+    params = {name: gm.get_submodule(name).weight for name in masks}
+    opt = torch.optim.AdamW(gm.parameters(), lr=o.lr, weight_decay=0.0)
+    history = []
+    gm.train()
+    for epoch in range(o.finetune_epochs):
+        total, count = 0.0, 0
+        for images, labels in train_set.loader(o.batch_size, shuffle=True, seed=ctx.seed + epoch):
+            loss = F.cross_entropy(gm(images), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for name, w in params.items():
+                    w.mul_(masks[name].to(w.dtype))
+            total += loss.item() * len(labels)
+            count += len(labels)
+        history.append(round(total / max(count, 1), 4))
+    gm.eval()
+    if not all(np.isfinite(history)):
+        raise PassError(f"block-prune fine-tuning diverged (losses {history}); lower lr")
+    return history
