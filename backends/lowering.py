@@ -22,6 +22,7 @@ Worked example: ``sliver.ShiftRequant`` (int32 accumulator -> int8, rounding rig
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 from ..ir import opdefs
@@ -67,19 +68,68 @@ def registered() -> list:
 
 @register("ShiftRequant")
 def lower_shift_requant(bb, inputs, attrs):
-    """int32 -> int8: ``clip((x + 2^(shift-1)) >> shift, -128, 127)``, in int64 so the rounding
-    term cannot overflow (the reference in ``ir.opdefs`` computes the same in numpy int64)."""
+    """int32 -> integers: ``clip((x + 2^(s-1)) >> s, lo, hi)`` cast to ``to``, in int64 so the
+    rounding term cannot overflow (the reference in ``ir.opdefs`` computes the same in numpy
+    int64). ``s`` is the attribute ``shift`` or the optional second input (per-channel shifts)."""
+    import numpy as np
+    from onnx import helper
     from tvm import relax
 
     x = inputs[0]
-    shift = int(attrs.get("shift", 0))
     wide = relax.op.astype(x, "int64")
-    if shift > 0:
-        wide = relax.op.add(wide, relax.const(1 << (shift - 1), "int64"))
-        wide = relax.op.right_shift(wide, relax.const(shift, "int64"))
-    lo, hi = opdefs.INT8_RANGE
+    lo, hi = int(attrs.get("lo", opdefs.INT8_RANGE[0])), int(attrs.get("hi", opdefs.INT8_RANGE[1]))
+    to = str(np.dtype(helper.tensor_dtype_to_np_dtype(int(attrs.get("to", 3)))))
+    shift_input = inputs[1] if len(inputs) > 1 else None
+    if shift_input is not None:
+        shift = relax.op.astype(shift_input, "int64")
+        one = relax.const(1, "int64")
+        # 2^s >> 1 is 2^(s-1) for s > 0 and 0 for s = 0
+        half = relax.op.right_shift(relax.op.left_shift(one, shift), one)
+        wide = relax.op.right_shift(relax.op.add(wide, half), shift)
+    else:
+        shift = int(attrs.get("shift", 0))
+        if shift > 0:
+            wide = relax.op.add(wide, relax.const(1 << (shift - 1), "int64"))
+            wide = relax.op.right_shift(wide, relax.const(shift, "int64"))
     wide = relax.op.clip(wide, lo, hi)
-    return relax.op.astype(wide, "int8")
+    return relax.op.astype(wide, to)
+
+
+class ConvIntegerAsRelaxOp:
+    """ONNX ``ConvInteger`` (TVM 0.27's importer has none): int32 convolution of the operands
+    minus their zero-points, ``relax.op.nn.conv2d(..., out_dtype="int32")``; exact."""
+
+    @classmethod
+    def get_converter(cls, opset):
+        return cls._impl
+
+    @classmethod
+    def _impl(cls, bb, inputs, attr, params):
+        from tvm import relax
+
+        x, w = inputs[0], inputs[1]
+        x = relax.op.astype(x, "int32")
+        w = relax.op.astype(w, "int32")
+        if len(inputs) > 2 and inputs[2] is not None:
+            x = relax.op.subtract(x, relax.op.astype(inputs[2], "int32"))
+        if len(inputs) > 3 and inputs[3] is not None:
+            w = relax.op.subtract(w, relax.op.astype(inputs[3], "int32"))
+        kernel = list(attr.get("kernel_shape", []))
+        ndim = len(kernel) if kernel else 2
+        if ndim != 2:
+            from ..ir.errors import UnsupportedOpError
+
+            raise UnsupportedOpError(f"ConvInteger with {ndim}-D kernels has no TVM lowering; only 2-D")
+        pads = list(attr.get("pads", [0, 0, 0, 0]))
+        return relax.op.nn.conv2d(
+            x,
+            w,
+            strides=list(attr.get("strides", [1, 1])),
+            padding=pads,
+            dilation=list(attr.get("dilations", [1, 1])),
+            groups=int(attr.get("group", 1)),
+            out_dtype="int32",
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,7 +143,7 @@ class ClipAsRelaxOp:
     ``ConvertLayout`` cannot move to NHWC: every ReLU6 got a transpose on each side and was not
     fused into its convolution (measured: MobileNetV2 3.5x slower than ONNX Runtime with them).
     ``clip`` is a layout-agnostic Relax op, so convolutions stay NHWC and fuse with it. Clips with
-    non-constant bounds keep TVM's own conversion.
+    non-constant bounds keep TVM's own conversion. Used only inside :func:`build_importers`.
     """
 
     @classmethod
@@ -131,4 +181,27 @@ class ClipAsRelaxOp:
 
 
 #: standard ONNX ops whose import sliver replaces (same hook as the custom ops)
-CUSTOM_IMPORTERS["Clip"] = ClipAsRelaxOp
+CUSTOM_IMPORTERS["ConvInteger"] = ConvIntegerAsRelaxOp
+
+#: standard ONNX ops imported differently only while the CPU build imports (see
+#: :func:`build_importers`): the same values, in a form the build's layout and fusion passes handle
+BUILD_IMPORTERS = {"Clip": ClipAsRelaxOp}
+
+
+@contextlib.contextmanager
+def build_importers():
+    """Within this block the onnx -> Relax import uses :data:`BUILD_IMPORTERS` too.
+
+    ``backends.tvm.build`` imports inside it; ``ir.convert(program, "tvm")`` elsewhere (printing,
+    golden text, a user's own Relax passes) sees TVM's own conversion of those ops.
+    """
+    saved = {op: CUSTOM_IMPORTERS.get(op) for op in BUILD_IMPORTERS}
+    CUSTOM_IMPORTERS.update(BUILD_IMPORTERS)
+    try:
+        yield
+    finally:
+        for op, previous in saved.items():
+            if previous is None:
+                CUSTOM_IMPORTERS.pop(op, None)
+            else:
+                CUSTOM_IMPORTERS[op] = previous

@@ -1,0 +1,607 @@
+"""pot-shift: fold power-of-two QDQ scales into an integer-only graph (onnx level).
+
+Input: a QDQ model whose scales are all powers of two (``rapq`` / ``pot-naive`` exported to
+ONNX). Output: the same network in integers, in the form HAWQ-V3 (Yao et al., ICML 2021) calls
+integer-only with dyadic requantisation, here with numerators 1 (scales ``2^-k``):
+
+- ``Conv`` / ``Gemm`` on dequantised operands -> ``ConvInteger`` / ``MatMulInteger`` on the int8 /
+  uint8 integers, int32 accumulation; the bias becomes int32 at the accumulator's scale
+  ``2^-(e_x + e_w[c])`` (BatchNorm is already folded by the quantiser);
+- each quantiser on an integer value becomes ``sliver.ShiftRequant``: rounding (half up)
+  arithmetic right shift by ``e_in[c] - e_out`` per channel, saturation to the quantiser's range
+  (where that shift is negative, a ``Mul`` by ``2^(e_out - e_in[c])`` first, which is exact);
+- between layers: ``Relu`` on int32; ReLU6's ``Clip(0, 6)`` -> ``Relu`` and ``x - Relu(x - h)`` with
+  the per-channel integer bound ``h = floor(6 * 2^e)``; ``Add`` aligns both operands to the finer exponent by exact
+  left shifts (``Mul`` by ``2^k``); global average pooling over a power-of-two number of positions
+  -> ``ReduceSum`` and ``+log2 n`` on the exponent; ``Flatten``/``Reshape`` apply to the integers.
+
+The exponent of every integer value is tracked per channel at compile time; no float op remains
+between the input's ``QuantizeLinear`` and the output's ``DequantizeLinear``, and the pass checks
+that: an op with no integer form is a one-line :class:`UnsupportedOpError` naming the node, or,
+with ``allow_float=true``, is kept in float between a ``DequantizeLinear`` and a fresh
+``QuantizeLinear``, with a warning and the node listed in the report (``float_nodes``).
+
+``sliver.ShiftRequant`` is defined in :mod:`sliver.ir.opdefs`; the model carries its body of
+exact standard integer ops as a model-local function (ONNX Runtime inlines it) and TVM lowers it
+with :mod:`sliver.backends.lowering`. The bit widths of every integer layer are stored in the
+model's metadata (``sliver.bits``: node -> [weight bits, input bits]) for the FPGA cost model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..ir import opdefs
+from ..ir.errors import PassError, UnsupportedOpError
+from ..ir.onnx_level import SLIVER_DOMAIN, make_program, value_types
+from ..ir.program import Program
+from .base import Pass, register
+
+INTEGER_FACT = "integer-only"
+BITS_METADATA = "sliver.bits"
+_DATA_INTS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.INT32)
+_INT_TYPES = {TensorProto.INT8: (np.int8, True), TensorProto.UINT8: (np.uint8, False)}
+
+
+@dataclasses.dataclass
+class PotShiftOptions:
+    allow_float: bool = dataclasses.field(
+        default=False, metadata={"doc": "keep ops with no integer form in float (with a warning) instead of failing"})
+
+
+@dataclasses.dataclass
+class IntValue:
+    """An integer tensor standing for ``value * 2^-exponent`` (exponent broadcasts per channel)."""
+
+    name: str
+    exponent: np.ndarray  # int64, broadcastable against the tensor
+    dtype: int  # TensorProto elem type of ``name``
+    bits: int = 32
+    signed: bool = True
+
+
+@dataclasses.dataclass
+class WeightValue:
+    integers: np.ndarray  # int8, (out, in, ...)
+    exponent: np.ndarray  # per output channel (axis 0)
+    bits: int
+    transposed: bool = False  # used as W^T (the input of a MatMul)
+
+
+def _compress(e: np.ndarray) -> np.ndarray:
+    """Drop repetition: every axis along which ``e`` is constant shrinks to length 1."""
+    e = np.asarray(e, np.int64)
+    for axis in range(e.ndim):
+        if e.shape[axis] > 1 and (e == e.take([0], axis=axis)).all():
+            e = e.take([0], axis=axis)
+    if e.size == 1:
+        return e.reshape(())
+    return e
+
+
+def _ranked(e: np.ndarray, rank: int) -> np.ndarray:
+    """``e`` compressed, with leading 1s up to ``rank`` dims (TVM 0.27's layout conversion
+    rejects rank-0 operands of binary ops next to NHWC convolutions)."""
+    e = _compress(e)
+    return e.reshape((1,) * (rank - e.ndim) + e.shape)
+
+
+@register
+class PotShift(Pass):
+    name = "pot-shift"
+    level = "onnx"
+    summary = "fold power-of-two QDQ scales into an integer-only graph (int8 ops, int32 accumulators, shifts)"
+    requires = ("quantized:pot",)
+    # ``integer-only`` is added by run() itself, and only when no op was left in float
+    provides = ()
+    check_tolerance = None
+    Options = PotShiftOptions
+
+    def run(self, program: Program, ctx) -> Program:
+        model = program.module
+        builder = _Builder(model, self.options.allow_float)
+        new = builder.build()
+        if builder.float_nodes:
+            warnings.warn(
+                f"pot-shift left {len(builder.float_nodes)} op(s) in float: "
+                f"{', '.join(builder.float_nodes[:5])}{' ...' if len(builder.float_nodes) > 5 else ''}",
+                stacklevel=2,
+            )
+        ctx.record("float_nodes", list(builder.float_nodes))
+        ctx.record("requantizers", builder.requant_count)
+        ctx.record("integer_layers", len(builder.bits))
+        out = make_program(program, new, f"pot-shift output of {program.name}")
+        check_integer_only(out.module, allow=builder.dequantizers)
+        if builder.float_nodes:  # not integer-only: the fact would be a lie
+            return out.replace(facts=out.facts - {INTEGER_FACT})
+        return out.with_facts(INTEGER_FACT)
+
+
+def check_integer_only(model: onnx.ModelProto, allow: set = frozenset()) -> None:
+    """Raise unless every float value computed from an integer one is the graph output's
+    ``DequantizeLinear`` (or a node named in ``allow``, the dequantisers of allowed float ops)."""
+    types = value_types(model)
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        # integer data (int64 inputs are shapes, axes and indices)
+        from_int = any(types.get(i, (TensorProto.FLOAT,))[0] in _DATA_INTS for i in node.input if i)
+        makes_float = any(types.get(o, (None,))[0] == TensorProto.FLOAT for o in node.output)
+        if not (from_int and makes_float) or node.name in allow:
+            continue
+        if node.op_type == "DequantizeLinear" and all(o in outputs for o in node.output):
+            continue
+        raise UnsupportedOpError(
+            f"pot-shift: node {node.name or node.op_type!r} ({node.op_type}) computes in float between the input "
+            "quantizer and the output dequantizer; the graph is not integer-only"
+        )
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto, allow_float: bool):
+        self.model = model
+        self.allow_float = allow_float
+        g = model.graph
+        self.inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.consts = dict(self.inits)
+        for node in g.node:
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value":
+                        self.consts[node.output[0]] = numpy_helper.to_array(a.t)
+        self.types = value_types(model)
+        self.consumers: dict = {}
+        for node in g.node:
+            for i in node.input:
+                self.consumers.setdefault(i, []).append(node)
+        self.outputs = {o.name for o in g.output}
+        self.nodes: list = []
+        self.new_inits: list = []
+        self.ints: dict = {}  # float tensor name -> IntValue
+        self.weights: dict = {}  # float tensor name -> WeightValue
+        self.float_nodes: list = []
+        self.bits: dict = {}
+        self.requant_count = 0
+        self.used_names = {n for node in g.node for n in list(node.input) + list(node.output)} | set(self.inits)
+        self.skip = set()
+        self.region: set = set()  # float values computed from dequantised integers
+        self.dequantizers: set = set()  # names of the DequantizeLinear nodes allow_float adds
+
+    # -- small emitters ---------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used_names:
+            name = f"{base}.{k}"
+            k += 1
+        self.used_names.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.new_inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def emit(self, op: str, inputs: list, base: str, domain: str = "", **attrs) -> str:
+        out = self.fresh(base)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, domain=domain, **attrs))
+        return out
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.types[name][1])
+
+    def to_int32(self, v: IntValue, base: str) -> str:
+        if v.dtype == TensorProto.INT32:
+            return v.name
+        return self.emit("Cast", [v.name], f"{base}/to_int32", to=TensorProto.INT32)
+
+    def scale_by_pow2(self, name: str, shift: np.ndarray, base: str, rank: int) -> str:
+        """``name * 2^shift`` (shift >= 0, int32, exact)."""
+        shift = _ranked(shift, rank)
+        if not shift.any():
+            return name
+        factor = self.const(f"{base}/pow2", np.power(2, shift).astype(np.int32))
+        return self.emit("Mul", [name, factor], f"{base}/align")
+
+    # -- the walk ---------------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        g = self.model.graph
+        for node in g.node:
+            if id(node) in self.skip:
+                continue
+            handler = getattr(self, "_" + node.op_type, None)
+            int_inputs = [i for i in node.input if i in self.ints or i in self.weights]
+            if node.op_type == "QuantizeLinear":
+                self._quantizer(node)
+            elif node.op_type == "DequantizeLinear":
+                self._dequantize(node)
+            elif node.op_type == "Constant" and not int_inputs:
+                self.nodes.append(node)
+            elif not int_inputs:
+                self._float_node(node)
+            elif node.op_type == "Transpose" and node.input[0] in self.weights:
+                w = self.weights[node.input[0]]
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                if w.integers.ndim != 2 or perm not in (None, [1, 0]):
+                    self._no_integer_form(node)
+                else:  # weights of a linear exported as MatMul(x, W^T): channels now on the last axis
+                    self.weights[node.output[0]] = WeightValue(w.integers, w.exponent, w.bits, transposed=True)
+            elif any(i in self.weights for i in node.input) and node.op_type not in ("Conv", "Gemm", "MatMul"):
+                self._no_integer_form(node)
+            elif handler is not None and self._can(node):
+                handler(node)
+            else:
+                self._no_integer_form(node)
+        return self._finish()
+
+    def _can(self, node) -> bool:
+        return all(i in self.ints or i in self.weights or i in self.consts or not i for i in node.input)
+
+    def _float_node(self, node) -> None:
+        # a float op on float values: before the input quantizer (fine), or inside a float region
+        self.nodes.append(node)
+        if any(i in self.region for i in node.input):
+            self.region.update(node.output)
+            if node.name not in self.float_nodes:
+                self.float_nodes.append(node.name or node.op_type)
+
+    def _no_integer_form(self, node) -> None:
+        label = node.name or node.output[0]
+        if not self.allow_float:
+            raise UnsupportedOpError(
+                f"pot-shift: node {label!r} ({node.op_type}) has no integer form; "
+                "quantise around it, or run pot-shift{allow_float=true} to keep it in float"
+            )
+        # dequantise its integer inputs and keep the node in float
+        renamed = []
+        for i in node.input:
+            if i in self.ints:
+                renamed.append(self._materialize(self.ints[i], f"{label}/dequantize"))
+            elif i in self.weights:
+                renamed.append(self._materialize_weight(i, f"{label}/dequantize_weight"))
+            else:
+                renamed.append(i)
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        del copy.input[:]
+        copy.input.extend(renamed)
+        self.nodes.append(copy)
+        self.region.update(node.output)
+        self.float_nodes.append(label)
+
+    def _materialize(self, v: IntValue, base: str) -> str:
+        e = _compress(v.exponent)
+        src = v.name
+        if e.ndim == 0:
+            scale = self.const(f"{base}/scale", np.array(2.0 ** -float(e), np.float32))
+            out = self.emit("DequantizeLinear", [src, scale], base)
+            self.dequantizers.add(out)
+            return out
+        axes = [a for a in range(e.ndim) if e.shape[a] > 1]
+        if len(axes) != 1:  # exponents vary along several axes: integers times a table of 2^-e
+            scale = self.const(f"{base}/scale", np.power(2.0, -e).astype(np.float32))
+            real = self.emit("Cast", [v.name], f"{base}/to_float", to=TensorProto.FLOAT)
+            out = self.emit("Mul", [real, scale], base)
+            self.dequantizers.update({real, out})
+            return out
+        scale = self.const(f"{base}/scale", np.power(2.0, -e.reshape(-1)).astype(np.float32))
+        src = self.to_int32(v, base)
+        out = self.emit("DequantizeLinear", [src, scale], base, axis=axes[0])
+        self.dequantizers.add(out)
+        return out
+
+    def _materialize_weight(self, name: str, base: str) -> str:
+        w = self.weights[name]
+        integers = self.const(f"{base}/int", w.integers)
+        scale = self.const(f"{base}/scale", np.power(2.0, -w.exponent).astype(np.float32))
+        zero = self.const(f"{base}/zero", np.zeros(len(w.exponent), np.int8))
+        out = self.emit("DequantizeLinear", [integers, scale, zero], base, axis=0)
+        self.dequantizers.add(out)
+        return out
+
+    # -- quantisers -------------------------------------------------------------------------
+    def _qdq_params(self, node) -> tuple:
+        scale = np.asarray(self.consts[node.input[1]], np.float64)
+        zero = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(0, np.uint8)
+        if np.any(zero != 0):
+            raise UnsupportedOpError(f"pot-shift: quantizer {node.name!r} has a non-zero zero-point; PoT "
+                                     "quantisation is symmetric (zero-point 0)")
+        exps = -np.log2(scale)
+        if not np.all(np.isfinite(exps)) or np.any(exps != np.round(exps)):
+            raise UnsupportedOpError(f"pot-shift: quantizer {node.name!r} has a scale that is not a power of two; "
+                                     "quantise with rapq or pot-naive first")
+        return np.round(exps).astype(np.int64), zero
+
+    def _quantizer(self, q) -> None:
+        """QuantizeLinear [-> Clip] -> DequantizeLinear: one quantiser."""
+        exponent, zero = self._qdq_params(q)
+        if exponent.ndim != 0:
+            raise UnsupportedOpError(f"pot-shift: activation quantizer {q.name!r} is per channel; PoT activations "
+                                     "are per tensor")
+        out = q.output[0]
+        chain = [q]
+        lo, hi = (-128, 127) if zero.dtype == np.int8 else (0, 255)
+        nxt = self.consumers.get(out, [])
+        if len(nxt) == 1 and nxt[0].op_type == "Clip":
+            clip = nxt[0]
+            lo, hi = int(self.consts[clip.input[1]]), int(self.consts[clip.input[2]])
+            chain.append(clip)
+            out = clip.output[0]
+            nxt = self.consumers.get(out, [])
+        if len(nxt) != 1 or nxt[0].op_type != "DequantizeLinear":
+            raise UnsupportedOpError(f"pot-shift: QuantizeLinear {q.name!r} is not followed by its DequantizeLinear")
+        dq = nxt[0]
+        chain.append(dq)
+        for n in chain[1:]:
+            self.skip.add(id(n))
+        signed = zero.dtype == np.int8
+        dtype = TensorProto.INT8 if signed else TensorProto.UINT8
+        bits = int(round(math.log2(hi - lo + 1)))
+        source = q.input[0]
+        label = q.name or out
+        if source in self.ints:
+            v = self.ints[source]
+            acc = self.to_int32(v, label)
+            shift = v.exponent - exponent  # >0: right shift; <0: exact left shift first
+            left = np.maximum(-shift, 0)
+            rank = len(self.shape(source))
+            acc = self.scale_by_pow2(acc, left, label, rank)
+            right = self.const(f"{label}/shift", _ranked(np.maximum(shift, 0), rank).astype(np.int64))
+            name = self.emit("ShiftRequant", [acc, right], f"{label}/requant", domain=SLIVER_DOMAIN,
+                             lo=lo, hi=hi, to=dtype)
+            self.requant_count += 1
+        else:
+            # entry quantiser: float input (the graph input, or a float region) -> integers
+            for n in chain[:-1]:
+                self.nodes.append(n)
+            name = out
+        self.ints[dq.output[0]] = IntValue(name, np.asarray(exponent), dtype, bits, signed)
+        if dq.output[0] in self.outputs:
+            scale = self.const(f"{label}/output_scale", np.array(2.0 ** -float(exponent), np.float32))
+            zero_name = self.const(f"{label}/output_zero", np.array(0, np.int8 if signed else np.uint8))
+            self.nodes.append(helper.make_node("DequantizeLinear", [name, scale, zero_name], [dq.output[0]],
+                                               name=dq.name or dq.output[0]))
+
+    def _dequantize(self, node) -> None:
+        """A DequantizeLinear without a QuantizeLinear before it: integer weights."""
+        src = node.input[0]
+        if src not in self.consts:
+            raise UnsupportedOpError(f"pot-shift: DequantizeLinear {node.name!r} has no QuantizeLinear before it and "
+                                     "no constant integers")
+        exponent, _ = self._qdq_params(node)
+        integers = np.asarray(self.consts[src])
+        if integers.dtype != np.int8:
+            raise UnsupportedOpError(f"pot-shift: weights {src!r} are {integers.dtype}, expected int8")
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if exponent.ndim == 0:
+            exponent = np.full(integers.shape[0], int(exponent))
+        elif axis != 0:
+            raise UnsupportedOpError(f"pot-shift: weights {src!r} are quantised along axis {axis}; expected 0")
+        # the narrowest signed width holding the integers (the exporter keeps them in int8)
+        bits = next(b for b in range(2, 9) if -(1 << (b - 1)) <= int(integers.min()) and int(integers.max()) < (1 << (b - 1)))
+        self.weights[node.output[0]] = WeightValue(integers, exponent.astype(np.int64), bits)
+
+    # -- layers -----------------------------------------------------------------------------
+    def _operand(self, node, index: int) -> IntValue:
+        name = node.input[index]
+        v = self.ints.get(name)
+        if v is None or v.dtype not in _INT_TYPES:
+            raise UnsupportedOpError(f"pot-shift: input {index} of {node.name!r} ({node.op_type}) is not the output "
+                                     "of a quantizer; quantise the inputs of every conv/linear")
+        return v
+
+    def _bias(self, node, index: int, acc_exponent: np.ndarray, base: str):
+        if len(node.input) <= index or not node.input[index]:
+            return None
+        b = np.asarray(self.consts[node.input[index]], np.float64).reshape(-1)
+        scaled = b * np.power(2.0, acc_exponent.reshape(-1).astype(np.float64))
+        ints = np.round(scaled)
+        if np.any(ints != scaled) or np.abs(ints).max(initial=0) >= 2 ** 31:
+            raise UnsupportedOpError(f"pot-shift: the bias of {node.name!r} is not an integer at the accumulator scale; "
+                                     "quantise with rapq or pot-naive first")
+        return ints.astype(np.int32)
+
+    def _Conv(self, node) -> None:
+        x = self._operand(node, 0)
+        w = self.weights.get(node.input[1])
+        if w is None or x.exponent.ndim != 0:
+            return self._no_integer_form(node)
+        label = node.name or node.output[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        winit = self.const(f"{label}/weight_int", w.integers)
+        acc = self.emit("ConvInteger", [x.name, winit], f"{label}/conv_integer", **attrs)
+        exponent = (w.exponent + int(x.exponent)).reshape(1, -1, 1, 1)
+        bias = self._bias(node, 2, exponent, label)
+        if bias is not None:
+            acc = self.emit("Add", [acc, self.const(f"{label}/bias_int", bias.reshape(1, -1, 1, 1))], f"{label}/bias")
+        self.bits[self.nodes[-1 if bias is None else -2].name] = [w.bits, x.bits]
+        self.ints[node.output[0]] = IntValue(acc, _compress(exponent), TensorProto.INT32)
+
+    def _Gemm(self, node) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x = self._operand(node, 0)
+        w = self.weights.get(node.input[1])
+        if (w is None or attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0
+                or attrs.get("beta", 1.0) != 1.0 or x.exponent.ndim != 0):
+            return self._no_integer_form(node)
+        label = node.name or node.output[0]
+        winit = self.const(f"{label}/weight_int", np.ascontiguousarray(w.integers.T))
+        acc = self.emit("MatMulInteger", [x.name, winit], f"{label}/matmul_integer")
+        exponent = (w.exponent + int(x.exponent)).reshape(1, -1)
+        bias = self._bias(node, 2, exponent, label)
+        if bias is not None:
+            acc = self.emit("Add", [acc, self.const(f"{label}/bias_int", bias.reshape(1, -1))], f"{label}/bias")
+        self.bits[self.nodes[-1 if bias is None else -2].name] = [w.bits, x.bits]
+        self.ints[node.output[0]] = IntValue(acc, _compress(exponent), TensorProto.INT32)
+
+    def _Relu(self, node) -> None:
+        v = self.ints[node.input[0]]
+        label = node.name or node.output[0]
+        if v.dtype != TensorProto.INT32 and not v.signed:
+            self.ints[node.output[0]] = v
+            return
+        out = self.emit("Relu", [self.to_int32(v, label)], f"{label}/relu")
+        self.ints[node.output[0]] = IntValue(out, v.exponent, TensorProto.INT32)
+
+    def _Clip(self, node) -> None:
+        """Clip(lo, hi) on an integer value with per-channel exponents: the bounds become the
+        integers ``ceil(lo * 2^e)``, ``floor(hi * 2^e)``. Lower bound 0 is ``Relu``; an upper bound
+        is ``x - Relu(x - hi)`` (integer Max/Min next to NHWC convolutions do not build in TVM 0.27)."""
+        v = self.ints[node.input[0]]
+        label = node.name or node.output[0]
+        bounds = [None, None]
+        for k in (1, 2):
+            if len(node.input) > k and node.input[k]:
+                bounds[k - 1] = float(np.asarray(self.consts[node.input[k]]).reshape(()))
+        x = self.to_int32(v, label)
+        e = np.asarray(v.exponent, np.float64)
+        rank = len(self.shape(node.input[0]))
+        if bounds[0] is not None:
+            lo = _ranked(np.ceil(bounds[0] * np.power(2.0, e)), rank).astype(np.int32)
+            if lo.any():
+                x = self.emit("Sub", [x, self.const(f"{label}/lo", lo)], f"{label}/minus_lo")
+            x = self.emit("Relu", [x], f"{label}/relu")
+            if lo.any():
+                x = self.emit("Add", [x, self.const(f"{label}/lo_back", lo)], f"{label}/plus_lo")
+        if bounds[1] is not None:
+            hi = self.const(f"{label}/hi", _ranked(np.floor(bounds[1] * np.power(2.0, e)), rank).astype(np.int32))
+            over = self.emit("Relu", [self.emit("Sub", [x, hi], f"{label}/minus_hi")], f"{label}/over_hi")
+            x = self.emit("Sub", [x, over], f"{label}/min_hi")
+        self.ints[node.output[0]] = IntValue(x, v.exponent, TensorProto.INT32)
+
+    def _Add(self, node) -> None:
+        consts = [i for i in node.input if i in self.consts and i not in self.ints]
+        if len(consts) == 1 and len(node.input) == 2:  # a bias: exact integers at the value's scale
+            v = self.ints[next(i for i in node.input if i not in consts)]
+            c = np.asarray(self.consts[consts[0]], np.float64)
+            scaled = c * np.power(2.0, np.asarray(v.exponent, np.float64))
+            if np.array_equal(scaled, np.round(scaled)) and np.abs(scaled).max(initial=0) < 2 ** 31:
+                label = node.name or node.output[0]
+                rank = len(self.shape(node.output[0]))
+                out = self.emit("Add", [self.to_int32(v, label), self.const(f"{label}/bias_int", _ranked(
+                    np.round(scaled), rank).astype(np.int32))], f"{label}/bias")
+                self.ints[node.output[0]] = IntValue(out, v.exponent, TensorProto.INT32)
+                return
+        if not all(i in self.ints for i in node.input):
+            return self._no_integer_form(node)
+        a, b = self.ints[node.input[0]], self.ints[node.input[1]]
+        label = node.name or node.output[0]
+        e = np.maximum(a.exponent, b.exponent)
+        rank = len(self.shape(node.output[0]))
+        ia = self.scale_by_pow2(self.to_int32(a, label), e - a.exponent, f"{label}/a", rank)
+        ib = self.scale_by_pow2(self.to_int32(b, label), e - b.exponent, f"{label}/b", rank)
+        out = self.emit("Add", [ia, ib], f"{label}/add")
+        self.ints[node.output[0]] = IntValue(out, _compress(e), TensorProto.INT32)
+
+    def _pool(self, node, axes: list) -> None:
+        v = self.ints[node.input[0]]
+        label = node.name or node.output[0]
+        shape = self.shape(node.input[0])
+        count = int(np.prod([shape[a] for a in axes]))
+        if count & (count - 1):
+            return self._no_integer_form(node) if self.allow_float else self._raise_pool(node, count)
+        axes_name = self.const(f"{label}/axes", np.array(axes, np.int64))
+        out = self.emit("ReduceSum", [self.to_int32(v, label), axes_name], f"{label}/sum", keepdims=1)
+        self.ints[node.output[0]] = IntValue(out, _compress(v.exponent + int(math.log2(count))), TensorProto.INT32)
+
+    def _raise_pool(self, node, count):
+        raise UnsupportedOpError(f"pot-shift: node {node.name!r} averages over {count} positions, not a power of two; "
+                                 "an integer mean needs a power-of-two window (or allow_float=true)")
+
+    def _GlobalAveragePool(self, node) -> None:
+        self._pool(node, list(range(2, len(self.shape(node.input[0])))))
+
+    def _ReduceMean(self, node) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1:
+            axes = [int(a) for a in np.asarray(self.consts[node.input[1]]).reshape(-1)]
+        rank = len(self.shape(node.input[0]))
+        if not attrs.get("keepdims", 1) or axes is None:
+            return self._no_integer_form(node)
+        self._pool(node, sorted(a % rank for a in axes))
+
+    def _shape_op(self, node) -> None:
+        v = self.ints[node.input[0]]
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        label = node.name or node.output[0]
+        out = self.fresh(f"{label}/int")
+        del copy.input[0:1]
+        copy.input.insert(0, v.name)
+        del copy.output[:]
+        copy.output.append(out)
+        copy.name = out
+        self.nodes.append(copy)
+        in_shape, out_shape = self.shape(node.input[0]), self.shape(node.output[0])
+        e = np.broadcast_to(v.exponent, (1,) * (len(in_shape) - np.ndim(v.exponent)) + np.shape(v.exponent))
+        e = np.broadcast_to(e, (1,) + in_shape[1:])
+        if np.size(v.exponent) == 1:
+            e = np.asarray(v.exponent).reshape(())
+        elif node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            e = np.transpose(e, perm)
+            if e.shape[0] != 1 and e.size > 1:
+                return self._no_integer_form(node)
+            e = e.reshape((1,) + out_shape[1:]) if e.shape[0] == 1 else e
+        else:
+            e = e.reshape((1,) + out_shape[1:])
+        self.ints[node.output[0]] = IntValue(out, _compress(e), v.dtype, v.bits, v.signed)
+
+    _Flatten = _Reshape = _Squeeze = _Unsqueeze = _Identity = _Transpose = _shape_op
+
+    def _MatMul(self, node) -> None:
+        """Activation x activation (attention), both from per-tensor quantisers, or activation x
+        W^T (a linear on a 3-D input); its bias comes as a following ``Add`` of a constant."""
+        w = self.weights.get(node.input[1])
+        if w is not None and w.transposed and node.input[0] in self.ints:
+            x = self._operand(node, 0)
+            if x.exponent.size != 1:
+                return self._no_integer_form(node)
+            label = node.name or node.output[0]
+            winit = self.const(f"{label}/weight_int", np.ascontiguousarray(w.integers.T))
+            acc = self.emit("MatMulInteger", [x.name, winit], f"{label}/matmul_integer")
+            self.bits[acc] = [w.bits, x.bits]
+            rank = len(self.shape(node.output[0]))
+            e = (w.exponent + int(x.exponent.reshape(-1)[0])).reshape((1,) * (rank - 1) + (-1,))
+            self.ints[node.output[0]] = IntValue(acc, _compress(e), TensorProto.INT32)
+            return
+        if not all(i in self.ints for i in node.input):
+            return self._no_integer_form(node)
+        a, b = self.ints[node.input[0]], self.ints[node.input[1]]
+        if a.dtype not in _INT_TYPES or b.dtype not in _INT_TYPES or a.exponent.size != 1 or b.exponent.size != 1:
+            return self._no_integer_form(node)
+        label = node.name or node.output[0]
+        acc = self.emit("MatMulInteger", [a.name, b.name], f"{label}/matmul_integer")
+        self.bits[acc] = [b.bits, a.bits]
+        e = np.asarray(int(a.exponent.reshape(-1)[0]) + int(b.exponent.reshape(-1)[0]))
+        self.ints[node.output[0]] = IntValue(acc, e, TensorProto.INT32)
+
+    # -- the new model ----------------------------------------------------------------------
+    def _finish(self) -> onnx.ModelProto:
+        g = self.model.graph
+        outputs = {o.name for o in g.output}
+        while True:  # drop constants (scales, zero-points of the folded quantisers) nothing reads
+            used = {i for n in self.nodes for i in n.input} | outputs
+            keep = [n for n in self.nodes if n.op_type != "Constant" or any(o in used for o in n.output)]
+            if len(keep) == len(self.nodes):
+                break
+            self.nodes = keep
+        inits = [i for i in g.initializer if i.name in used] + [i for i in self.new_inits if i.name in used]
+        graph = helper.make_graph(self.nodes, g.name, list(g.input), list(g.output), inits)
+        opsets = [o for o in self.model.opset_import if o.domain != SLIVER_DOMAIN]
+        version = max(o.version for o in opsets if o.domain in ("", "ai.onnx"))
+        functions = []
+        if any(n.op_type == "ShiftRequant" for n in self.nodes):
+            opsets.append(helper.make_opsetid(SLIVER_DOMAIN, 1))
+            functions.append(opdefs.shift_requant_function(version))
+        model = helper.make_model(graph, opset_imports=opsets, functions=functions,
+                                  producer_name=self.model.producer_name, ir_version=min(self.model.ir_version, 9) or 8)
+        model.ir_version = max(model.ir_version, 8)
+        helper.set_model_props(model, {BITS_METADATA: json.dumps(self.bits, sort_keys=True)})
+        return model
