@@ -1,0 +1,199 @@
+"""Choosing one multiplier per layer: an exact multiple-choice knapsack and a genetic baseline.
+
+The problem (FAMES, arXiv 2411.18055, Sec. "AppMul selection"; the paper does not publish its
+solver): layer ``l`` picks one candidate ``j`` with energy saving ``value[l][j] >= 0`` and
+accuracy cost ``cost[l][j]`` (the Taylor estimate of the loss increase, :mod:`.sensitivity`);
+maximise the total saving subject to ``sum cost <= budget``. This is the multiple-choice knapsack
+problem (MCKP).
+
+:func:`solve_exact` solves it exactly by dynamic programming over Pareto fronts: after layer ``l``
+the front holds every non-dominated (total cost, total value) of the first ``l`` layers; merging
+the next layer is an outer sum followed by a sort and a running-maximum filter. A partial choice
+off the front can never complete to a better solution than the front member that dominates it,
+so the final front contains the optimum for every budget at once. Costs must be non-negative
+(negative Taylor estimates are clipped to 0 by the caller: a predicted gain is not banked).
+:func:`solve_milp` states the same problem as a 0-1 integer program for ``scipy.optimize.milp``
+(HiGHS) and serves as an independent check.
+
+:func:`genetic` is the baseline of the kind FAMES compares against (ALWANN-style evolutionary
+search over per-layer multiplier assignments): tournament selection, uniform crossover, per-gene
+mutation, elitism, and a death penalty-like objective ``value - big * max(0, cost - budget)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...ir.errors import DataError
+
+
+@dataclass
+class Selection:
+    choice: list  # chosen candidate index per layer
+    value: float
+    cost: float
+
+
+def _check(costs, values, budget):
+    if len(costs) != len(values) or not costs:
+        raise DataError("selection needs one cost and one value list per layer (and at least one layer)")
+    out_c, out_v = [], []
+    for l, (c, v) in enumerate(zip(costs, values)):
+        c = np.asarray(c, dtype=np.float64)
+        v = np.asarray(v, dtype=np.float64)
+        if c.shape != v.shape or c.ndim != 1 or c.size == 0:
+            raise DataError(f"layer {l}: costs and values must be equal-length 1-D lists")
+        if (c < 0).any() or not np.isfinite(c).all() or not np.isfinite(v).all():
+            raise DataError(f"layer {l}: costs must be finite and >= 0 (clip negative Taylor estimates to 0)")
+        out_c.append(c)
+        out_v.append(v)
+    if not budget >= 0:
+        raise DataError(f"the accuracy budget must be >= 0, got {budget}")
+    if sum(c.min() for c in out_c) > budget:
+        raise DataError(f"no assignment fits budget {budget}: the cheapest one costs {sum(c.min() for c in out_c):.4g}")
+    return out_c, out_v
+
+
+def _pareto(c: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated (cost, value) pairs, by increasing cost."""
+    order = np.lexsort((-v, c))
+    best_before = np.maximum.accumulate(np.concatenate([[-np.inf], v[order][:-1]]))
+    return order[v[order] > best_before]
+
+
+def solve_exact(costs: list, values: list, budget: float) -> Selection:
+    """Exact MCKP by Pareto-front dynamic programming (see the module docstring)."""
+    costs, values = _check(costs, values, budget)
+    front_c = np.zeros(1)
+    front_v = np.zeros(1)
+    back = []  # per layer: (parent index, choice) of each front member
+    for c_all, v_all in zip(costs, values):
+        # the layer's own dominated candidates can never be chosen: drop them first
+        own = _pareto(c_all, v_all)
+        c, v = c_all[own], v_all[own]
+        tc = (front_c[:, None] + c[None, :]).ravel()
+        tv = (front_v[:, None] + v[None, :]).ravel()
+        keep = tc <= budget + 1e-12
+        idx = np.nonzero(keep)[0]
+        tc, tv = tc[idx], tv[idx]
+        pareto = _pareto(tc, tv)
+        tc, tv, idx = tc[pareto], tv[pareto], idx[pareto]
+        back.append((idx // c.size, own[idx % c.size]))
+        front_c, front_v = tc, tv
+    k = int(np.argmax(front_v))
+    total_c, total_v = float(front_c[k]), float(front_v[k])
+    choice = []
+    for parent, pick in reversed(back):
+        choice.append(int(pick[k]))
+        k = int(parent[k])
+    return Selection(choice[::-1], total_v, total_c)
+
+
+def solve_milp(costs: list, values: list, budget: float) -> Selection:
+    """The same problem as a 0-1 ILP solved by scipy's HiGHS (an independent exact solver)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    costs, values = _check(costs, values, budget)
+    sizes = [c.size for c in costs]
+    n = sum(sizes)
+    one_each = np.zeros((len(sizes), n))
+    start = 0
+    for l, s in enumerate(sizes):
+        one_each[l, start : start + s] = 1
+        start += s
+    cons = [LinearConstraint(one_each, 1, 1), LinearConstraint(np.concatenate(costs)[None, :], -np.inf, budget)]
+    res = milp(-np.concatenate(values), constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1))
+    if res.x is None:
+        raise DataError(f"the ILP found no assignment within budget {budget}: {res.message}")
+    x = np.round(res.x).astype(int)
+    choice, start = [], 0
+    for s in sizes:
+        choice.append(int(np.argmax(x[start : start + s])))
+        start += s
+    return _evaluate(costs, values, choice)
+
+
+def _evaluate(costs, values, choice) -> Selection:
+    return Selection(
+        list(choice),
+        float(sum(v[j] for v, j in zip(values, choice))),
+        float(sum(c[j] for c, j in zip(costs, choice))),
+    )
+
+
+def genetic(costs: list, values: list, budget: float, population: int = 100, generations: int = 200,
+            mutation: float | None = None, tournament: int = 2, elite: int = 2, seed: int = 0) -> Selection:
+    """Genetic-algorithm baseline on the same objective (module docstring); deterministic under seed."""
+    costs, values = _check(costs, values, budget)
+    rng = np.random.default_rng(seed)
+    L = len(costs)
+    sizes = np.array([c.size for c in costs])
+    width = int(sizes.max())
+    C = np.full((L, width), np.inf)
+    V = np.zeros((L, width))
+    for l, (c, v) in enumerate(zip(costs, values)):
+        C[l, : c.size] = c
+        V[l, : v.size] = v
+    mutation = 1.0 / L if mutation is None else mutation
+    big = 10.0 * (V.max(axis=1).sum() + 1.0) / max(budget, 1e-12)
+    rows = np.arange(L)
+
+    def fitness(pop):
+        cost = C[rows, pop].sum(axis=1)
+        value = V[rows, pop].sum(axis=1)
+        return value - big * np.maximum(0.0, cost - budget)
+
+    pop = (rng.random((population, L)) * sizes).astype(np.int64)
+    pop[0] = [int(np.argmin(c)) for c in costs]  # one feasible individual (the cheapest choices)
+    fit = fitness(pop)
+    for _ in range(generations):
+        order = np.argsort(-fit)
+        elites = pop[order[:elite]]
+        contenders = rng.integers(0, population, (2, population - elite, tournament))
+        winners = []
+        for t in range(2):
+            f = fit[contenders[t]]
+            winners.append(contenders[t][np.arange(population - elite), np.argmax(f, axis=1)])
+        mask = rng.random((population - elite, L)) < 0.5
+        children = np.where(mask, pop[winners[0]], pop[winners[1]])
+        mutate = rng.random(children.shape) < mutation
+        children = np.where(mutate, (rng.random(children.shape) * sizes).astype(np.int64), children)
+        pop = np.concatenate([elites, children])
+        fit = fitness(pop)
+    feasible = C[rows, pop].sum(axis=1) <= budget + 1e-12
+    best = int(np.argmax(np.where(feasible, fit, -np.inf)))
+    return _evaluate(costs, values, pop[best].tolist())
+
+
+def benchmark(costs: list, values: list, budget: float, repeat: int = 5, seed: int = 0, **ga_options) -> dict:
+    """Median wall times of the exact solver and the GA baseline on one problem, and their
+    objective values (for tools/bench.py)."""
+    import statistics
+    import time
+
+    def timed(fn):
+        times, result = [], None
+        for _ in range(repeat):
+            start = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), result
+
+    t_exact, exact = timed(lambda: solve_exact(costs, values, budget))
+    t_ga, ga = timed(lambda: genetic(costs, values, budget, seed=seed, **ga_options))
+    t_milp, ilp = timed(lambda: solve_milp(costs, values, budget))
+    return {
+        "milp_ms": t_milp * 1e3,
+        "milp_value": ilp.value,
+        "layers": len(costs),
+        "choices": int(sum(len(c) for c in costs)),
+        "exact_ms": t_exact * 1e3,
+        "genetic_ms": t_ga * 1e3,
+        "speedup": t_ga / t_exact,
+        "exact_value": exact.value,
+        "genetic_value": ga.value,
+        "exact_cost": exact.cost,
+        "genetic_cost": ga.cost,
+    }
