@@ -33,36 +33,47 @@ class FoldBN(Pass):
     def run(self, program: Program, ctx) -> Program:
         program = program.clone()
         gm = program.module
-        calls = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        folded = 0
-        for node in list(gm.graph.nodes):
-            if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BNS):
-                continue
-            prev = node.args[0] if node.args else None
-            if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
-                continue
-            if len(prev.users) != 1 or calls.get(prev.target, 0) != 1 or calls.get(node.target, 0) != 1:
-                continue
-            layer = gm.get_submodule(prev.target)
-            bn = gm.get_submodule(node.target)
-            if not bn.track_running_stats or bn.running_mean is None:
-                continue
-            if isinstance(layer, _CONVS) and layer.out_channels == bn.num_features:
-                fused = fuse_conv_bn_eval(layer.eval(), bn.eval())
-            elif isinstance(layer, nn.Linear) and _is_2d(prev) and layer.out_features == bn.num_features:
-                fused = fuse_linear_bn_eval(layer.eval(), bn.eval())
-            else:
-                continue
-            gm.set_submodule(prev.target, fused)
-            node.replace_all_uses_with(prev)
-            gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
-            folded += 1
+        folded = len(fold_batchnorm(gm))
         ctx.record("folded", folded)
         return retrace(program, gm)
+
+
+def fold_batchnorm(gm: torch.fx.GraphModule) -> dict:
+    """Fold every inference BatchNorm of ``gm``'s graph into the conv/linear before it, in place.
+
+    A pair is folded only when the layer is called once and feeds nothing but the BN, the BN is
+    called once and has running statistics, and the channel counts agree. Returns layer name ->
+    the BN's gamma (``weight``) for each folded pair (RAPQ weights its reconstruction by them).
+    """
+    calls: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    gammas = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BNS):
+            continue
+        prev = node.args[0] if node.args else None
+        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
+            continue
+        if len(prev.users) != 1 or calls.get(prev.target, 0) != 1 or calls.get(node.target, 0) != 1:
+            continue
+        layer = gm.get_submodule(prev.target)
+        bn = gm.get_submodule(node.target)
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        if isinstance(layer, _CONVS) and layer.out_channels == bn.num_features:
+            fused = fuse_conv_bn_eval(layer.eval(), bn.eval())
+        elif isinstance(layer, nn.Linear) and _is_2d(prev) and layer.out_features == bn.num_features:
+            fused = fuse_linear_bn_eval(layer.eval(), bn.eval())
+        else:
+            continue
+        gammas[prev.target] = bn.weight.detach().clone() if bn.weight is not None else torch.ones(bn.num_features)
+        gm.set_submodule(prev.target, fused)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+    return gammas
 
 
 def _is_2d(node) -> bool:

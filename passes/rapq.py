@@ -53,6 +53,7 @@ from ..ir.errors import PassError
 from ..ir.program import Program
 from ..ir.torch_level import is_attention, retrace
 from .base import Pass, register
+from .fold_bn import fold_batchnorm
 from .pipeline import ROUNDING_FACT
 from .quant import (
     PoTQuantizer,
@@ -68,7 +69,6 @@ from .quant import (
     set_exact,
 )
 
-_BNS = (nn.BatchNorm2d,)
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 
 
@@ -145,33 +145,6 @@ class QAttention(nn.Module):
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def fold_batchnorm(gm: torch.fx.GraphModule) -> dict:
-    """Fold Conv2d -> BatchNorm2d pairs of the fx graph in place; returns conv name -> gamma."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    calls: dict = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    gammas = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BNS):
-            continue
-        prev = node.args[0] if node.args else None
-        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
-            continue
-        conv = gm.get_submodule(prev.target)
-        if not isinstance(conv, nn.Conv2d) or len(prev.users) != 1 or calls.get(prev.target) != 1:
-            continue
-        bn = gm.get_submodule(node.target)
-        gammas[prev.target] = bn.weight.detach().clone()
-        gm.set_submodule(prev.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
-        gm.delete_submodule(node.target)
-    return gammas
 
 
 def quantize_modules(gm: torch.fx.GraphModule, abits: int) -> None:
