@@ -163,7 +163,7 @@ def test_digits_accuracy_within_one_point_at_minus_33_percent(name):
         prog, data={"train": data.digits("train"), "val": data.digits("val")}, check=False)
     notes = result.report.steps[0].notes
     after = evaluate.evaluate(result.program, "test")
-    assert abs(notes["flops_ratio"] - 0.67) <= 0.0067
+    assert abs(notes["flops_ratio"] - 0.67) <= 0.0067 + 1e-9  # within 1% (the ratio is rounded to 4 places)
     assert notes["criterion"] in ("l1-norm", "bn-scale", "geometric-median", "random")
     assert len(notes["proxy_loss"]) == 4
     assert after >= before - 1.0, (before, after, notes)

@@ -45,7 +45,9 @@ def test_cohort_of_budgets_and_resolutions():
     result = pipe.run(prog, ctx, check=False)
     members = ctx.extra["ofa-prune"]
     assert sorted(members) == [(0.5, 24), (0.5, 32)]
-    assert result.program is members[(0.5, 24)]  # select=1: budgets-major order
+    chosen = members[(0.5, 24)]  # select=1: budgets-major order
+    assert result.program.input_shapes == chosen.input_shapes == ((1, 3, 24, 24),)
+    assert result.program.stats().macs == chosen.stats().macs
     notes = result.report.steps[0].notes
     assert 1 <= notes["search_epochs"] <= 2
     for (budget, size), member in members.items():
