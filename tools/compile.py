@@ -355,8 +355,7 @@ def _score(args, before, after, artifact) -> dict:
 
     _say(args, f"scoring on {args.data} {args.split} before and after the pipeline")
     host = artifact if artifact is not None and backends.tvm.is_host(artifact.target) else None
-    data = args.data.replace("_", "-") if args.data.replace("_", "-") in ("digits", "digit-scenes") else args.data
-    return {"split": args.split, **evaluate_before_after(before, after, data=data, split=args.split, artifact=host)}
+    return {"split": args.split, **evaluate_before_after(before, after, data=args.data, split=args.split, artifact=host)}
 
 
 def _cost_on_fpga(args, final, stage) -> dict:
