@@ -110,7 +110,7 @@ class AdaPruner(Pass):
         first = unit_scores(gm, graph, candidates[0], seed=ctx.seed)
         plan = WidthPlan(graph, importance, tie_break, first, o.round_to, o.min_channels)
         fit = plan.fit(o.flops * dense, fixed, dense, o.tolerance, what="flops budget")
-        widths = plan.widths(fit.position)
+        widths = fit.widths
         masks = {c: WidthPlan(graph, importance, tie_break, unit_scores(gm, graph, c, seed=ctx.seed),
                               o.round_to, o.min_channels).mask(widths=widths) for c in candidates}
         if len(candidates) > 1:
@@ -131,7 +131,9 @@ class AdaPruner(Pass):
         pruned.eval()
         ctx.record("flops_ratio", round(macs / dense, 5))
         ctx.record("flops_evaluations", fit.evaluations)
-        ctx.record("threshold", plan.threshold(fit.position))
+        ctx.record("threshold", fit.threshold)
+        if fit.skipped:
+            ctx.record("held_groups", [graph.groups[g].name for g in fit.skipped])
         ctx.record("importance", source)
         ctx.record("criterion", chosen)
         ctx.record("channels", {g.name: int(w) for g, w in zip(graph.groups, widths)})
