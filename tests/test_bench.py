@@ -41,3 +41,24 @@ def test_bench_tiny_model_emits_table_and_json(tmp_path):
 def test_bench_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, BENCH, "tiny_vgg", "--repeat", "0"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+def test_wait_modes_order_the_runs():
+    """passive: engines interleaved run by run; spin: blocks per engine (4 rounds), each block
+    after the process went idle and one untimed wake-up run."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    every = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = bench._measure(every, argparse.Namespace(warmup=1, repeat=3, wait="passive"))
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
+    calls.clear()
+    times = bench._measure(every, argparse.Namespace(warmup=1, repeat=6, wait="spin"))
+    # warm-up a b; then rounds of 2, 2, 1, 1 timed runs, each block after one untimed run
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2 + ["a"] * 2 + ["b"] * 2
+    assert [len(t) for t in times.values()] == [6, 6]
+    assert bench._settle(limit_s=1.0) < 1.0  # an idle process settles at once

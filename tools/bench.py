@@ -7,9 +7,13 @@
     python tools/bench.py deit_small --pipeline "evit{blocks=3,6,9 keep=0.7}" --compare-dense
 
 For each batch size the model goes through the pipeline to the onnx level and TVM builds it for
-the host CPU; then the engines run the same input on the same number of threads, interleaved (one
-run of each engine per round, so load changes on a shared machine hit all of them alike), after a
-warm-up. Reported per engine: median latency, min and max, and the ratio to ONNX Runtime and to
+the host CPU; then the engines run the same input on the same number of threads after a warm-up.
+``--wait passive`` (default): every engine's idle workers sleep at once, and the engines run
+interleaved (one run of each engine per round, so load changes on a shared machine hit all of them
+alike). ``--wait spin``: every engine keeps its own default (its workers spin a while before they
+sleep, which saves a thread wake-up per parallel kernel); the engines then run in alternating
+blocks, each block after the previous engine's threads went idle, so no engine's spinning workers
+take the cores of another (use it on an idle machine). Reported per engine: median latency, min and max, and the ratio to ONNX Runtime and to
 PyTorch; per model: MACs and the largest |TVM - ONNX Runtime|. PyTorch eager runs the input model
 (before the pipeline): with a pipeline that changes the model its ratio compares two models.
 With ``--compare-dense`` the model without the pipeline runs too, interleaved with the pipeline's
@@ -37,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default="", help="pass pipeline applied before building (default: none)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default: 1)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
+    p.add_argument("--wait", choices=["passive", "spin"], default="passive",
+                   help="how idle worker threads wait: passive (default; every engine's workers sleep at "
+                        "once, engines interleaved run by run) or spin (every engine's own default spin-"
+                        "then-sleep; engines run in alternating blocks, each after the other's threads "
+                        "went idle)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per engine (default: 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per engine first (default: 2)")
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, help="engines to run")
@@ -84,12 +93,12 @@ def _load(args, batch: int, pipeline: str | None = None):
     return lowered.program, net, eager
 
 
-def _ort_session(model, threads: int):
-    """ONNX Runtime on ``threads`` threads that do not spin after a run.
+def _ort_session(model, threads: int, spin: bool = False):
+    """ONNX Runtime on ``threads`` threads; they spin after a run only with ``spin``.
 
-    The engines run interleaved in one process; ORT's default spin-waiting workers kept a core
-    busy after each ORT run and slowed the next engine 3x (MobileNetV2 under TVM: 80 ms
-    interleaved vs 24 ms alone, measured here). All three engines wait passively instead.
+    With ``--wait passive`` the engines run interleaved in one process; ORT's default spin-waiting
+    workers kept a core busy after each ORT run and slowed the next engine 3x (MobileNetV2 under
+    TVM: 80 ms interleaved vs 24 ms alone, measured here), so all engines wait passively.
     """
     import onnxruntime as ort
 
@@ -97,7 +106,7 @@ def _ort_session(model, threads: int):
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -125,7 +134,7 @@ def _runners(args, program, torch_module) -> tuple:
                 torch_module(*xt)
 
         runners["torch"] = run_torch
-    sess = _ort_session(program.module, args.threads)
+    sess = _ort_session(program.module, args.threads, spin=args.wait == "spin")
     feeds = {i.name: a for i, a in zip(sess.get_inputs(), x)}
     ort_out = [np.asarray(o) for o in sess.run(None, feeds)]
     if "onnxruntime" in args.engines:
@@ -139,6 +148,45 @@ def _runners(args, program, torch_module) -> tuple:
         run_tvm = artifact.runner()
         runners["tvm"] = lambda: run_tvm(x)
     return runners, build_seconds, diff
+
+
+def _settle(limit_s: float = 5.0, window_s: float = 0.01) -> float:
+    """Wait until this process's threads are idle; returns the seconds waited.
+
+    Idle: in a ``window_s`` window the process used under 10% of one core. Spin-waiting workers
+    of the engine that ran last (ORT's keep spinning about a second after a run) would otherwise
+    share the cores with the next engine.
+    """
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        c0, w0 = time.process_time(), time.perf_counter()
+        time.sleep(window_s)
+        if time.process_time() - c0 < 0.1 * (time.perf_counter() - w0):
+            break
+    return time.perf_counter() - t0
+
+
+def _measure(every: dict, args) -> dict:
+    """{engine: [seconds per timed run]} after the warm-up, in the order ``--wait`` asks for."""
+    for _ in range(args.warmup):
+        for fn in every.values():
+            fn()
+    times = {name: [] for name in every}
+    if args.wait == "passive":  # one run of each engine per round
+        for _ in range(args.repeat):
+            for name, fn in every.items():
+                times[name].append(_time(fn))
+        return times
+    # spin: blocks of runs per engine (4 rounds), each block after the threads went idle and one
+    # untimed run that wakes the engine's workers: the steady state of back-to-back inference
+    rounds = min(4, args.repeat)
+    sizes = [args.repeat // rounds + (1 if r < args.repeat % rounds else 0) for r in range(rounds)]
+    for size in sizes:
+        for name, fn in every.items():
+            _settle()
+            fn()
+            times[name].extend(_time(fn) for _ in range(size))
+    return times
 
 
 def _summaries(times: dict) -> dict:
@@ -166,13 +214,7 @@ def bench_batch(args, batch: int) -> dict:
         dense_program, dense_net, _ = _load(args, batch, pipeline="")
         dense_runners, _, _ = _runners(args, dense_program, dense_net)
         every.update({f"dense:{name}": fn for name, fn in dense_runners.items()})
-    for _ in range(args.warmup):
-        for fn in every.values():
-            fn()
-    times = {name: [] for name in every}
-    for _ in range(args.repeat):
-        for name, fn in every.items():
-            times[name].append(_time(fn))
+    times = _measure(every, args)
     engines = _summaries({k: v for k, v in times.items() if not k.startswith("dense:")})
     stats = program.stats()
     out = {
@@ -203,7 +245,7 @@ def bench_batch(args, batch: int) -> dict:
 def table(result: dict) -> str:
     lines = [
         f"{result['model']}  pipeline: {result['pipeline'] or '(none)'}  threads: {result['threads']}  "
-        f"cpu: {result['cpu']}  schedule: {result['schedule']}",
+        f"cpu: {result['cpu']}  schedule: {result['schedule']}  wait: {result.get('wait', 'passive')}",
         f"{'batch':>5} {'engine':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'/ORT':>6} {'/torch':>7} {'GMAC/s':>7}",
     ]
     for b in result["batches"]:
@@ -250,11 +292,8 @@ def _appmul_selection(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    # every engine gets the same threads; TVM reads its variable when its thread pool starts
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+def _passive_threads() -> None:
+    """Every engine's worker threads sleep as soon as they run out of work (``--wait passive``)."""
     # PyTorch's OpenMP threads spin-wait by default: on a shared or busy machine that made 2-thread
     # ResNet-18 take 1.4 s instead of 0.1 s (measured here). Passive waiting is fair to all engines.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -262,6 +301,15 @@ def main(argv=None) -> int:
     # TVM pins its workers to cores by default; next to PyTorch's threads (and anything else on
     # the machine) that made MobileNetV2 22.8 ms instead of 8.1 ms unpinned (measured here)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    # every engine gets the same threads; TVM reads its variable when its thread pool starts
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.wait == "passive":
+        _passive_threads()
     import torch
 
     torch.set_num_threads(args.threads)
@@ -280,6 +328,7 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "repeat": args.repeat,
             "schedule": args.schedule,
+            "wait": args.wait,
             "cpu": tvm_backend.host_target().get("mcpu", "generic"),
             "batches": [bench_batch(args, b) for b in args.batch],
         }
