@@ -160,10 +160,13 @@ def _schedule_gemm(sch, main, params: CpuParams) -> None:
     # depthwise convolution, whose every input load feeds one FMA (materialising the padded input
     # doubled its memory traffic: 0.78 ms -> see README); the rest stay materialised
     depthwise = _data_bytes(sch, main) == 0
+    # likewise a convolution over fewer input channels than a vector (an RGB stem): its padding
+    # pass was a scalar copy of the whole image per call (MobileNetV2: 226x226x3)
+    few_channels = (_extent(sch, sch.get_loops(main)[-1]) or params.lanes) < params.lanes
     for name in names[:pos]:
         blk = sch.get_sblock(name)
         try:
-            if _is_plain_copy(sch, blk) or depthwise:
+            if _is_plain_copy(sch, blk) or depthwise or few_channels:
                 sch.compute_inline(blk)
         except Exception:
             pass
