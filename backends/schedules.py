@@ -2,7 +2,7 @@
 
 After Relax fuses the model into PrimFuncs (one per fused group: ``matmul + bias + GELU``,
 ``conv2d + bias + residual add + relu6``, ``layer_norm``, ``softmax``...), :func:`schedule_module`
-gives every PrimFunc a schedule from three rules:
+gives every PrimFunc a schedule from four rules:
 
 - **GEMM-like** functions (one reduction block ``C += A * B``: dense, batched attention matmuls,
   conv2d in NHWC/HWIO layout incl. depthwise): the output's innermost axis ``j`` (features /
@@ -16,6 +16,8 @@ gives every PrimFunc a schedule from three rules:
   fused and run in parallel; the epilogue (bias, GELU, residual add, ReLU/ReLU6) is computed per
   register tile while it is hot (blocks read several times, like GELU's, are not inlined, which
   would copy their expression).
+- **window** functions (max / average pooling, channels last): padding inlined, the window loops
+  outside a vector of channels, rows in parallel.
 - **row-wise** functions (softmax, layer norm, mean): every block is computed per row, rows in
   parallel.
 - **everything else** (transposes, padding, pooling): each block's leading spatial loops run in
@@ -463,7 +465,15 @@ def schedule_func(func: tirx.PrimFunc, params: CpuParams):
             return trial.mod["main"]
         except Exception:
             pass
-    if any("R" in _iter_kinds(sch, b) for b in blocks) and len(blocks) > 1:
+    reducing = [b for b in blocks if "R" in _iter_kinds(sch, b)]
+    if len(reducing) == 1 and not mains:
+        trial = s_tir.Schedule(func)
+        try:
+            _schedule_window(trial, trial.get_sblock(sch.get(reducing[0]).name_hint), params)
+            return trial.mod["main"]
+        except Exception:
+            pass
+    if reducing and len(blocks) > 1:
         trial = s_tir.Schedule(func)
         try:
             _schedule_rowwise(trial, params)
@@ -473,6 +483,54 @@ def schedule_func(func: tirx.PrimFunc, params: CpuParams):
     sch = s_tir.Schedule(func)
     _schedule_rest(sch, params)
     return sch.mod["main"]
+
+
+def _schedule_window(sch, block, params: CpuParams) -> None:
+    """Window reductions over channels-last tensors (max / average pooling): the window loops go
+    outside a vector of channels, so every window step is one vector max/add.
+
+    TVM's legalisation leaves ``pool[n, y, x, c] = max over (ry, rx)`` with the window innermost
+    and the padding as a block of its own; scheduled generically that ran one scalar element at a
+    time (ResNet-18's 3x3/2 max pool: 0.53 ms against ONNX Runtime's 0.08). Here the padding is
+    inlined (its condition is the same for every channel of a vector), the channel axis is split
+    into vectors, the rows run in parallel and an epilogue (the average's division) is computed
+    per tile.
+    """
+    loops = sch.get_loops(block)
+    kinds = _iter_kinds(sch, block)
+    n_spatial = kinds.index("R")
+    if kinds[n_spatial:] != ["R"] * (len(kinds) - n_spatial) or len(loops) != len(kinds) or n_spatial < 2:
+        raise ValueError("not spatial-then-reduction")
+    channels = _extent(sch, loops[n_spatial - 1])
+    if channels is None or channels % params.lanes:
+        raise ValueError("channel axis does not split into vectors")
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    pos = names.index(sch.get(block).name_hint)
+    for name in names[:pos]:
+        sch.compute_inline(sch.get_sblock(name))
+    epilogue = names[pos + 1:]
+    for name in epilogue[:-1]:
+        sch.compute_inline(sch.get_sblock(name))
+    block = sch.get_sblock(names[pos])
+    loops = sch.get_loops(block)
+    spatial, reduction = loops[:n_spatial], loops[n_spatial:]
+    c0, c1 = sch.split(spatial[-1], [None, params.lanes])
+    rows = list(spatial[:-1])
+    sch.reorder(*rows, c0, *reduction, c1)
+    par = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    if epilogue:  # the average's division: per vector of channels, right after its window
+        out = sch.get_sblock(epilogue[-1])
+        sch.reverse_compute_at(out, c0, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(out)[-1])
+    sch.vectorize(c1)
+    if params.threads > 1 and (_extent(sch, par) or 2) > 1:
+        sch.parallel(par)
+    init = sch.decompose_reduction(block, reduction[0])
+    try:
+        sch.vectorize(sch.get_loops(init)[-1])
+    except Exception:
+        pass
 
 
 def _schedule_rowwise(sch, params: CpuParams) -> None:

@@ -223,3 +223,28 @@ def test_registry_lists_and_guards():
         lowering.register("ShiftRequant")(lambda bb, inputs, attrs: inputs[0])
     with pytest.raises(ValueError, match="no definition"):
         lowering.register("NoSuchOp")(lambda bb, inputs, attrs: inputs[0])
+
+
+@pytest.mark.parametrize("pool", ["max3s2p1", "avg2", "avg3s2p1"])
+def test_window_rule_pools_match_onnxruntime(pool):
+    """Max / average pooling (channels last after the layout change) get the window rule: the
+    window loops outside a vector of channels, padding inlined, rows in parallel."""
+    import torch
+    import tvm
+
+    layer = {"max3s2p1": torch.nn.MaxPool2d(3, 2, 1), "avg2": torch.nn.AvgPool2d(2),
+             "avg3s2p1": torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False)}[pool]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), layer, torch.nn.Conv2d(32, 16, 1)).eval()
+    prog = ir.to_onnx(ir.trace(net, torch.randn(1, 3, 18, 18), name="pooled"))
+    x = np.random.default_rng(1).standard_normal(prog.input_shapes[0]).astype(np.float32)
+    np.testing.assert_allclose(backends.tvm.build(prog).run([x])[0], prog.run([x])[0], atol=1e-5, rtol=0)
+    with lowering.build_importers():
+        tprog = ir.convert(prog, "tvm")
+    target = dict(backends.tvm.host_target(), **{"num-cores": 2})
+    with tvm.target.Target(target):
+        mod = tvm.transform.Sequential(backends.tvm.fusion_passes(target) + [schedules.schedule_module(target)])(tprog.module)
+    pools = [f.script() for gv, f in mod.functions_items() if "pool" in gv.name_hint]
+    assert pools, [gv.name_hint for gv in mod.get_global_vars()]
+    for s in pools:
+        assert "T.vectorized" in s and "T.parallel" in s and "pad_temp" not in s, s
