@@ -116,9 +116,8 @@ def test_zoo_cnn_meets_budget_and_exports(name, criterion, round_to):
     x = np.random.default_rng(0).standard_normal(prog.input_shapes[0]).astype(np.float32)
     ref = result.program.run([x])[0]
     np.testing.assert_allclose(onnx_prog.run([x])[0], ref, atol=1e-4 * max(1, np.abs(ref).max()), rtol=0)
-    if name == "torchvision-style":
-        artifact = backends.tvm.build(onnx_prog, target="x86")
-        np.testing.assert_allclose(artifact.run([x])[0], ref, atol=1e-4 * max(1, np.abs(ref).max()), rtol=0)
+    artifact = backends.tvm.build(onnx_prog, target="x86")
+    np.testing.assert_allclose(artifact.run([x])[0], ref, atol=1e-4 * max(1, np.abs(ref).max()), rtol=0)
 
 
 def test_unreachable_budget_names_the_smallest_reachable():
