@@ -21,7 +21,12 @@ Gumbel-Softmax (straight-through), masks multiply across stages, and attention i
 (each token still attends to itself). The loss is cross-entropy + ``ratio_weight`` x the squared
 gap between each stage's kept fraction and its target + ``distill_weight`` x KL to the dense model
 (weights as in DynamicViT: 2 and 0.5). The selectors learn at ``selector_lr``, the dense layers
-at ``lr``/10.
+at ``lr``/10. Before that, ``warm_start`` epochs fit each selector (backbone frozen) to the dense
+model's class-attention top-k at its block (see :func:`_warm_start`, our addition): from random
+weights a short fine-tune cannot teach a selector a ranking. On the trained tiny DeiT (digits,
+blocks 4,7,10, keep 0.7, 2 epochs on 384 digits, 0.673 of the MACs; dense 98.33%) the warm start
+takes the accuracy from 97.22 / 97.50 / 98.06% (seeds 0 / 1 / 2, mean -0.74 point) to 98.61 /
+98.06 / 98.33% (mean +0.00).
 
 Inference modes: ``static`` (default; what compile.py lowers): top-k with constant k + gather and
 the package token as a weighted sum, static shapes; ``adaptive``: at batch 1, keep exactly the
@@ -51,6 +56,7 @@ from .base import Pass, register
 from .tokens import (
     TokenPolicy,
     check_blocks,
+    attention_parts,
     distill_fine_tune,
     frozen_copy,
     record_selection,
@@ -59,6 +65,9 @@ from .tokens import (
     transformer_blocks,
     weighted_rest,
 )
+
+
+WARM_START_LR = 1e-2  # selectors are small MLPs fitted from scratch on cached features
 
 
 class TokenSelector(nn.Module):
@@ -141,6 +150,11 @@ class HeatViTOptions:
     epochs: int = dataclasses.field(default=3, metadata={"doc": "fine-tuning epochs over the training data"})
     lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the dense layers x 10 (they learn at lr/10)"})
     selector_lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the selectors"})
+    warm_start: int = dataclasses.field(
+        default=20,
+        metadata={"doc": "epochs of fitting each selector to the dense model's class-attention top-k before the "
+                         "fine-tune (backbone frozen; cheap); 0 = selectors start from random weights"},
+    )
     batch_size: int = dataclasses.field(default=64, metadata={"doc": "fine-tuning batch size"})
     ratio_weight: float = dataclasses.field(default=2.0, metadata={"doc": "weight of the keep-ratio loss"})
     distill_weight: float = dataclasses.field(default=0.5, metadata={"doc": "weight of the KL loss to the dense model"})
@@ -158,6 +172,8 @@ class HeatViTOptions:
             raise ValueError(f"latency={self.latency} must lie in [0, 1] (0 turns the latency-aware choice off)")
         if not self.blocks:
             raise ValueError("blocks is empty; name at least one block index")
+        if self.warm_start < 0:
+            raise ValueError(f"warm_start={self.warm_start} must be >= 0")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.selector_lr <= 0:
             raise ValueError("epochs must be >= 0, batch_size >= 1, lr and selector_lr > 0")
         if self.mode not in ("static", "adaptive"):
@@ -200,6 +216,9 @@ class HeatViT(Pass):
             schedule.append({"block": index, "kept": k, "tokens_out": k + 2})
         gm.graph.lint()
         gm.recompile()
+        if train_set is not None and o.warm_start > 0:
+            fit = _warm_start(teacher, selectors, [n.target for n in nodes], n0, o, train_set, ctx)
+            ctx.record("warm_start", fit)
         if train_set is not None:
             history = _fine_tune(gm, teacher, selectors, nodes, n0, o, train_set, ctx)
             ctx.record("train_loss", history)
@@ -285,3 +304,70 @@ def _fine_tune(gm, teacher, selectors, nodes, n0, o, train_set, ctx) -> list:
         epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, distill_weight=o.distill_weight, name="heatvit",
         stage_lr=o.selector_lr,
     )
+
+
+def _warm_start(teacher, selectors, targets, n0, o, train_set, ctx) -> dict:
+    """Fit every selector, before the end-to-end fine-tune, to the dense model's own notion of
+    importance: the selector before block b learns (binary cross-entropy) to give keep score 1 to
+    the ``keep_tokens`` patch tokens with the largest head-averaged class attention in block b of
+    the dense teacher (EViT's score) and 0 to the others, on the teacher's token features at that
+    block's input. The backbone does not move; the features are computed once.
+
+    Why: a selector starts from random weights, and a short fine-tune (24 steps on 384 digits)
+    cannot teach it a ranking: its Gumbel masks stay close to random and the backbone learns to
+    live with random pruning. HeatViT (like DynamicViT) trains its selectors over tens of epochs;
+    the warm start gives them, in a fraction of a second, the ranking the trained model already
+    has, and the fine-tune then refines it with the task and keep-ratio losses. The warm start is
+    our choice, not the paper's. Returns the mean loss per selector before and after the fit and
+    how often the fitted selector's top-k agrees with the class-attention top-k."""
+    feats = {t: [] for t in targets}
+    labels = {t: [] for t in targets}
+    hooks = []
+
+    def grab(target, keep_tokens):
+        block = teacher.get_submodule(target)
+
+        def hook(module, args):
+            x = args[0]
+            _, probs, _ = attention_parts(block.attn, block.norm1(x))
+            cls_attn = probs[:, :, 0, 1:].mean(dim=1)
+            top = cls_attn.topk(keep_tokens, dim=1).indices
+            feats[target].append(x[:, 1:].detach())
+            labels[target].append(torch.zeros_like(cls_attn).scatter(1, top, 1.0))
+        return block.register_forward_pre_hook(hook)
+
+    for t, s in zip(targets, selectors):
+        hooks.append(grab(t, s.keep_tokens))
+    try:
+        with torch.no_grad():
+            for images, _ in train_set.loader(o.batch_size, shuffle=False):
+                teacher(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    gen = torch.Generator().manual_seed(ctx.seed)
+    fit = {"loss_before": [], "loss_after": [], "topk_agreement": []}
+    for t, sel in zip(targets, selectors):
+        x, y = torch.cat(feats[t]), torch.cat(labels[t])
+        opt = torch.optim.AdamW(sel.parameters(), lr=WARM_START_LR, weight_decay=0.0)
+        sel.train()
+
+        def loss_of(xb, yb):
+            return F.binary_cross_entropy(sel.keep_scores(xb).clamp(1e-6, 1 - 1e-6), yb)
+
+        with torch.no_grad():
+            fit["loss_before"].append(round(loss_of(x, y).item(), 4))
+        for _ in range(o.warm_start):
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), o.batch_size):
+                batch = order[i : i + o.batch_size]
+                loss = loss_of(x[batch], y[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        sel.eval()
+        with torch.no_grad():
+            fit["loss_after"].append(round(loss_of(x, y).item(), 4))
+            top = sel.keep_scores(x).topk(sel.keep_tokens, dim=1).indices
+            fit["topk_agreement"].append(round(torch.gather(y, 1, top).mean().item(), 4))
+    return fit

@@ -55,6 +55,19 @@ def test_patch_edges_find_the_patches_with_the_edge():
     assert float(edges[:, [0, 2, 3]].abs().max()) == 0.0
 
 
+def test_keep_entropy_decides_which_attention_ranks_first(make_program):
+    """keep_entropy=low ranks a token with focused attention over one that attends everywhere;
+    high the other way round (edge score off)."""
+    prog = make_program("tiny_segmenter")
+    probs = torch.full((1, 4, 3, 3), 1 / 3)  # CLS + 2 patch tokens; token 2 attends uniformly
+    probs[:, :, 1] = torch.tensor([0.02, 0.96, 0.02])  # token 1 attends to itself
+    edges = torch.zeros(1, 2)
+    for direction, first in (("low", 0), ("high", 1)):
+        stage = passes.parse(f"lvtp{{blocks=2 keep_entropy={direction}}}").run(prog).program.module.get_submodule("blocks.2")
+        rank, score, _ = stage.scores(probs, edges)
+        assert int(rank.argmax()) == first and float(score.max() - score.min()) > 0.2
+
+
 def _block_macs(n, dim=64, mlp_ratio=2):
     return (4 + 2 * mlp_ratio) * n * dim * dim + 2 * n * n * dim
 
@@ -126,8 +139,9 @@ def test_static_mode_exports_and_builds_with_tvm(model, make_program):
 
 def test_adaptive_mode_keeps_the_chosen_clusters(make_program):
     prog = make_program("tiny_segmenter")
-    out = passes.parse("lvtp{blocks=1 mode=adaptive}").run(prog).program
+    out = passes.parse("lvtp{blocks=1,3 mode=adaptive}").run(prog).program
     stage = out.module.get_submodule("blocks.1")
+    assert not stage.last_stage and out.module.get_submodule("blocks.3").last_stage
     x = torch.from_numpy(prog.example_inputs[0])
     seen = {}
     stage.register_forward_hook(lambda m, i, o: seen.update(kept=o[0].shape[1] - 1, parked=o[2].shape[1]))
@@ -135,9 +149,27 @@ def test_adaptive_mode_keeps_the_chosen_clusters(make_program):
         y = out.module(x)
         torch.manual_seed(0)
         _, probs, _ = attention_parts(stage.attn, stage.norm1(_input_of_block(models.create("tiny_segmenter"), x, 1)))
-        _, _, chosen = stage.scores(probs, PatchEdges(8)(x))
+        edges = PatchEdges(8)(x)
+        _, _, chosen = stage.scores(probs, edges)
+        kept = stage.adaptive_choice(chosen, edges, torch.arange(64).reshape(1, 64))
     assert y.shape == (1, 11, 64, 64)
-    assert seen["kept"] == int(chosen.sum()) and seen["kept"] + seen["parked"] == 64
+    assert bool((kept >= chosen).all())
+    assert seen["kept"] == int(kept.sum()) and seen["kept"] + seen["parked"] == 64
+
+
+def test_adaptive_choice_keeps_edge_tokens_and_their_neighbours_until_the_last_stage(make_program):
+    stage = passes.parse("lvtp{blocks=2 mode=adaptive}").run(make_program("tiny_segmenter")).program.module.get_submodule("blocks.2")
+    edges = torch.zeros(1, 64)
+    edges[0, 3 * 8 + 5] = 1.0  # one edge patch at row 3, column 5 of the 8 x 8 grid
+    nothing = torch.zeros(1, 64, dtype=torch.bool)
+    index = torch.arange(64).reshape(1, 64)
+    assert stage.last_stage and stage.adaptive_choice(nothing, edges, index).nonzero()[:, 1].tolist() == [29]
+    stage.last_stage = False
+    kept = stage.adaptive_choice(nothing, edges, index).reshape(8, 8)
+    assert kept.nonzero().tolist() == [[r, c] for r in (2, 3, 4) for c in (4, 5, 6)]
+    # a later stage sees only some tokens: the neighbourhood is taken on the grid, then gathered
+    later = stage.adaptive_choice(nothing[:, :3], edges, torch.tensor([[0, 20, 29]]))
+    assert later.tolist() == [[False, True, True]]
 
 
 def test_lvtp_golden(make_program, golden):
@@ -152,6 +184,7 @@ def test_lvtp_golden(make_program, golden):
         ("lvtp{keep=1.5}", "tiny_segmenter", errors.OptionValueError, ["(0, 1]"]),
         ("lvtp{q=0,1}", "tiny_segmenter", errors.OptionValueError, ["positive numbers"]),
         ("lvtp{edge_weight=2}", "tiny_segmenter", errors.OptionValueError, ["edge_weight=2.0", "[0, 1]"]),
+        ("lvtp{keep_entropy=mid}", "tiny_segmenter", errors.OptionValueError, ["keep_entropy=mid", "low or high"]),
         ("lvtp", "tiny_resnet", errors.UnsupportedOpError, ["needs a vision transformer", "no attention blocks"]),
     ],
 )
@@ -163,25 +196,49 @@ def test_bad_options_are_one_line_errors(pipeline, model, error, words, make_pro
         assert w in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (issue 6): the defaults (blocks 1,2,3, keep 0.7) lose 25.6 points of val mIoU at 0.650 of "
-    "the MACs; best seen at <= 0.8 of the MACs: blocks 2,4 keep 0.6 at 0.762, -7.8 with the entropy "
-    "score inverted, -8.8 without; tokens parked in early blocks carry too little for the decoder"))
 def test_trained_segmenter_keeps_its_miou_with_20_percent_fewer_macs():
-    """The acceptance figure: the trained tiny segmenter with lvtp's defaults, no training, on the
-    300 test digit scenes: >= 20% fewer MACs, at most one point of mIoU lost."""
-    from trained import trained_program
-
+    """The acceptance figure: the trained tiny segmenter with lvtp's defaults in adaptive mode (per-image
+    token counts, batch 1), no training, on the 300 val and the 300 test digit scenes: >= 20% fewer
+    MACs on average, at most one point of mIoU lost. The MACs of each image are counted exactly from
+    the tokens its stages kept (the block formula of test_schedule_and_exact_macs, plus the Sobel
+    filter). Static mode does not reach this (about -4 points at 0.78 of the MACs; see the pass's
+    docstring: even a ground-truth choice of the parked tokens loses 2.5 points with static counts)."""
     from sliver.backends.evaluate import score
     from sliver.models import data
+    from sliver.passes.tokens import recording_selections
 
-    torch.set_num_threads(2)
-    program = trained_program("tiny_segmenter", batch=50)
-    scenes = data.digit_scenes("test")
-    before = score(program, data=scenes).value
-    result = passes.parse("lvtp").run(program, check=False)
-    after = score(result.program, data=scenes).value
-    macs = result.report.after["macs"] / result.report.before["macs"]
-    print(f"lvtp: mIoU {before:.2f}% -> {after:.2f}% ({after - before:+.2f} pt) at {macs:.3f} of the MACs")
-    assert macs <= 0.80
-    assert after >= before - 1.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 600 batch-1 runs of a 0.2M-parameter model: threads only add overhead
+    try:
+        _check_adaptive_segmenter(score, data, recording_selections)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_adaptive_segmenter(score, data, recording_selections):
+    from trained import trained_program
+
+    program = trained_program("tiny_segmenter", batch=1)
+    result = passes.parse("lvtp{mode=adaptive}").run(program, check=False)
+    dense_macs = result.report.before["macs"]
+    blocks = [s["block"] for s in result.report.steps[0].notes["tokens"]]
+    assert blocks == [2, 3]
+    for split in ("val", "test"):
+        scenes = data.digit_scenes(split)
+        before = score(program, data=scenes).value
+        outputs, ratios = [], []
+        with torch.no_grad():
+            for i in range(len(scenes)):
+                with recording_selections() as kept:
+                    outputs.append(result.program.module(scenes.images[i : i + 1]))
+                tokens = [65, 65, 65] + [int(kept[0].shape[1]) + 1] + [int(kept[1].shape[1]) + 1] * 2
+                macs = dense_macs - 6 * _block_macs(65) + sum(_block_macs(n) for n in tokens) + 2 * 9 * 62 * 62
+                ratios.append(macs / dense_macs)
+        metric = data.MeanIoU(scenes.num_classes)
+        metric.update(torch.cat(outputs), scenes.targets)
+        after = metric.value()
+        macs = sum(ratios) / len(ratios)
+        print(f"lvtp adaptive, {split}: mIoU {before:.2f}% -> {after:.2f}% ({after - before:+.2f} pt) at {macs:.3f} of the MACs")
+        assert macs <= 0.80
+        assert after >= before - 1.0
+
