@@ -205,3 +205,46 @@ def build_importers():
                 CUSTOM_IMPORTERS.pop(op, None)
             else:
                 CUSTOM_IMPORTERS[op] = previous
+
+
+# ------------------------------------------------------------------------------------------------
+# sliver.AppMatMul (issue #8, FAMES approximate multipliers; keep this block together)
+
+
+@register("AppMatMul")
+def lower_app_matmul(bb, inputs, attrs):
+    """``Y = sum_v f_v(A) @ 1[W == v]`` as one int32 matmul (TVM_NOTES "Custom integer ops": a
+    per-product gather does not vectorise, the decomposition is an ordinary matmul).
+
+    ``F = take(LUT[:, cols], A mod S)`` stacks the columns ``f_v`` of the weight values ``v`` in
+    ``cols``; the masks ``1[W == v]`` are stacked the same way, and ``F`` reshaped to
+    (..., K * |cols|) times the masks reshaped to (K * |cols|, N) is the accumulator. When ``W``
+    is a constant (a layer's weights), ``cols`` are only the values that occur in it and the masks
+    are a constant; otherwise all ``S`` values, with masks computed in the graph. Bit-exact
+    against ``ir.opdefs.app_matmul_reference`` (integers throughout)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    a, w, lut = inputs[:3]
+    side = int(lut.ty.shape[0])
+    a_shape = [int(d) for d in a.ty.shape]
+    k, n = (int(d) for d in w.ty.shape)
+    table = relax.op.astype(lut, "int32")
+    index = relax.op.bitwise_and(relax.op.astype(a, "int64"), relax.const(side - 1, "int64"))
+    if isinstance(w, tvm.ir.expr.Constant):
+        wv = w.value.numpy().astype(np.int64) % side
+        cols = np.unique(wv)
+        masks = (wv[:, None, :] == cols[None, :, None]).astype(np.int32).reshape(k * cols.size, n)
+        table = relax.op.take(table, relax.const(cols, "int64"), axis=1, mode="clip")
+        masks = relax.const(masks, "int32")
+        width = int(cols.size)
+    else:
+        wv = relax.op.bitwise_and(relax.op.astype(w, "int64"), relax.const(side - 1, "int64"))
+        values = relax.const(np.arange(side, dtype=np.int64).reshape(1, side, 1), "int64")
+        masks = relax.op.astype(relax.op.equal(relax.op.expand_dims(wv, 1), values), "int32")
+        masks = relax.op.reshape(masks, (k * side, n))
+        width = side
+    f = relax.op.take(table, index, axis=0, mode="clip")  # (..., K, width)
+    f = relax.op.reshape(f, a_shape[:-1] + [k * width])
+    return relax.op.matmul(f, masks, out_dtype="int32")

@@ -200,6 +200,9 @@ def export(program: Program, opset: int = DEFAULT_OPSET) -> Program:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch -> onnx export of {program.name} failed: {msg}") from None
     model = onnx.load_from_string(buf.getvalue())
+    from .opdefs import attach_functions
+
+    attach_functions(model)  # bodies of the custom ops the export emitted (sliver.AppMatMul)
     model.producer_name = "sliver"
     model.producer_version = ""
     model.graph.name = program.name

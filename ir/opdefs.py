@@ -23,6 +23,9 @@ class CustomOp:
     #: (inputs: list[np.ndarray], attrs: dict) -> list[np.ndarray]
     reference: Optional[Callable] = None
     domain: str = SLIVER_DOMAIN
+    #: (opset) -> onnx.FunctionProto: the op's body of exact standard ops, attached to exported
+    #: models by :func:`attach_functions` (None: the op has no such body)
+    function: Optional[Callable] = None
 
 
 _OPS: dict = {}
@@ -49,6 +52,26 @@ def custom_op(node) -> Optional[CustomOp]:
 
 def defined_ops() -> list:
     return sorted(_OPS.values(), key=lambda o: (o.domain, o.op_type))
+
+
+def attach_functions(model) -> None:
+    """Give ``model`` (in place) the model-local function of every custom op its graph uses that
+    defines one (``CustomOp.function``) and the opset import of that op's domain, so that ONNX
+    Runtime and shape inference can run it. Functions already present are kept."""
+    from onnx import helper
+
+    have = {(f.domain, f.name) for f in model.functions}
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=17)
+    domains = {o.domain for o in model.opset_import}
+    for node in model.graph.node:
+        spec = custom_op(node)
+        if spec is None or spec.function is None or (spec.domain, spec.op_type) in have:
+            continue
+        model.functions.append(spec.function(opset))
+        have.add((spec.domain, spec.op_type))
+        if spec.domain not in domains:
+            model.opset_import.append(helper.make_opsetid(spec.domain, 1))
+            domains.add(spec.domain)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,5 +162,98 @@ SHIFT_REQUANT = define(
         "saturate to [lo, hi] (default [-128, 127]) and cast to `to` (default INT8); "
         "ir.opdefs.shift_requant_function() gives its exact standard-op body",
         reference=shift_requant_reference,
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# sliver.AppMatMul: a matmul whose products come from an approximate multiplier's table
+# (issue #8, FAMES arXiv 2411.18055; written by the appmul work, keep this block together)
+
+
+def _app_matmul_operands(inputs):
+    import numpy as np
+
+    a, w, lut = (np.asarray(t) for t in inputs[:3])
+    side = lut.shape[0] if lut.ndim == 2 else 0
+    if lut.ndim != 2 or lut.shape[0] != lut.shape[1] or side < 4 or side & (side - 1):
+        raise ValueError(f"AppMatMul's table must be square with a power-of-two side >= 4, got {lut.shape}")
+    if w.ndim != 2 or a.ndim < 1 or a.shape[-1] != w.shape[0]:
+        raise ValueError(f"AppMatMul needs A (..., K) and W (K, N), got {a.shape} and {w.shape}")
+    half = side // 2
+    for name, t in (("A", a), ("W", w)):
+        if t.size and (int(t.min()) < -half or int(t.max()) >= half):
+            raise ValueError(f"AppMatMul operand {name} leaves the table's signed range [{-half}, {half - 1}]")
+    return a.astype(np.int64), w.astype(np.int64), lut.astype(np.int64), side
+
+
+def app_matmul_reference(inputs, attrs):
+    """``Y[..., n] = sum_k LUT[A[..., k] mod S, W[k, n] mod S]`` in int64, returned as int32.
+
+    Inputs: A (..., K) and W (K, N), signed integers of an ``n``-bit multiplier (held in int8),
+    and LUT (S, S), S = 2^n, int32: ``LUT[i, j]`` is the product the multiplier returns for the
+    operands whose two's-complement bit patterns are i and j (row/column ``i`` is the value
+    ``i`` for ``i < S/2`` and ``i - S`` above: the order in which ONNX ``Gather``/``OneHot`` read
+    negative indices). An exact multiplier's table gives ``A @ W``. Attributes (``multiplier``,
+    ``bits``, ``energy_ratio``) only describe the table."""
+    import numpy as np
+
+    a, w, lut, side = _app_matmul_operands(inputs)
+    ai, wi = a % side, w % side
+    out = np.zeros(a.shape[:-1] + (w.shape[1],), np.int64)
+    for k in range(w.shape[0]):  # the definition: one table lookup per product
+        out += lut[ai[..., k : k + 1], wi[k]]
+    if out.size and (out.min() < -(1 << 31) or out.max() >= 1 << 31):
+        raise ValueError("AppMatMul accumulator overflows int32")
+    return [out.astype(np.int32)]
+
+
+def app_matmul_macs(node, types) -> int:
+    import numpy as np
+
+    a, w = types[node.input[0]][1], types[node.input[1]][1]
+    return int(np.prod(a, dtype=np.int64)) * int(w[-1])
+
+
+def app_matmul_function(opset: int = 17):
+    """``sliver.AppMatMul`` as a model-local ONNX function of exact standard integer ops: the
+    decomposition ``sum_v f_v(A) @ 1[W == v]`` (REFERENCE.md, FAMES) as
+
+        F = Gather(LUT, A)                       (..., K, S)   F[..., k, v] = f_v(A[..., k])
+        M = OneHot(W, S, [0, 1], axis=1)         (K, S, N)     M[k, v, n] = 1[W[k, n] == v]
+        Y = Einsum("...kv,kvn->...n", F, M)      in int64 (ONNX Runtime's OneHot kernels), cast to int32
+
+    Negative operands index the table from its end (Gather and OneHot both take indices in
+    [-S, S-1]), which is the two's-complement order of its rows and columns."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    const = lambda name, v, dt: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, dt)))
+    nodes = [
+        helper.make_node("Cast", ["A"], ["a64"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["LUT", "a64"], ["F"], axis=0),
+        helper.make_node("Cast", ["W"], ["w64"], to=TensorProto.INT64),
+        helper.make_node("Shape", ["LUT"], ["side"], start=1, end=2),
+        const("off_on", [0, 1], np.int64),
+        helper.make_node("OneHot", ["w64", "side", "off_on"], ["M"], axis=1),
+        helper.make_node("Cast", ["F"], ["F64"], to=TensorProto.INT64),
+        helper.make_node("Einsum", ["F64", "M"], ["Y64"], equation="...kv,kvn->...n"),
+        helper.make_node("Cast", ["Y64"], ["Y"], to=TensorProto.INT32),
+    ]
+    return helper.make_function(SLIVER_DOMAIN, "AppMatMul", ["A", "W", "LUT"], ["Y"], nodes,
+                                [helper.make_opsetid("", opset)], attributes=["multiplier", "bits", "energy_ratio"])
+
+
+APP_MATMUL = define(
+    CustomOp(
+        op_type="AppMatMul",
+        doc="integer matmul on an approximate multiplier: Y (..., N) int32 = sum_k LUT[A[..., k], W[k, n]] "
+        "for A (..., K) and W (K, N) n-bit signed integers (int8 containers) and the multiplier's "
+        "table LUT (2^n, 2^n) int32 in two's-complement index order; attributes multiplier (name), "
+        "bits, energy_ratio (its energy relative to the exact n-bit multiplier, for costing); "
+        "ir.opdefs.app_matmul_function() gives its exact standard-op body",
+        macs=app_matmul_macs,
+        reference=app_matmul_reference,
+        function=app_matmul_function,
     )
 )

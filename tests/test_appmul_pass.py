@@ -75,3 +75,88 @@ def test_options_are_checked():
         passes.parse("appmul{bits=5,6 images=8}").run(program, data={"train": data.digits("train")}, check=False)
     with pytest.raises(PassError, match="needs data"):
         passes.parse("appmul{images=8}").run(program, check=False)
+
+
+@pytest.fixture(scope="module")
+def pot_naive():
+    program = trained_program("tiny_resnet")
+    return passes.parse("pot-naive{wbits=4 abits=4 calib_images=64}").run(
+        program, data={"train": data.digits("train")}, seed=0, check=False).program
+
+
+def test_appmul_attaches_to_the_quantised_layers_of_pot_naive(pot_naive):
+    """After pot-naive the pass takes QLayer.integer_operands() as they are (no second quantiser):
+    with exact multipliers the AppMul model equals the quantised model bit for bit."""
+    import numpy as np
+
+    from sliver import ir
+    from sliver.passes import quant
+
+    res = passes.parse("appmul{budget=0.0004 images=32}").run(pot_naive, data={"train": data.digits("train")},
+                                                             seed=0, check=False)
+    notes = res.report.steps[-1].notes
+    widths = {n: emulate_width(m) for n, m in quant.quant_layers(pot_naive.module) if isinstance(m, quant.QLayer)}
+    # 4-bit unsigned activations x 4-bit weights -> the 5-bit signed multiplier; the 8-bit
+    # unsigned input of fc needs 9 bits and keeps exact integer arithmetic
+    assert notes["exact_layers"] == ["fc"] and widths["fc"] == 9
+    assert {r["layer"]: r["bits"] for r in notes["layers"]} == {n: b for n, b in widths.items() if n != "fc"}
+    gm = res.program.module
+    layers = [m for m in gm.modules() if isinstance(m, AppMulLayer)]
+    assert len(layers) == 12 and any(m.multiplier is not None for m in layers)
+    x = data.digits("test").images[:8]
+    with torch.no_grad():
+        want = pot_naive.module(x)
+        saved = [(m.multiplier, m.correction) for m in layers]
+        for m in layers:
+            m.set_multiplier(None)
+        assert torch.equal(gm(x), want)
+        for m, (mult, corr) in zip(layers, saved):
+            m.multiplier, m.lut, m.correction = mult, (None if mult is None else torch.from_numpy(mult.table.copy())), corr
+        approx = gm(x)
+    assert not torch.equal(approx, want)
+    # the quantised AppMul model exports (AppMatMul for the 12 layers) and ONNX Runtime agrees up
+    # to one step of the 8-bit output quantiser: quant.py exports that half-up quantiser as
+    # QuantizeLinear, which rounds ties to even (the integer layers themselves are bit-exact,
+    # tests/test_appmul_onnx.py)
+    onnx_prog = ir.convert(res.program.replace(example_inputs=(x[:4].numpy(),)), "onnx")
+    assert [n.op_type for n in onnx_prog.module.graph.node].count("AppMatMul") == 12
+    step = 2.0 ** -pot_naive.module.output_quantizer.exponent
+    assert np.abs(onnx_prog.run([x[:4].numpy()])[0] - approx[:4].numpy()).max() <= step
+    with pytest.raises(PassError, match="drop the bits option"):
+        passes.parse("appmul{bits=5 images=8}").run(pot_naive, data={"train": data.digits("train")}, check=False)
+
+
+def emulate_width(qlayer):
+    from sliver.passes.appmul.emulate import multiplier_width
+
+    return multiplier_width(qlayer)
+
+
+def test_max_loss_searches_the_budget_by_measured_loss():
+    from sliver.passes.appmul import sensitivity
+
+    program = trained_program("tiny_resnet")
+    train = data.digits("train")
+    res = passes.parse("appmul{bits=3 images=16 max_loss=0.05}").run(program, data={"train": train}, seed=0, check=False)
+    notes = res.report.steps[-1].notes
+    tried = notes["budget_search"]
+    assert len(tried) == 16
+    feasible = [t for t in tried if t["measured_loss_increase"] <= 0.05]
+    gm = res.program.module
+    layers = [m for m in gm.modules() if isinstance(m, AppMulLayer)]
+    images, targets = train.images[:16], train.targets[:16]
+    approx = sensitivity.mean_loss(gm, images, targets)
+    saved = [(m.multiplier, m.correction) for m in layers]
+    for m in layers:
+        m.set_multiplier(None)
+    increase = approx - sensitivity.mean_loss(gm, images, targets)
+    assert increase <= 0.05 + 1e-6
+    if feasible:  # the winner is the feasible selection saving the most energy
+        best = max(t["energy_value"] for t in feasible)
+        lib = library.load()
+        value = sum(r["macs"] * (lib.exact(3, True).stats["energy"] - lib[r["multiplier"]].stats["energy"])
+                    for r in notes["layers"])
+        assert value == pytest.approx(best, rel=1e-5)
+    assert any(m for m, _ in saved)
+    with pytest.raises(OptionValueError, match="max_loss"):
+        passes.parse("appmul{max_loss=-1}")

@@ -72,3 +72,28 @@ def test_bad_problems_are_typed_errors():
         S.solve_exact([np.array([0.0, -1.0])], [np.array([0.0, 1.0])], 1.0)
     with pytest.raises(DataError, match="no assignment fits"):
         S.solve_exact([np.array([1.0, 2.0])], [np.array([0.0, 1.0])], 0.5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lp_bounded_dp_is_exact_on_large_problems(seed):
+    """The LP-bound pruning keeps the DP exact: same optimum as the unbounded DP and the ILP."""
+    costs, values = _problem(200 + seed, layers=40, choices=15)
+    budget = 3.0 + seed
+    bounded = S.solve_exact(costs, values, budget)
+    plain = S.solve_exact(costs, values, budget, bound=False)
+    ilp = S.solve_milp(costs, values, budget)
+    assert bounded.value == pytest.approx(plain.value, rel=1e-12)
+    assert bounded.value == pytest.approx(ilp.value, rel=1e-7)
+    assert bounded.cost <= budget + 1e-12
+    assert bounded.value == pytest.approx(sum(v[j] for v, j in zip(values, bounded.choice)))
+
+
+def test_suffix_bound_is_an_upper_bound():
+    costs, values = _problem(9, layers=6, choices=6)
+    fronts = [(c[S._pareto(c, v)], v[S._pareto(c, v)]) for c, v in zip(costs, values)]
+    bounds = S._SuffixBound(fronts, 2.0)
+    for l in range(7):
+        for room in (0.0, 0.5, 1.0, 2.0, 5.0):
+            best = _brute(costs[l:], values[l:], room)[0] if l < 6 else 0.0
+            assert bounds.bound(l, np.array([room]))[0] >= best - 1e-9
+    assert bounds.incumbent <= _brute(costs, values, 2.0)[0] + 1e-9

@@ -440,8 +440,11 @@ def _shift_requant(node, ctx):
 def _app_matmul(node, ctx):
     """A matmul on approximate multipliers: LUT-built, so it runs on the LUT engine. The node may
     carry ``energy_ratio`` (its multiplier's energy relative to an exact one, from the AppMul
-    library); the default is 1."""
-    return ctx.matmul_work(node, engine="lut", energy_ratio=float(ctx.attr(node, "energy_ratio", 1.0)))
+    library; the default is 1) and ``bits`` (the multiplier's operand width: its operands are
+    held in int8 containers, so without it the GEMM is costed at the containers' width)."""
+    bits = ctx.attr(node, "bits")
+    return ctx.matmul_work(node, engine="lut", energy_ratio=float(ctx.attr(node, "energy_ratio", 1.0)),
+                           bits=int(bits) if bits is not None else None)
 
 
 def known_ops() -> list:

@@ -72,6 +72,43 @@ class AppMulLayer(nn.Module):
         self.capture = False
         self.captured_input = None
         self.captured_output = None
+        #: activation operand range (a sub-range of the multiplier's signed range) and rounding
+        self.act_low, self.act_high = self.low, self.high
+        self.half_up = False
+        #: integer bias added to the accumulator (layers taken from passes/quant.py), else None
+        self.register_buffer("bias_int", None)
+
+    @classmethod
+    def from_qlayer(cls, qlayer) -> "AppMulLayer":
+        """The AppMul layer of a power-of-two quantised ``QConv2d``/``QLinear`` (passes/quant.py,
+        after ``rapq`` or ``pot-naive``), built from :meth:`QLayer.integer_operands` alone: its
+        integer weights, per-channel weight exponents, input quantiser (exponent, width,
+        signedness, rounding) and integer bias, so that with the exact multiplier it computes
+        what the quantised layer computes in exact mode, bit for bit. The multiplier is signed and
+        ``max(wbits, abits + 1 if the input is unsigned else abits)`` wide: the narrowest signed
+        multiplier whose operand range holds both operands (an unsigned 4-bit activation 0..15
+        needs the 5-bit signed multiplier, as the library has no mixed-sign multipliers)."""
+        from ..quant import QConv2d, QLinear, int_range
+
+        if not isinstance(qlayer, (QConv2d, QLinear)) or not qlayer.quantized:
+            raise PassError(f"appmul takes calibrated QConv2d/QLinear layers, not {type(qlayer).__name__}")
+        ops = qlayer.integer_operands()
+        bits = max(ops["wbits"], ops["abits"] + (0 if ops["input_signed"] else 1))
+        w = ops["weight_int"].to(torch.float32)
+        if isinstance(qlayer, QConv2d):
+            proxy = nn.Conv2d(w.shape[1] * qlayer.groups, w.shape[0], tuple(w.shape[2:]), qlayer.stride, qlayer.padding,
+                              qlayer.dilation, qlayer.groups, bias=False)
+        else:
+            proxy = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            proxy.weight.copy_(w)
+        layer = cls(proxy, bits, 2.0 ** -ops["input_exponent"])
+        layer.weight_int = ops["weight_int"].to(torch.int64)
+        layer.weight_scale = torch.pow(2.0, -ops["weight_exponent"].to(torch.float32))
+        layer.act_low, layer.act_high = int_range(ops["abits"], ops["input_signed"])
+        layer.half_up = not qlayer.input_quantizer.half_even
+        layer.bias_int = ops["bias_int"]
+        return layer
 
     # -- configuration ---------------------------------------------------------------------------
     def set_multiplier(self, multiplier: AppMul | None, compensate: bool = False) -> None:
@@ -121,17 +158,24 @@ class AppMulLayer(nn.Module):
         """Integer activations; the rounding passes gradients straight through (STE) so the
         sensitivity analysis sees every layer's output gradient."""
         u = x / self.act_scale
-        u = u + (torch.round(u) - u).detach()
-        return torch.clamp(u, self.low, self.high)
+        u = u + (self._round(u) - u).detach()
+        return torch.clamp(u, self.act_low, self.act_high)
+
+    def _round(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.floor(u + 0.5) if self.half_up else torch.round(u)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._export_forward(x)
         x_int = self.quantize_input(x)
         if self.capture:
             self.captured_input = x_int.detach().to(torch.int64)
         acc = self.accumulate(x_int)
+        shape_c = (1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,)
         if self.correction is not None:
-            shape_c = (1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,)
             acc = acc - self.correction.to(acc.dtype).view(shape_c)
+        if self.bias_int is not None:
+            acc = acc + self.bias_int.to(acc.dtype).view(shape_c)
         scale = self.act_scale * self.weight_scale.to(acc.dtype)
         shape = (1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,)
         y = (acc * scale.view(shape)).to(x.dtype)
@@ -187,6 +231,84 @@ class AppMulLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.kind}, bits={self.bits}, multiplier={self.multiplier_name}, act_scale={self.act_scale:.4g}"
 
+    # -- the integer graph (ONNX export) -------------------------------------------------------------
+    def table_twos_complement(self) -> torch.Tensor:
+        """The multiplier's table (int32) in the row/column order of ``sliver.AppMatMul``: index
+        ``i`` is the operand whose ``bits``-bit two's-complement pattern is ``i``."""
+        table = self.lut if self.lut is not None else _exact_table(self.bits)
+        side = 1 << self.bits
+        values = (torch.arange(side) + side // 2) % side - side // 2
+        order = values - self.low
+        return table[order][:, order].to(torch.int32)
+
+    def _patch_index(self, channels: int, height: int, width: int) -> tuple:
+        """(L, K) flat indices into a padded (C, H, W) map: the im2col of this convolution,
+        K ordered (channel, kernel row, kernel column) as the weights are; and (H_out, W_out)."""
+        kh, kw = self.weight_int.shape[2:]
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        ho, wo = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+        c, u, v = np.meshgrid(np.arange(channels), np.arange(kh), np.arange(kw), indexing="ij")
+        i, j = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
+        rows = i.reshape(-1, 1) * sh + u.reshape(1, -1) * dh
+        cols = j.reshape(-1, 1) * sw + v.reshape(1, -1) * dw
+        return torch.from_numpy(c.reshape(1, -1) * height * width + rows * width + cols), (ho, wo)
+
+    def integer_accumulator(self, x_int: torch.Tensor) -> torch.Tensor:
+        """The int32 accumulator through ``sliver.AppMatMul`` (what the ONNX export emits): a linear
+        layer is one AppMatMul; a convolution pads the integer input with a = 0, gathers its
+        patches (im2col, a constant index) and multiplies them with the (K, O) weight matrix.
+        Eagerly it evaluates the op's numpy reference, so it also checks the emulation."""
+        from ...ir.errors import UnsupportedOpError
+
+        a = x_int.to(torch.int8)
+        out_channels = self.weight_int.shape[0]
+        w = self.weight_int.reshape(out_channels, -1).t().contiguous().to(torch.int8)
+        attrs = (self.multiplier_name, self.bits, float(self.multiplier.energy_rel) if self.multiplier is not None else 1.0)
+        if self.kind == "linear":
+            return _AppMatMulOp.apply(a, w, self.table_twos_complement(), *attrs)
+        if self.groups != 1:
+            raise UnsupportedOpError(f"appmul: a grouped convolution (groups={self.groups}) has no AppMatMul export yet")
+        ph, pw = self.padding
+        if ph or pw:
+            a = F.pad(a, (pw, pw, ph, ph))  # the multiplier sees a = 0 in the padding
+        b, c, h, wd = (int(d) for d in a.shape)
+        index, (ho, wo) = self._patch_index(c, h, wd)
+        patches = a.reshape(b, c * h * wd)[:, index.reshape(-1)].reshape(b, ho * wo, -1)
+        acc = _AppMatMulOp.apply(patches, w, self.table_twos_complement(), *attrs)
+        return acc.transpose(1, 2).reshape(b, out_channels, ho, wo)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_int = torch.clamp(self._round(x / self.act_scale), self.act_low, self.act_high)
+        acc = self.integer_accumulator(x_int).to(x.dtype)
+        shape = (1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,)
+        if self.correction is not None:
+            acc = acc - self.correction.to(acc.dtype).view(shape)
+        if self.bias_int is not None:
+            acc = acc + self.bias_int.to(acc.dtype).view(shape)
+        y = acc * (self.act_scale * self.weight_scale.to(acc.dtype)).view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        return y
+
+
+class _AppMatMulOp(torch.autograd.Function):
+    """``sliver.AppMatMul`` (``ir.opdefs``): eagerly its numpy reference, exported as the node."""
+
+    @staticmethod
+    def forward(ctx, a, w, lut, multiplier, bits, energy_ratio):
+        from ...ir import opdefs
+
+        out = opdefs.app_matmul_reference([a.numpy(), w.numpy(), lut.numpy()], {})[0]
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def symbolic(g, a, w, lut, multiplier, bits, energy_ratio):
+        out = g.op("sliver::AppMatMul", a, w, lut, multiplier_s=multiplier, bits_i=bits, energy_ratio_f=energy_ratio)
+        sizes = a.type().sizes()
+        if sizes is not None:
+            out.setType(a.type().with_dtype(torch.int32).with_sizes(list(sizes[:-1]) + [w.type().sizes()[-1]]))
+        return out
+
 
 _EXACT: dict = {}
 
@@ -239,6 +361,33 @@ def attach(module: nn.Module, bits: dict, images: torch.Tensor) -> dict:
     layers = {}
     for n in names:
         layer = AppMulLayer(module.get_submodule(n), bits[n], scales[n])
+        _set_submodule(module, n, layer)
+        layers[n] = layer
+    return layers
+
+
+def quantized_layers(module: nn.Module) -> list:
+    """Names of the calibrated QConv2d/QLinear layers of a model quantised by passes/quant.py."""
+    from ..quant import QConv2d, QLinear
+
+    return [n for n, m in module.named_modules() if isinstance(m, (QConv2d, QLinear)) and m.quantized]
+
+
+def multiplier_width(qlayer) -> int:
+    """The signed multiplier width a quantised layer needs (see :meth:`AppMulLayer.from_qlayer`)."""
+    q = qlayer.input_quantizer
+    return max(qlayer.wbits, q.bits + (0 if q.signed else 1))
+
+
+def attach_quantized(module: nn.Module, names: list) -> dict:
+    """Replace each named quantised layer (in place) by :meth:`AppMulLayer.from_qlayer`; layers
+    whose operands need a multiplier wider than the library's 8 bits (an unsigned 8-bit input)
+    are left as they are (exact integer arithmetic) and not returned."""
+    layers = {}
+    for n in names:
+        if multiplier_width(module.get_submodule(n)) > 8:
+            continue
+        layer = AppMulLayer.from_qlayer(module.get_submodule(n))
         _set_submodule(module, n, layer)
         layers[n] = layer
     return layers

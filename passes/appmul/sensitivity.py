@@ -38,6 +38,8 @@ Zero padding of convolutions (products with ``a = 0`` outside the image) is left
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +75,35 @@ def _positions_last(g: torch.Tensor, kind: str) -> torch.Tensor:
     return g.flatten(2) if kind == "conv" else g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)
 
 
+@contextlib.contextmanager
+def straight_through(model: nn.Module):
+    """Within this block the power-of-two quantisers of a model quantised by passes/quant.py
+    (activation quantisers of QMatMul, the output quantiser) pass gradients straight through
+    (their rounding has zero gradient), and QMatMul and the QLayers left unreplaced run their
+    fake-quant form instead of the exact float64 one, so that every AppMul layer's output
+    gradient is seen (values agree up to float32 rounding)."""
+    from ..quant import PoTQuantizer, QLayer, QMatMul
+
+    patched, exact = [], []
+    for m in model.modules():
+        if isinstance(m, PoTQuantizer):
+            def forward(x, _q=m, _f=type(m).forward):
+                y = _f(_q, x)
+                return x + (y - x).detach()
+            m.forward = forward
+            patched.append(m)
+        elif isinstance(m, (QMatMul, QLayer)) and m.exact:
+            m.exact = False
+            exact.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+        for m in exact:
+            m.exact = True
+
+
 def profile(model: nn.Module, layers: dict, images: torch.Tensor, targets: torch.Tensor, batch: int = 128) -> dict:
     """Operand histograms and per-sample output-gradient sums of every layer (exact multipliers)."""
     model.eval()
@@ -85,6 +116,8 @@ def profile(model: nn.Module, layers: dict, images: torch.Tensor, targets: torch
     for layer in layers.values():
         layer.set_multiplier(None)
         layer.capture = True
+    through = straight_through(model)
+    through.__enter__()
     try:
         for start in range(0, images.shape[0], batch):
             x = images[start : start + batch].clone().requires_grad_(True)  # gradients reach every layer
@@ -100,6 +133,7 @@ def profile(model: nn.Module, layers: dict, images: torch.Tensor, targets: torch
                 g2[n].append((g * g).sum(2).numpy())
                 macs[n] = int(y[0].numel() * layer.reduction_size())
     finally:
+        through.__exit__(None, None, None)
         for n, layer in layers.items():
             layer.capture = False
             layer.captured_input = layer.captured_output = None
@@ -107,6 +141,9 @@ def profile(model: nn.Module, layers: dict, images: torch.Tensor, targets: torch
             layer.correction = saved[n][1]
     out = {}
     for n, layer in layers.items():
+        if not any(g.any() for g in g2[n]):
+            raise PassError(f"appmul: the loss gradient at layer {n}'s output is zero on every image; "
+                            "something between it and the loss blocks gradients")
         layer.act_hist = hist[n] / hist[n].sum()
         out[n] = LayerProfile(
             n, layer.bits, layer.act_hist, layer.weight_counts(),

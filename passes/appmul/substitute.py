@@ -49,18 +49,21 @@ class AppMulPass(Pass):
     @dataclass
     class Options:
         budget: float = field(default=0.0005, metadata={"doc": "allowed sum of the per-layer Taylor estimates (proxy units: they underestimate the real loss increase 10-100x at 4-6 bits)"})
-        bits: tuple[int, ...] = field(default=(8,), metadata={"doc": "operand width: one for all conv/linear layers, or one per layer in module order (2..8)"})
+        bits: tuple[int, ...] = field(default=(), metadata={"doc": "operand width of a float model: one for all conv/linear layers, or one per layer in module order (2..8; default 8); a model quantised by rapq/pot-naive keeps its layers' widths"})
         compensate: bool = field(default=True, metadata={"doc": "subtract each layer's expected multiplier error (an integer per output channel)"})
         images: int = field(default=128, metadata={"doc": "training images used for calibration and sensitivity"})
         solver: Literal["exact", "milp", "genetic"] = field(default="exact", metadata={"doc": "selection solver (genetic: the baseline)"})
+        max_loss: float = field(default=0.0, metadata={"doc": "> 0: search the budget instead: the largest energy saving among the exact selections for 16 budgets whose measured mean cross-entropy increase on the calibration images stays <= max_loss (nats per image)"})
 
         def validate(self) -> None:
             if self.budget < 0:
                 raise ValueError(f"budget={self.budget} must be >= 0 (an allowed loss increase)")
-            if not self.bits or any(not 2 <= b <= 8 for b in self.bits):
+            if any(not 2 <= b <= 8 for b in self.bits):
                 raise ValueError(f"bits={','.join(map(str, self.bits))} must be in 2..8 (the AppMul library's widths)")
             if self.images < 1:
                 raise ValueError("images must be >= 1")
+            if self.max_loss < 0:
+                raise ValueError(f"max_loss={self.max_loss} must be >= 0 (nats; 0 turns the budget search off)")
 
     def run(self, program: Program, ctx) -> Program:
         opts = self.options
@@ -69,22 +72,39 @@ class AppMulPass(Pass):
             raise PassError("pass 'appmul' needs labelled classification data (e.g. data=sliver.models.data.digits('train'))")
         program = program.clone()
         gm = program.module
-        names = emulate.quantizable_layers(gm)
-        if not names:
-            raise PassError("pass 'appmul' found no Conv2d or Linear layer to give a multiplier")
-        if len(opts.bits) not in (1, len(names)):
-            raise PassError(
-                f"pass 'appmul': bits lists {len(opts.bits)} widths but the model has {len(names)} conv/linear "
-                "layers; give one width or one per layer"
-            )
-        widths = {n: (opts.bits[0] if len(opts.bits) == 1 else opts.bits[i]) for i, n in enumerate(names)}
         images, targets = data.images[: opts.images], data.targets[: opts.images]
         lib = library.load()
         gm.eval()
-        layers = emulate.attach(gm, widths, images)
+        quantized = emulate.quantized_layers(gm)
+        if quantized:
+            # a power-of-two quantised model (rapq, pot-naive): its integer layers get the multipliers
+            if opts.bits:
+                raise PassError("pass 'appmul': the model is already quantised (its layers fix the operand widths); "
+                                "drop the bits option")
+            layers = emulate.attach_quantized(gm, quantized)
+            names = list(layers)
+            ctx.record("exact_layers", [n for n in quantized if n not in layers])  # wider than the library
+            if not names:
+                raise PassError("pass 'appmul': every quantised layer needs a multiplier wider than 8 bits")
+            widths = {n: layers[n].bits for n in names}
+        else:
+            names = emulate.quantizable_layers(gm)
+            if not names:
+                raise PassError("pass 'appmul' found no Conv2d or Linear layer to give a multiplier")
+            bits = opts.bits or (8,)
+            if len(bits) not in (1, len(names)):
+                raise PassError(
+                    f"pass 'appmul': bits lists {len(bits)} widths but the model has {len(names)} conv/linear "
+                    "layers; give one width or one per layer"
+                )
+            widths = {n: (bits[0] if len(bits) == 1 else bits[i]) for i, n in enumerate(names)}
+            layers = emulate.attach(gm, widths, images)
         with torch.enable_grad():
             profiles = sensitivity.profile(gm, layers, images, targets)
-        choice = select(profiles, lib, opts.budget, opts.compensate, opts.solver)
+        if opts.max_loss > 0:
+            choice = search_budget(gm, layers, profiles, lib, images, targets, opts, ctx)
+        else:
+            choice = select(profiles, lib, opts.budget, opts.compensate, opts.solver)
         rows, before, after = [], 0.0, 0.0
         for n in names:
             m, estimate = choice[n]
@@ -121,6 +141,42 @@ def select(profiles: dict, lib, budget: float, compensate: bool, solver: str = "
     solve = {"exact": selection.solve_exact, "milp": selection.solve_milp, "genetic": selection.genetic}[solver]
     result = solve(costs, values, budget)
     return {n: (cands[n][0][j], cands[n][1][j]) for n, j in zip(profiles, result.choice)}
+
+
+def search_budget(gm, layers: dict, profiles: dict, lib, images, targets, opts, ctx) -> dict:
+    """The Taylor budget is in proxy units (it underestimates the real loss increase 10-100x and
+    the layers' errors compound), so with ``max_loss`` the pass measures instead of trusting
+    it: for 16 budgets on a geometric grid from the smallest non-zero estimate to the sum of the
+    largest ones it takes the exact selection, installs it and measures the mean cross-entropy
+    increase on the calibration images (one forward pass each); the selection saving the most
+    energy within ``max_loss`` wins (all-exact multipliers if none fits)."""
+    cands, costs, values = candidate_table(profiles, lib, opts.compensate)
+    solve = {"exact": selection.solve_exact, "milp": selection.solve_milp, "genetic": selection.genetic}[opts.solver]
+    positive = np.concatenate([c[c > 0] for c in costs])
+    if positive.size == 0:
+        return {n: (cands[n][0][0], 0.0) for n in profiles}
+    grid = np.geomspace(positive.min(), sum(float(c.max()) for c in costs), 16)
+    for layer in layers.values():
+        layer.set_multiplier(None)
+    base = sensitivity.mean_loss(gm, images, targets)
+    best, best_value, tried, seen = None, -1.0, [], {}
+    for budget in grid:
+        result = solve(costs, values, float(budget))
+        key = tuple(result.choice)
+        if key not in seen:
+            for n, j in zip(profiles, result.choice):
+                layers[n].set_multiplier(cands[n][0][j], opts.compensate)
+            seen[key] = sensitivity.mean_loss(gm, images, targets) - base
+            for layer in layers.values():
+                layer.set_multiplier(None)
+        tried.append({"budget": float(f"{budget:.4g}"), "energy_value": float(f"{result.value:.6g}"),
+                      "measured_loss_increase": round(seen[key], 5)})
+        if seen[key] <= opts.max_loss and result.value > best_value:
+            best, best_value = key, result.value
+    ctx.record("budget_search", tried)
+    if best is None:
+        best = tuple(0 for _ in profiles)
+    return {n: (cands[n][0][j], cands[n][1][j]) for n, j in zip(profiles, best)}
 
 
 def selection_benchmark(module: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, bits: int, budget: float,
