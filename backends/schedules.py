@@ -458,25 +458,22 @@ def schedule_func(func: tirx.PrimFunc, params: CpuParams):
     except Exception:
         return None
     mains = [b for b in blocks if _is_multiply_reduction(sch, b)]
-    if len(mains) == 1 and _loops_match_iters(sch, mains[0]):
-        trial = s_tir.Schedule(func)
-        try:
-            _schedule_gemm(trial, trial.get_sblock(sch.get(mains[0]).name_hint), params)
-            return trial.mod["main"]
-        except Exception:
-            pass
     reducing = [b for b in blocks if "R" in _iter_kinds(sch, b)]
+    # the rules that apply, most specific first; each is tried on a fresh schedule and the first
+    # that succeeds wins (a rule that raises leaves nothing behind)
+    rules = []
+    if len(mains) == 1 and _loops_match_iters(sch, mains[0]):
+        name = sch.get(mains[0]).name_hint
+        rules.append(lambda t, n=name: _schedule_gemm(t, t.get_sblock(n), params))
     if len(reducing) == 1 and not mains:
-        trial = s_tir.Schedule(func)
-        try:
-            _schedule_window(trial, trial.get_sblock(sch.get(reducing[0]).name_hint), params)
-            return trial.mod["main"]
-        except Exception:
-            pass
+        name = sch.get(reducing[0]).name_hint
+        rules.append(lambda t, n=name: _schedule_window(t, t.get_sblock(n), params))
     if reducing and len(blocks) > 1:
+        rules.append(lambda t: _schedule_rowwise(t, params))
+    for rule in rules:
         trial = s_tir.Schedule(func)
         try:
-            _schedule_rowwise(trial, params)
+            rule(trial)
             return trial.mod["main"]
         except Exception:
             pass
