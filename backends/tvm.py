@@ -235,11 +235,13 @@ def fusion_passes(target: dict) -> list:
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+        schedules.fold_input_transpose(schedules.cpu_params(target).lanes),
         relax.transform.FastMathTransform(),
         relax.transform.LegalizeOps(schedules.packed_legalizers(target)),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
+        schedules.fuse_depthwise_pointwise(schedules.cpu_params(target).lanes),
         relax.transform.FuseTIR(),
     ]
 

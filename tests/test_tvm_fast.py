@@ -138,9 +138,10 @@ def test_weights_are_packed_at_build_time():
     funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert not any("weight_pack" in name for name in funcs), sorted(funcs)
     shapes = {name: _param_shapes(f) for name, f in funcs.items()}
-    dense_conv = [s for n, s in shapes.items() if "conv2d" in n and len(s[1]) == 5]
+    # (the depthwise conv and the 1x1 conv after it may be one fused function: every 5-D parameter)
+    dense_conv = [p for n, s in shapes.items() if "conv2d" in n for p in s if len(p) == 5]
     # Conv2d(3->16, 3x3) and Conv2d(16->24, 1x1) are packed; the depthwise one keeps HWIO
-    assert sorted(s[1] for s in dense_conv) == sorted(
+    assert sorted(dense_conv) == sorted(
         [[-(-16 // b), 3, 3, 3, b] for b in [schedules.pack_block(16, params)]]
         + [[-(-24 // b), 1, 1, 16, b] for b in [schedules.pack_block(24, params)]]
     )
@@ -248,3 +249,59 @@ def test_window_rule_pools_match_onnxruntime(pool):
     assert pools, [gv.name_hint for gv in mod.get_global_vars()]
     for s in pools:
         assert "T.vectorized" in s and "T.parallel" in s and "pad_temp" not in s, s
+
+
+def _dw_pw_model(channels: int, stride: int, out_ch: int, residual: bool):
+    """x -> depthwise 3x3 + bias -> Clip(0, 6) -> 1x1 conv + bias [-> + x]: an inverted-residual tail."""
+    rng = np.random.default_rng(channels + stride)
+    x = rng.standard_normal((1, channels, 14, 14)).astype(np.float32)
+    tensors = {
+        "wd": rng.standard_normal((channels, 1, 3, 3)).astype(np.float32),
+        "bd": rng.standard_normal(channels).astype(np.float32),
+        "wp": (rng.standard_normal((out_ch, channels, 1, 1)) / np.sqrt(channels)).astype(np.float32),
+        "bp": rng.standard_normal(out_ch).astype(np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "wd", "bd"], ["d"], group=channels, pads=[1, 1, 1, 1], strides=[stride] * 2),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["a"]),
+        helper.make_node("Conv", ["a", "wp", "bp"], ["p" if residual else "y"]),
+    ]
+    if residual:
+        nodes.append(helper.make_node("Add", ["p", "x"], ["y"]))
+    side = 14 // stride
+    model = _onnx_program(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_ch, side, side])],
+        [helper.make_tensor(k, TensorProto.FLOAT, v.shape, v.ravel()) for k, v in tensors.items()],
+    )
+    return ir.Program(level="onnx", module=model, example_inputs=(x,), input_names=("x",))
+
+
+@pytest.mark.parametrize(
+    "channels,stride,out_ch,residual",
+    [(32, 1, 32, True), (32, 2, 24, False), (48, 1, 16, False), (24, 1, 24, True)],
+)
+def test_depthwise_pointwise_fusion_matches_onnxruntime(channels, stride, out_ch, residual):
+    """A depthwise conv (+ bias, ReLU6) feeding a 1x1 conv is one kernel when its channels fill
+    whole vectors (and the 1x1 conv's activations outweigh its weights); fused or not, the
+    output equals ONNX Runtime's."""
+    import tvm
+
+    prog = _dw_pw_model(channels, stride, out_ch, residual)
+    target = backends.tvm.host_target()
+    lanes = schedules.cpu_params(target).lanes
+    with lowering.build_importers():
+        mod = ir.convert(prog, "tvm").module
+    with tvm.target.Target(target):
+        fused = tvm.transform.Sequential(backends.tvm.fusion_passes(target))(mod)
+    names = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    merged = [n for n in names if "_fused_" in n]
+    assert len(merged) == (1 if channels % lanes == 0 else 0), names
+    if merged:  # and the dw-pw rule scheduled it (the generic fallback would leave no vector loop)
+        func = schedules.schedule_func(fused[merged[0]], schedules.cpu_params(target))
+        assert "T.vectorized" in func.script() and "T.parallel" in func.script()
+    got = backends.tvm.build(prog).run(list(prog.example_inputs))[0]
+    np.testing.assert_allclose(got, prog.run()[0], atol=1e-4, rtol=0)
