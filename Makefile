@@ -6,7 +6,7 @@ STAMP := $(VENV)/.sliver-installed
 
 .PHONY: setup setup-arm compile test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py passes/appmul/_mckp.c
 	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	# SCALE-Sim, the reference the FPGA cycle model is checked against; without its ~300 MB of

@@ -4,16 +4,22 @@ The problem (FAMES, arXiv 2411.18055, Sec. "AppMul selection"; the paper does no
 solver): layer ``l`` picks one candidate ``j`` with energy saving ``value[l][j] >= 0`` and
 accuracy cost ``cost[l][j]`` (the Taylor estimate of the loss increase, :mod:`.sensitivity`);
 maximise the total saving subject to ``sum cost <= budget``. This is the multiple-choice knapsack
-problem (MCKP).
+problem (MCKP). Costs must be non-negative (negative Taylor estimates are clipped to 0 by the
+caller: a predicted gain is not banked); a total cost within ``budget + 1e-12`` fits.
 
-:func:`solve_exact` solves it exactly by dynamic programming over Pareto fronts: after layer ``l``
-the front holds every non-dominated (total cost, total value) of the first ``l`` layers; merging
-the next layer is an outer sum followed by a sort and a running-maximum filter. A partial choice
-off the front can never complete to a better solution than the front member that dominates it,
-so the final front contains the optimum for every budget at once. Costs must be non-negative
-(negative Taylor estimates are clipped to 0 by the caller: a predicted gain is not banked).
-:func:`solve_milp` states the same problem as a 0-1 integer program for ``scipy.optimize.milp``
-(HiGHS) and serves as an independent check.
+:func:`solve_exact` is the solver the pass uses: compiled C (``_mckp.c``, built when sliver is
+installed) that combines the LP relaxation bound of the MCKP (every layer's upper convex hull,
+segments taken greedily by slope; Sinha & Zemel 1979), a Lagrangian reduction that fixes layers
+and drops candidates that cannot reach a target value (Dudzinski & Walukiewicz 1987), and a
+dynamic program over Pareto fronts of partial assignments pruned by the LP bound of the layers
+still to come, for targets lowered from the LP bound to a greedy feasible assignment; the
+algorithm and why it is exact are described at the top of ``_mckp.c``. Ties: of the assignments
+with the largest value the cheapest, of those the lexicographically smallest choice list (layer
+0 first); exact when the sums are exact in floating point, otherwise up to their rounding.
+
+:func:`solve_pareto_numpy` is the earlier pure-numpy solver (the same Pareto-front DP with the
+LP-bound pruning, without the reduction) and :func:`solve_milp` states the problem as a 0-1
+integer program for ``scipy.optimize.milp`` (HiGHS); both serve as independent checks.
 
 :func:`genetic` is the baseline of the kind FAMES compares against (ALWANN-style evolutionary
 search over per-layer multiplier assignments): tournament selection, uniform crossover, per-gene
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...ir.errors import DataError
+from ...ir.errors import DataError, PassError
 
 
 @dataclass
@@ -116,8 +122,13 @@ class _SuffixBound:
         return np.where(r >= -1e-12, ub, -np.inf)
 
 
-def solve_exact(costs: list, values: list, budget: float, bound: bool = True) -> Selection:
-    """Exact MCKP by Pareto-front dynamic programming (see the module docstring).
+def solve_pareto_numpy(costs: list, values: list, budget: float, bound: bool = True) -> Selection:
+    """Exact MCKP by Pareto-front dynamic programming in numpy (the check for :func:`solve_exact`):
+    after layer ``l`` the front holds every non-dominated (total cost, total value) of the first
+    ``l`` layers; merging the next layer is an outer sum, a sort and a running-maximum filter. A
+    partial choice off the front can never complete to a better solution than the front member
+    that dominates it, so the final front holds the optimum. Ties are not resolved by
+    :func:`solve_exact`'s rule.
 
     With ``bound`` (the default) the DP also drops every partial assignment whose value plus
     the LP-relaxation bound of the layers still to come (:class:`_SuffixBound`) falls below a
@@ -160,6 +171,52 @@ def solve_exact(costs: list, values: list, budget: float, bound: bool = True) ->
         choice.append(int(pick[k]))
         k = int(parent[k])
     return Selection(choice[::-1], total_v, total_c)
+
+
+_EXT = None  # the compiled module, imported on first use
+_CONVERT, _INFEASIBLE = 5, 4  # _mckp.c's codes (E_CONVERT, E_INFEASIBLE)
+_INPUT_ERRORS = {  # E_LAYERS, E_SHAPE, E_VALUE
+    1: "selection needs one cost and one value list per layer (and at least one layer)",
+    2: "layer {layer}: costs and values must be equal-length 1-D lists",
+    3: "layer {layer}: costs must be finite and >= 0 (clip negative Taylor estimates to 0)",
+}
+
+
+def _extension():
+    global _EXT
+    if _EXT is None:
+        try:
+            from . import _mckp
+        except ImportError as err:
+            raise PassError(f"the compiled knapsack solver sliver.passes.appmul._mckp is not built ({err}); "
+                            "reinstall sliver with `make setup` (pip install -e .), which compiles passes/appmul/_mckp.c") from err
+        _EXT = _mckp
+    return _EXT
+
+
+def solve_exact(costs: list, values: list, budget: float) -> Selection:
+    """Exact MCKP by the compiled solver (module docstring; ``_mckp.c``). ``costs`` and
+    ``values``: one 1-D array per layer; float64 C-contiguous arrays go to C as they are, other
+    inputs are converted first. Raises :class:`PassError` if the extension is not built."""
+    ext = _EXT or _extension()
+    if not budget >= 0:
+        raise DataError(f"the accuracy budget must be >= 0, got {budget}")
+    out = ext.solve(costs, values, budget)
+    if out[0] is None and out[1] == _CONVERT:  # not float64 C-contiguous: convert, then solve
+        try:
+            costs = [np.ascontiguousarray(c, dtype=np.float64) for c in costs]
+            values = [np.ascontiguousarray(v, dtype=np.float64) for v in values]
+        except (TypeError, ValueError) as err:
+            raise DataError(f"selection costs and values must be numeric 1-D lists ({err})") from None
+        out = ext.solve(costs, values, budget)
+    if out[0] is None:
+        code, info = out[1], out[2]
+        if code == _INFEASIBLE:
+            raise DataError(f"no assignment fits budget {budget}: the cheapest one costs {info:.4g}")
+        if code in _INPUT_ERRORS:
+            raise DataError(_INPUT_ERRORS[code].format(layer=int(info)))
+        raise PassError(f"the exact knapsack solver failed (code {code}); this is a bug in passes/appmul/_mckp.c")
+    return Selection(out[0], out[1], out[2])
 
 
 def solve_milp(costs: list, values: list, budget: float) -> Selection:
@@ -239,8 +296,8 @@ def genetic(costs: list, values: list, budget: float, population: int = 100, gen
 
 
 def benchmark(costs: list, values: list, budget: float, repeat: int = 5, seed: int = 0, **ga_options) -> dict:
-    """Median wall times of the exact solver and the GA baseline on one problem, and their
-    objective values (for tools/bench.py)."""
+    """Median wall times (over ``repeat`` calls each) of the exact solver, the GA baseline, the
+    numpy Pareto DP and HiGHS on one problem, and their objective values (for tools/bench.py)."""
     import statistics
     import time
 
@@ -255,7 +312,10 @@ def benchmark(costs: list, values: list, budget: float, repeat: int = 5, seed: i
     t_exact, exact = timed(lambda: solve_exact(costs, values, budget))
     t_ga, ga = timed(lambda: genetic(costs, values, budget, seed=seed, **ga_options))
     t_milp, ilp = timed(lambda: solve_milp(costs, values, budget))
+    t_numpy, pareto = timed(lambda: solve_pareto_numpy(costs, values, budget))
     return {
+        "pareto_numpy_ms": t_numpy * 1e3,
+        "pareto_numpy_value": pareto.value,
         "milp_ms": t_milp * 1e3,
         "milp_value": ilp.value,
         "layers": len(costs),
