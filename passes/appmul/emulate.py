@@ -67,8 +67,14 @@ class AppMulLayer(nn.Module):
         self.register_buffer("lut", None)
         #: probabilities of the quantized input values (set by the sensitivity profile)
         self.act_hist: np.ndarray | None = None
-        #: integer per-output-channel correction subtracted from the accumulator (bias compensation)
+        #: (C_in, 2^n) per input channel (set by the profile; used instead of act_hist when present)
+        self.act_hist_channels: np.ndarray | None = None
+        #: integer correction subtracted from the accumulator (bias compensation): one per output
+        #: channel, or per output channel and pixel, shape (O, H_out, W_out), for a zero-padded
+        #: convolution (its border outputs see padded operands a = 0, see ``expected_error``)
         self.register_buffer("correction", None)
+        #: spatial size of the last input (a padded convolution's border positions depend on it)
+        self.in_hw: tuple | None = None
         self.capture = False
         self.captured_input = None
         self.captured_output = None
@@ -114,11 +120,11 @@ class AppMulLayer(nn.Module):
     def set_multiplier(self, multiplier: AppMul | None, compensate: bool = False) -> None:
         """Use ``multiplier`` (None or an exact one: plain integer arithmetic).
 
-        With ``compensate``, the expected accumulator error of each output channel on this
-        layer's measured input distribution, ``sum_v count_o(v) * sum_a p(a) e(a, v)``, is rounded
-        to an integer and subtracted from the accumulator: the constant-correction idea of
-        truncated multipliers (Schulte & Swartzlander 1993) moved to the layer, where it costs
-        one integer add per output (it folds into the layer's bias)."""
+        With ``compensate``, the expected accumulator error of each output (:meth:`expected_error`)
+        is rounded to an integer and subtracted from the accumulator: the constant-correction idea
+        of truncated multipliers (Schulte & Swartzlander 1993) moved to the layer, where it costs
+        one integer add per output (it folds into the layer's bias; for a zero-padded
+        convolution the border outputs get their own constants, a per-pixel bias map)."""
         if multiplier is not None and (multiplier.bits != self.bits or not multiplier.signed):
             raise PassError(
                 f"appmul: multiplier {multiplier.name} does not fit a signed {self.bits}-bit layer; "
@@ -130,7 +136,9 @@ class AppMulLayer(nn.Module):
         if compensate and self.multiplier is not None:
             if self.act_hist is None:
                 raise PassError("appmul: bias compensation needs the layer's input histogram; profile the layer first")
-            self.correction = torch.from_numpy(np.round(self.expected_error(self.multiplier)).astype(np.int64))
+            expected, index = self.expected_error(self.multiplier)
+            corr = torch.from_numpy(np.round(expected).astype(np.int64))
+            self.correction = corr[:, 0] if expected.shape[1] == 1 else corr[:, index].reshape(corr.shape[0], *self._out_hw())
 
     def weight_counts(self) -> np.ndarray:
         """(O, 2^n): how many weights of each output channel equal each operand value."""
@@ -138,10 +146,68 @@ class AppMulLayer(nn.Module):
         side = 1 << self.bits
         return np.stack([np.bincount(row, minlength=side) for row in w]).astype(np.float64)
 
-    def expected_error(self, multiplier: AppMul) -> np.ndarray:
-        """(O,) expected accumulator error per output channel under ``act_hist``."""
-        mu = self.act_hist @ multiplier.error.astype(np.float64)
-        return self.weight_counts() @ mu
+    def tap_counts(self) -> np.ndarray:
+        """(O, taps, 2^n): per output channel and kernel tap (kh x kw; 1 for linear), how many
+        weights (over the input channels) equal each operand value."""
+        w = self.weight_int
+        w = (w.reshape(w.shape[0], w.shape[1], -1) if self.kind == "conv" else w.reshape(w.shape[0], -1, 1)) - self.low
+        side = 1 << self.bits
+        out = torch.zeros(w.shape[0], w.shape[2], side, dtype=torch.float64)
+        out.scatter_add_(2, w.transpose(1, 2).contiguous(), torch.ones(w.shape[0], w.shape[2], w.shape[1], dtype=torch.float64))
+        return out.numpy()
+
+    def _out_hw(self) -> tuple:
+        if self.in_hw is None:
+            raise PassError("appmul: a padded convolution needs one forward pass (calibration) before compensation")
+        (h, w), (kh, kw) = self.in_hw, self.weight_int.shape[2:]
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def tap_classes(self) -> tuple:
+        """Output positions grouped by which kernel taps fall inside the image: ``(valid, index)``,
+        ``valid`` (classes, taps) 0/1 and ``index`` (positions,) each position's class. A layer
+        without zero padding (and a linear layer) has one class with every tap valid."""
+        taps = 1 if self.kind == "linear" else int(np.prod(self.weight_int.shape[2:]))
+        if self.kind == "linear" or not any(self.padding):
+            return np.ones((1, taps)), None
+        (ph, pw), (kh, kw) = self.padding, self.weight_int.shape[2:]
+        self._out_hw()  # checks in_hw
+        inside = F.pad(torch.ones(1, 1, *self.in_hw), (pw, pw, ph, ph))
+        cols = F.unfold(inside, (kh, kw), dilation=self.dilation, stride=self.stride)[0].t()  # (positions, taps)
+        valid, index = torch.unique(cols, dim=0, return_inverse=True)
+        return valid.numpy().astype(np.float64), index.numpy()
+
+    def weight_index(self) -> np.ndarray:
+        """(O, C_in, taps) operand index (value - low) of each weight, with its global input channel
+        in the middle axis (grouped convolutions: the other groups' channels are skipped)."""
+        w = self.weight_int
+        w = (w.reshape(w.shape[0], w.shape[1], -1) if self.kind == "conv" else w.reshape(w.shape[0], -1, 1)) - self.low
+        return w.numpy()
+
+    def input_channel(self) -> np.ndarray:
+        """(O, C_in / groups): the global input channel of each weight column."""
+        out_ch, cin = self.weight_int.shape[:2]
+        groups = self.groups if self.kind == "conv" else 1
+        return (np.arange(out_ch)[:, None] // (out_ch // groups)) * cin + np.arange(cin)[None, :]
+
+    def expected_error(self, multiplier: AppMul) -> tuple:
+        """Expected accumulator error ``(O, classes)`` per output channel and position class
+        (:meth:`tap_classes`), and the classes' position index (None: one class). A tap inside the
+        image draws its activation from ``act_hist``, so weight ``v`` adds ``sum_a p(a) e(a, v)``;
+        a tap in the zero padding multiplies ``a = 0`` and adds exactly ``e(0, v)``, which is not
+        zero for the Baugh-Wooley perforated/broken arrays, and which the histogram-only
+        expectation got wrong at the border (measured on the 4x4 maps of the tiny ResNet's last
+        stage: a third of the mean error left uncompensated)."""
+        err = multiplier.error.astype(np.float64)
+        counts = self.tap_counts()  # (O, taps, 2^n)
+        valid, index = self.tap_classes()
+        if self.act_hist_channels is not None:  # each input channel's own operand histogram
+            mu = self.act_hist_channels @ err  # (C, 2^n)
+            inner = mu[self.input_channel()[:, :, None], self.weight_index()].sum(1)  # (O, taps)
+        else:
+            inner = counts @ (self.act_hist @ err)  # (O, taps)
+        pad = counts @ err[-self.low]  # (O, taps): e(0, v)
+        return inner @ valid.T + pad @ (1.0 - valid).T, index
 
     @property
     def multiplier_name(self) -> str:
@@ -168,12 +234,14 @@ class AppMulLayer(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
         x_int = self.quantize_input(x)
+        if self.kind == "conv":
+            self.in_hw = tuple(x.shape[-2:])
         if self.capture:
             self.captured_input = x_int.detach().to(torch.int64)
         acc = self.accumulate(x_int)
         shape_c = (1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,)
         if self.correction is not None:
-            acc = acc - self.correction.to(acc.dtype).view(shape_c)
+            acc = acc - self._correction_like(acc)
         if self.bias_int is not None:
             acc = acc + self.bias_int.to(acc.dtype).view(shape_c)
         scale = self.act_scale * self.weight_scale.to(acc.dtype)
@@ -187,6 +255,15 @@ class AppMulLayer(nn.Module):
             self.captured_output = y
         return y
 
+    def _correction_like(self, acc: torch.Tensor) -> torch.Tensor:
+        corr = self.correction.to(acc.dtype)
+        if corr.dim() == 1:
+            return corr.view((1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,))
+        if tuple(corr.shape[1:]) != tuple(acc.shape[2:]):
+            raise PassError(f"appmul: the bias compensation was computed for {tuple(corr.shape[1:])} outputs, "
+                            f"not {tuple(acc.shape[2:])}; set the multiplier again after a forward pass at this size")
+        return corr.unsqueeze(0)
+
     def accumulate(self, x_int: torch.Tensor, decompose: bool | None = None) -> torch.Tensor:
         """The integer accumulator sum_k mult(a_k, w_k), as a float tensor holding integers."""
         if self.multiplier is None and not decompose:
@@ -195,10 +272,11 @@ class AppMulLayer(nn.Module):
         table = self.lut if self.lut is not None else _exact_table(self.bits)
         return self._decomposed(x_int, table)
 
-    def _op(self, x: torch.Tensor, w: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, w: torch.Tensor, padded: bool = False, strided: bool = False) -> torch.Tensor:
         if self.kind == "linear":
             return x @ w.t()
-        return F.conv2d(x, w, None, self.stride, 0 if padded else self.padding, self.dilation, self.groups)
+        return F.conv2d(x, w, None, 1 if strided else self.stride, 0 if padded else self.padding, self.dilation,
+                        self.groups)
 
     def _decomposed(self, x_int: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """sum_v f_v(A) @ 1[W == v] over the weight values v present, in chunks."""
@@ -207,6 +285,9 @@ class AppMulLayer(nn.Module):
         if self.kind == "conv" and any(self.padding):
             ph, pw = self.padding
             idx = F.pad(idx, (pw, pw, ph, ph), value=-self.low)  # a = 0 in the padding
+        strided = self.kind == "conv" and tuple(self.weight_int.shape[2:]) == (1, 1) and self.stride != (1, 1)
+        if strided:  # a strided 1x1 conv reads only every stride-th pixel: drop the others before the lookup
+            idx = idx[:, :, :: self.stride[0], :: self.stride[1]]
         values = torch.unique(self.weight_int)
         w = self.weight_int
         chunk = max(1, CHUNK_ELEMENTS // max(1, idx.numel()))
@@ -224,7 +305,7 @@ class AppMulLayer(nn.Module):
                 f = f.permute(0, 1, 4, 2, 3).reshape(b, c * nv, h, wd)
                 o, ci, kh, kw, _ = masks.shape
                 masks = masks.permute(0, 1, 4, 2, 3).reshape(o, ci * nv, kh, kw)
-                part = self._op(f, masks, padded=True)
+                part = self._op(f, masks, padded=True, strided=strided)
             acc = part if acc is None else acc + part
         return acc
 
@@ -282,7 +363,7 @@ class AppMulLayer(nn.Module):
         acc = self.integer_accumulator(x_int).to(x.dtype)
         shape = (1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,)
         if self.correction is not None:
-            acc = acc - self.correction.to(acc.dtype).view(shape)
+            acc = acc - self._correction_like(acc)
         if self.bias_int is not None:
             acc = acc + self.bias_int.to(acc.dtype).view(shape)
         y = acc * (self.act_scale * self.weight_scale.to(acc.dtype)).view(shape)

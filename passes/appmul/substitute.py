@@ -8,7 +8,9 @@ increase and an exact selection keep accuracy while cutting multiplier energy. T
    integer operands (``bits``: one width for all layers or one per layer, in module order),
    activation scales calibrated on ``images`` training images;
 2. one forward/backward pass over those images profiles each layer (operand histograms, output
-   gradients) and :func:`~.sensitivity.taylor_estimate` scores every library candidate;
+   gradients) and :func:`~.sensitivity.taylor_estimate` scores every library candidate (or, with
+   ``costs=measured``, each pair's mean KL divergence from the exact model is measured, one
+   forward pass per pair);
 3. :func:`~.selection.solve_exact` picks one candidate per layer maximising the multiplier energy
    saved, ``sum_l MACs_l * (E_exact - E_m)`` (library energies, per image), subject to
    ``sum_l estimate_l <= budget`` (``budget`` is in the estimate's units, nats of predicted
@@ -53,7 +55,8 @@ class AppMulPass(Pass):
         compensate: bool = field(default=True, metadata={"doc": "subtract each layer's expected multiplier error (an integer per output channel)"})
         images: int = field(default=128, metadata={"doc": "training images used for calibration and sensitivity"})
         solver: Literal["exact", "milp", "genetic"] = field(default="exact", metadata={"doc": "selection solver (genetic: the baseline)"})
-        max_loss: float = field(default=0.0, metadata={"doc": "> 0: search the budget instead: the largest energy saving among the exact selections for 16 budgets whose measured mean cross-entropy increase on the calibration images stays <= max_loss (nats per image)"})
+        costs: Literal["taylor", "measured"] = field(default="taylor", metadata={"doc": "per-(layer, multiplier) cost: the Taylor estimate (one backward pass; proxy units) or the measured mean KL divergence from the exact model on the calibration images with only that layer approximate (one forward pass per pair; nats, so budget is in nats)"})
+        max_loss: float = field(default=0.0, metadata={"doc": "> 0: search the budget instead: the largest energy saving among the exact selections for 16 grid budgets (+ 8 bisected) whose measured mean cross-entropy increase on the calibration images stays <= max_loss (nats per image)"})
 
         def validate(self) -> None:
             if self.budget < 0:
@@ -101,10 +104,13 @@ class AppMulPass(Pass):
             layers = emulate.attach(gm, widths, images)
         with torch.enable_grad():
             profiles = sensitivity.profile(gm, layers, images, targets)
+        table = candidate_table(profiles, lib, opts.compensate)
+        if opts.costs == "measured":
+            table = measured_table(gm, layers, table, images, opts.compensate)
         if opts.max_loss > 0:
-            choice = search_budget(gm, layers, profiles, lib, images, targets, opts, ctx)
+            choice = search_budget(gm, layers, profiles, lib, images, targets, opts, ctx, table)
         else:
-            choice = select(profiles, lib, opts.budget, opts.compensate, opts.solver)
+            choice = select(profiles, lib, opts.budget, opts.compensate, opts.solver, table)
         rows, before, after = [], 0.0, 0.0
         for n in names:
             m, estimate = choice[n]
@@ -135,22 +141,39 @@ def candidate_table(profiles: dict, lib, compensate: bool) -> tuple:
     return cands, costs, values
 
 
-def select(profiles: dict, lib, budget: float, compensate: bool, solver: str = "exact") -> dict:
+def measured_table(gm, layers: dict, table: tuple, images, compensate: bool) -> tuple:
+    """``candidate_table`` with each cost replaced by the measured mean KL divergence from the
+    exact model (:func:`~.sensitivity.measured_divergence`) on ``images``."""
+    cands, _, values = table
+    for layer in layers.values():
+        layer.set_multiplier(None)
+    reference = sensitivity.log_probs(gm, images)
+    measured, costs = {}, []
+    for n, (ms, _) in cands.items():
+        kl = sensitivity.measured_divergence(gm, layers[n], ms, images, reference, compensate)
+        measured[n] = (ms, kl)
+        costs.append(np.maximum(kl, 0.0))
+    return measured, costs, values
+
+
+def select(profiles: dict, lib, budget: float, compensate: bool, solver: str = "exact", table: tuple | None = None) -> dict:
     """layer -> (chosen multiplier, its estimate)."""
-    cands, costs, values = candidate_table(profiles, lib, compensate)
+    cands, costs, values = table or candidate_table(profiles, lib, compensate)
     solve = {"exact": selection.solve_exact, "milp": selection.solve_milp, "genetic": selection.genetic}[solver]
     result = solve(costs, values, budget)
     return {n: (cands[n][0][j], cands[n][1][j]) for n, j in zip(profiles, result.choice)}
 
 
-def search_budget(gm, layers: dict, profiles: dict, lib, images, targets, opts, ctx) -> dict:
+def search_budget(gm, layers: dict, profiles: dict, lib, images, targets, opts, ctx, table: tuple | None = None) -> dict:
     """The Taylor budget is in proxy units (it underestimates the real loss increase 10-100x and
     the layers' errors compound), so with ``max_loss`` the pass measures instead of trusting
     it: for 16 budgets on a geometric grid from the smallest non-zero estimate to the sum of the
     largest ones it takes the exact selection, installs it and measures the mean cross-entropy
-    increase on the calibration images (one forward pass each); the selection saving the most
-    energy within ``max_loss`` wins (all-exact multipliers if none fits)."""
-    cands, costs, values = candidate_table(profiles, lib, opts.compensate)
+    increase on the calibration images (one forward pass each), then bisects 8 more budgets
+    (geometric midpoints) between the largest grid budget that fits and the next one; the
+    selection saving the most energy within ``max_loss`` wins (all-exact multipliers if none
+    fits)."""
+    cands, costs, values = table or candidate_table(profiles, lib, opts.compensate)
     solve = {"exact": selection.solve_exact, "milp": selection.solve_milp, "genetic": selection.genetic}[opts.solver]
     positive = np.concatenate([c[c > 0] for c in costs])
     if positive.size == 0:
@@ -160,7 +183,9 @@ def search_budget(gm, layers: dict, profiles: dict, lib, images, targets, opts, 
         layer.set_multiplier(None)
     base = sensitivity.mean_loss(gm, images, targets)
     best, best_value, tried, seen = None, -1.0, [], {}
-    for budget in grid:
+
+    def attempt(budget: float) -> bool:
+        nonlocal best, best_value
         result = solve(costs, values, float(budget))
         key = tuple(result.choice)
         if key not in seen:
@@ -173,6 +198,19 @@ def search_budget(gm, layers: dict, profiles: dict, lib, images, targets, opts, 
                       "measured_loss_increase": round(seen[key], 5)})
         if seen[key] <= opts.max_loss and result.value > best_value:
             best, best_value = key, result.value
+        return seen[key] <= opts.max_loss
+
+    fits = [attempt(b) for b in grid]
+    # refine: bisect (geometrically) between the largest budget that fits and the next that does not
+    if any(fits) and not fits[-1]:
+        i = max(k for k, ok in enumerate(fits) if ok)
+        low, high = grid[i], grid[i + 1]
+        for _ in range(8):
+            mid = float(np.sqrt(low * high))
+            if attempt(mid):
+                low = mid
+            else:
+                high = mid
     ctx.record("budget_search", tried)
     if best is None:
         best = tuple(0 for _ in profiles)
