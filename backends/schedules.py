@@ -661,6 +661,18 @@ def conv2d_legalizer(params: CpuParams):
 
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
+    def fallback(bb, call):
+        # TVM's own legalisation; a stem that fold_input_transpose gave NCHW data gets its
+        # transpose back first (TVM cannot legalise NCHW data with an NHWC output)
+        a = call.attrs
+        if a.data_layout == "NCHW" and a.out_layout == "NHWC":
+            data = bb.emit(relax.op.permute_dims(call.args[0], [0, 2, 3, 1]))
+            call = bb.normalize(relax.op.nn.conv2d(
+                data, call.args[1], strides=[int(v) for v in a.strides], padding=[int(v) for v in a.padding],
+                dilation=[int(v) for v in a.dilation], groups=int(a.groups), data_layout="NHWC",
+                kernel_layout=a.kernel_layout, out_layout="NHWC", out_dtype=a.out_dtype))
+        return default(bb, call)
+
     def legalize(bb, call):
         attrs = call.attrs
         data, weight = call.args
@@ -674,11 +686,11 @@ def conv2d_legalizer(params: CpuParams):
             or len(wshape) != 4
             or any(not isinstance(d, tvm.tirx.IntImm) for d in data.ty.shape)
         ):
-            return default(bb, call)
+            return fallback(bb, call)
         kh, kw, ic, oc = wshape
         nchw = attrs.data_layout == "NCHW"  # set by fold_input_transpose (few-channel stems only)
         if oc < params.lanes or str(data.ty.dtype) != "float32" or str(weight.ty.dtype) != "float32" or not _is_constant(bb, weight):
-            return default(bb, call)
+            return fallback(bb, call)
         block = pack_block(oc, params)
         panels = -(-oc // block)
         out_dtype = str(attrs.out_dtype) if attrs.out_dtype is not None and str(attrs.out_dtype) not in ("", "void") else str(data.ty.dtype)
@@ -758,6 +770,8 @@ def fold_input_transpose(lanes: int):
         if axes is None or [int(a) for a in axes] != [0, 2, 3, 1]:
             return None
         shape = bound.args[0].ty.shape
+        if str(bound.args[0].ty.dtype) != "float32":  # integer stems keep TVM's own legalisation
+            return None
         if shape is None or len(shape) != 4 or not isinstance(shape[1], tvm.tirx.IntImm) or int(shape[1]) >= lanes:
             return None
         return bound.args[0]

@@ -100,7 +100,10 @@ def _tiny_convnet():
 
 @pytest.mark.parametrize(
     "in_ch,out_ch,kernel,stride,dilation,padding",
-    [(8, 24, 3, 2, 1, (1, 0, 2, 1)), (16, 40, 1, 1, 1, (0, 0, 0, 0)), (8, 64, 3, 1, 2, (2, 2, 2, 2))],
+    [(8, 24, 3, 2, 1, (1, 0, 2, 1)), (16, 40, 1, 1, 1, (0, 0, 0, 0)), (8, 64, 3, 1, 2, (2, 2, 2, 2)),
+     # RGB stems read the NCHW input directly; fewer output channels than a vector fall back to
+     # TVM's legalisation with the transpose put back
+     (3, 24, 7, 2, 1, (3, 3, 3, 3)), (3, 4, 3, 1, 1, (1, 1, 1, 1))],
 )
 def test_packed_conv2d_matches_onnxruntime(in_ch, out_ch, kernel, stride, dilation, padding):
     """Convolutions read build-time packed weights; channels that do not tile are padded and cropped."""
