@@ -248,3 +248,96 @@ def lower_app_matmul(bb, inputs, attrs):
     f = relax.op.take(table, index, axis=0, mode="clip")  # (..., K, width)
     f = relax.op.reshape(f, a_shape[:-1] + [k * width])
     return relax.op.matmul(f, masks, out_dtype="int32")
+
+
+# ------------------------------------------------------------------------------------------------
+# integer non-linearities of a ViT (issue #7, I-BERT; keep this block together). Integer
+# arithmetic only (int64); each rule computes exactly its numpy reference in ``ir.opdefs``.
+
+
+def _i64(value):
+    from tvm import relax
+
+    return relax.const(int(value), "int64")
+
+
+def _pow2(s: int):
+    return _i64(1 << int(s))
+
+
+@register("PoTQuantize")
+def lower_pot_quantize(bb, inputs, attrs):
+    """float -> int32 ``clip(floor(x * 2^e + 0.5), lo, hi)`` (the only float rule here: it is the
+    entry of a float value into integers, which pot-shift replaces by ShiftRequant)."""
+    from tvm import relax
+
+    x = relax.op.astype(inputs[0], "float32")
+    y = relax.op.floor(relax.op.add(relax.op.multiply(x, relax.const(2.0 ** int(attrs["exponent"]), "float32")),
+                                    relax.const(0.5, "float32")))
+    y = relax.op.clip(y, int(attrs["lo"]), int(attrs["hi"]))
+    return relax.op.astype(y, "int32")
+
+
+@register("IntSoftmax")
+def lower_int_softmax(bb, inputs, attrs):
+    """I-BERT integer softmax (``ir.opdefs.int_softmax_reference``) in int64."""
+    from tvm import relax
+
+    op = relax.op
+    ln2, b, c, zmax, m = (int(attrs[k]) for k in ("ln2", "b", "c", "zmax", "out_exponent"))
+    x = bb.emit(op.astype(inputs[0], "int64"))
+    x = bb.emit(op.subtract(x, op.max(x, axis=[-1], keepdims=True)))
+    z = bb.emit(op.floor_divide(op.negative(x), _i64(ln2)))
+    p = op.add(x, op.multiply(z, _i64(ln2)))
+    pb = bb.emit(op.add(p, _i64(b)))
+    poly = op.add(op.multiply(pb, pb), _i64(c))
+    e = bb.emit(op.right_shift(poly, op.minimum(z, _i64(zmax))))
+    total = op.sum(e, axis=[-1], keepdims=True)
+    y = op.floor_divide(op.left_shift(e, _i64(m)), total)
+    return op.astype(y, "int32")
+
+
+@register("IntGELU")
+def lower_int_gelu(bb, inputs, attrs):
+    """I-BERT integer GELU (``ir.opdefs.int_gelu_reference``) in int64; ``right_shift`` on int64
+    is arithmetic (floor)."""
+    from tvm import relax
+
+    op = relax.op
+    b, c, m, s1, s2, lo, hi = (int(attrs[k]) for k in ("b", "c", "m", "shift1", "shift2", "lo", "hi"))
+    x = bb.emit(op.astype(inputs[0], "int64"))
+    a = op.minimum(op.abs(x), _i64(-b))
+    ab = bb.emit(op.add(a, _i64(b)))
+    sign = op.subtract(op.astype(op.greater(x, _i64(0)), "int64"), op.astype(op.less(x, _i64(0)), "int64"))
+    big = op.multiply(sign, op.add(op.multiply(ab, ab), _i64(c)))
+    n = op.negative(op.add(big, _i64(c)))
+    t = op.multiply(x, n)
+    if s1:
+        t = op.right_shift(t, _i64(s1))
+    y = op.right_shift(op.add(op.multiply(t, _i64(m)), _i64(1 << (s2 - 1))), _i64(s2))
+    return op.astype(op.clip(y, lo, hi), "int32")
+
+
+@register("IntLayerNorm")
+def lower_int_layernorm(bb, inputs, attrs):
+    """Integer LayerNorm (``ir.opdefs.int_layernorm_reference``) in int64, the Newton steps
+    unrolled (``ir.opdefs.NEWTON_STEPS`` of them)."""
+    from tvm import relax
+
+    op = relax.op
+    eps, start, extra, frac, shift, lo, hi = (int(attrs[k]) for k in ("eps", "start", "extra", "frac", "shift", "lo", "hi"))
+    x = bb.emit(op.astype(inputs[0], "int64"))
+    g = op.astype(inputs[1], "int64")
+    bt = op.astype(inputs[2], "int64")
+    d = int(inputs[0].ty.shape[-1])
+    c = bb.emit(op.subtract(op.multiply(x, _i64(d)), op.sum(x, axis=[-1], keepdims=True)))
+    sq = op.left_shift(op.sum(op.multiply(c, c), axis=[-1], keepdims=True), _i64(2 * extra))
+    v = bb.emit(op.add(op.floor_divide(sq, _i64(d)), _i64(eps)))
+    r = bb.emit(op.add(op.multiply(v, _i64(0)), _pow2(start)))
+    for _ in range(opdefs.NEWTON_STEPS):
+        r = bb.emit(op.minimum(r, op.floor_divide(op.add(r, op.floor_divide(v, r)), _i64(2))))
+    n = op.floor_divide(op.left_shift(c, _i64(frac + extra)), r)
+    acc = op.add(op.multiply(n, g), bt)
+    if shift > 0:
+        acc = op.right_shift(op.add(acc, _i64(1 << (shift - 1))), _i64(shift))
+    return op.astype(op.clip(acc, lo, hi), "int32")

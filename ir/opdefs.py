@@ -8,6 +8,7 @@ it has one, a reference implementation (numpy) that fixes its semantics for the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -257,3 +258,353 @@ APP_MATMUL = define(
         function=app_matmul_function,
     )
 )
+
+
+# ------------------------------------------------------------------------------------------------
+# integer non-linearities of a ViT (issue #7; I-BERT, Kim et al., ICML 2021, arXiv 2101.01321;
+# keep this block together). Every op takes and returns integers; the runtime semantics use only
+# the integer attributes, which the compile-time helpers ``*_constants`` compute once from the
+# exponents (so the torch reference, ONNX Runtime and TVM all see the same integers).
+
+#: I-BERT's second-order polynomial for exp on (-ln2, 0]: a (p + b)^2 + c
+IEXP_A, IEXP_B, IEXP_C = 0.3585, 1.353, 0.344
+#: I-BERT's polynomial for erf: sign(u) [a (min(|u|, -b) + b)^2 + 1]
+IERF_A, IERF_B = -0.2888, -1.769
+#: Newton steps of IntLayerNorm's integer square root (enough from any start <= 32)
+NEWTON_STEPS = 36
+#: int64 budget of every intermediate (checked at compile time by the ``*_constants`` helpers)
+INT64_BITS = 62
+
+
+def pot_quantize_reference(inputs, attrs):
+    """float x -> int32 ``clip(floor(x * 2^exponent + 0.5), lo, hi)`` (round half up)."""
+    import numpy as np
+
+    x = np.asarray(inputs[0], np.float64)
+    y = np.floor(x * 2.0 ** int(attrs["exponent"]) + 0.5)
+    return [np.clip(y, int(attrs["lo"]), int(attrs["hi"])).astype(np.int32)]
+
+
+def int_softmax_constants(exponent: int, out_exponent: int) -> dict:
+    """Attributes of ``sliver.IntSoftmax`` for an input at scale ``2^-exponent`` and an output at
+    ``2^-out_exponent`` (I-BERT Alg. 2, i-exp with the scale a power of two):
+    ``ln2 = floor(ln 2 / S)``, ``b = floor(1.353 / S)``, ``c = floor(0.344 / (0.3585 S^2))``;
+    ``zmax`` is the bit length of the polynomial's largest value ``b^2 + c`` (a larger shift gives
+    0 anyway, and capping it keeps every shift below 64)."""
+    e = int(exponent)
+    ln2 = math.floor(math.log(2.0) * 2.0 ** e)
+    b = math.floor(IEXP_B * 2.0 ** e)
+    c = math.floor(IEXP_C / IEXP_A * 2.0 ** (2 * e))
+    if ln2 < 4:
+        raise ValueError(f"IntSoftmax input exponent {e} is too coarse (ln2 = {ln2} integer steps); use >= 3")
+    zmax = (b * b + c).bit_length()
+    if zmax + int(out_exponent) > INT64_BITS:
+        raise ValueError(f"IntSoftmax: exponents {e}/{out_exponent} overflow int64 (2^{zmax + out_exponent})")
+    return {"ln2": ln2, "b": b, "c": c, "zmax": zmax, "out_exponent": int(out_exponent)}
+
+
+def int_softmax_reference(inputs, attrs):
+    """Integer softmax over the last axis (I-BERT's i-exp, then an integer normalisation):
+
+        x' = x - max(x)                    (<= 0)
+        z  = floor(-x' / ln2)              (non-negative dividend: floor = truncation)
+        p  = x' + z * ln2                  (in (-ln2, 0])
+        E  = ((p + b)^2 + c) >> min(z, zmax)        exp(x') at the scale 0.3585 S^2
+        y  = floor(E * 2^M / sum(E))       (M = out_exponent: y / 2^M is the probability)
+
+    int32 in, int32 out (0 .. 2^M)."""
+    import numpy as np
+
+    x = np.asarray(inputs[0]).astype(np.int64)
+    ln2, b, c, zmax, m = (int(attrs[k]) for k in ("ln2", "b", "c", "zmax", "out_exponent"))
+    x = x - x.max(axis=-1, keepdims=True)
+    z = (-x) // ln2
+    p = x + z * ln2
+    e = ((p + b) ** 2 + c) >> np.minimum(z, zmax)
+    y = (e << m) // e.sum(axis=-1, keepdims=True)
+    return [y.astype(np.int32)]
+
+
+def int_gelu_constants(exponent: int, out_exponent: int, in_bits: int, lo: int, hi: int, frac: int = 16) -> dict:
+    """Attributes of ``sliver.IntGELU`` (I-BERT Alg. 1, i-GELU with d1 = 1) for a signed
+    ``in_bits``-bit input at scale ``S = 2^-exponent``, output at ``2^-out_exponent`` in [lo, hi].
+
+    The erf argument x / sqrt2 has the scale ``S / sqrt2``: ``b = floor(-1.769 sqrt2 / S)``,
+    ``c = floor(1 / (a S^2 / 2))`` (a = -0.2888; both negative). ``x (L + c)`` stands for GELU(x)
+    at the scale ``a S^3 / 4``, which is not a power of two: the output is
+    ``x * n * m / 2^(3 e + 2 + frac - e_out)`` with ``n = -(L + c) >= 0`` and the dyadic
+    ``m = round(0.2888 * 2^frac)`` (frac = 16: relative error < 2e-5), shifted in two steps
+    (``shift1`` before the product with m when x * n could pass 2^62 - 2^bitlen(m), then a rounding
+    ``shift2``)."""
+    e, eo = int(exponent), int(out_exponent)
+    b = math.floor(IERF_B * math.sqrt(2.0) * 2.0 ** e)
+    c = math.floor(2.0 ** (2 * e + 1) / IERF_A)
+    m = round(-IERF_A * 2.0 ** frac)
+    total = 3 * e + 2 + frac - eo
+    n_max = max(-2 * c, b * b)
+    t_bits = ((1 << (in_bits - 1)) * n_max).bit_length()
+    shift1 = max(0, t_bits + m.bit_length() - INT64_BITS)
+    if total - shift1 < 1:
+        raise ValueError(f"IntGELU: output exponent {eo} is too fine for input exponent {e}")
+    return {"b": b, "c": c, "m": m, "shift1": shift1, "shift2": total - shift1, "lo": int(lo), "hi": int(hi)}
+
+
+def int_gelu_reference(inputs, attrs):
+    """Integer GELU (I-BERT's i-GELU):
+
+        L = sign(x) ((min(|x|, -b) + b)^2 + c)        erf(x / sqrt2) at the scale a S^2 / 2
+        n = -(L + c)                                  (1 + erf) at the scale -a S^2 / 2, >= 0
+        t = floor(x * n / 2^shift1)
+        y = clip(floor((t * m + 2^(shift2 - 1)) / 2^shift2), lo, hi)   (round half up)
+
+    int32 in, int32 out."""
+    import numpy as np
+
+    x = np.asarray(inputs[0]).astype(np.int64)
+    b, c, m, s1, s2, lo, hi = (int(attrs[k]) for k in ("b", "c", "m", "shift1", "shift2", "lo", "hi"))
+    a = np.minimum(np.abs(x), -b)
+    big = np.sign(x) * ((a + b) ** 2 + c)
+    n = -(big + c)
+    t = (x * n) >> s1
+    y = (t * m + (1 << (s2 - 1))) >> s2
+    return [np.clip(y, lo, hi).astype(np.int32)]
+
+
+def int_layernorm_constants(exponent: int, dim: int, in_bits: int, gamma, beta, eps: float, out_exponent: int,
+                            lo: int, hi: int, gamma_bits: int = 16, frac: int = 14):
+    """(attributes, gamma integers, beta integers) of ``sliver.IntLayerNorm`` over the last axis
+    of length ``dim``, input signed ``in_bits`` bits at ``2^-exponent`` (I-BERT Sec. 3.5, integer
+    square root by Newton's method).
+
+    With ``c = dim * x - sum(x)`` (exact: the mean times dim) the normalised value is
+    ``c 2^p / sqrt(V)``, ``V = floor(sum(c^2) 2^2p / dim) + eps_int``, ``eps_int = max(1, floor(eps
+    dim^2 2^(2e + 2p)))``, with ``p = extra`` (6 for 16-bit inputs over 64 channels: the largest
+    that keeps ``sum(c^2) 2^2p`` in int64; without it a row of small integers, V ~ 2^14, had a
+    square root good to 1%, measured); ``r = floor(sqrt(V))`` by ``NEWTON_STEPS`` Newton steps from ``2^start >= sqrt(V_max)``
+    (steps that would not decrease r are skipped, so r lands on floor(sqrt V) and stays; from
+    above, each step at least halves the excess ``r - sqrt(V)`` while it is large and squares the
+    relative error near the root, so ``start + 4`` steps reach it - checked at run time by the
+    reference, and for many V and the extremes by the tests).
+    ``n = floor(c 2^(frac + p) / r)`` has ``frac`` fraction bits; gamma is rounded to ``gamma_bits``
+    signed bits at exponent ``e_g`` and beta to the exponent ``frac + e_g`` of ``n * gamma``;
+    ``shift = frac + e_g - e_out`` (frac raised if needed so that it is >= 0)."""
+    import numpy as np
+
+    e, eo = int(exponent), int(out_exponent)
+    gamma = np.asarray(gamma, np.float64).reshape(-1)
+    beta = np.asarray(beta, np.float64).reshape(-1)
+    gmax = float(np.abs(gamma).max())
+    e_g = math.floor(math.log2(((1 << (gamma_bits - 1)) - 1) / gmax)) if gmax > 0 else 0
+    frac = max(int(frac), eo - e_g)
+    g = np.round(gamma * 2.0 ** e_g).astype(np.int64)
+    bt = np.floor(beta * 2.0 ** (frac + e_g) + 0.5).astype(np.int64)
+    c_max = dim * (1 << in_bits)
+    # extra bits of the square root: V carries 2p more bits (floor(sqrt) is then exact to
+    # 2^-p relative even for rows of tiny integers), within the int64 budget of sum(c^2) 2^2p
+    extra = max(0, min(8, (INT64_BITS - (dim * c_max * c_max).bit_length()) // 2))
+    eps_int = max(1, math.floor(eps * dim * dim * 2.0 ** (2 * e + 2 * extra)))
+    v_max = ((dim * c_max * c_max) << (2 * extra)) // dim + eps_int
+    start = (v_max.bit_length() + 1) // 2
+    n_max = (c_max << frac)
+    if (n_max * int(np.abs(g).max(initial=1))).bit_length() + 1 > INT64_BITS or (c_max * c_max * dim).bit_length() > INT64_BITS:
+        raise ValueError("IntLayerNorm: intermediates overflow int64; use fewer input bits")
+    if start + 4 > NEWTON_STEPS:
+        raise ValueError(f"IntLayerNorm: V up to 2^{v_max.bit_length()} needs more than {NEWTON_STEPS} Newton steps")
+    attrs = {"eps": eps_int, "start": start, "extra": extra, "frac": frac, "shift": frac + e_g - eo,
+             "lo": int(lo), "hi": int(hi)}
+    return attrs, g, bt
+
+
+def int_layernorm_reference(inputs, attrs):
+    """Integer LayerNorm over the last axis (see :func:`int_layernorm_constants`):
+
+        c   = D x - sum(x)
+        V   = floor(sum(c^2) 2^(2 extra) / D) + eps
+        r   = 2^start; NEWTON_STEPS (36) times: r = min(r, floor((r + floor(V / r)) / 2))  (= floor(sqrt V))
+        n   = floor(c 2^(frac + extra) / r)
+        y   = clip(floor((n gamma + beta + 2^(shift-1)) / 2^shift), lo, hi)     (shift 0: no rounding)
+
+    Inputs: x (int32), gamma (int64, D), beta (int64, D); int32 out."""
+    import numpy as np
+
+    x = np.asarray(inputs[0]).astype(np.int64)
+    g = np.asarray(inputs[1]).astype(np.int64)
+    bt = np.asarray(inputs[2]).astype(np.int64)
+    eps, start, extra, frac, shift, lo, hi = (int(attrs[k]) for k in ("eps", "start", "extra", "frac", "shift", "lo", "hi"))
+    d = x.shape[-1]
+    c = d * x - x.sum(axis=-1, keepdims=True)
+    v = ((c * c).sum(axis=-1, keepdims=True) << (2 * extra)) // d + eps
+    r = np.full_like(v, 1 << start)
+    for _ in range(NEWTON_STEPS):
+        r = np.minimum(r, (r + v // r) // 2)
+    if np.any(r * r > v) or np.any((r + 1) * (r + 1) <= v):  # cannot happen when start <= NEWTON_STEPS - 4
+        raise ValueError("IntLayerNorm: the Newton steps did not reach floor(sqrt(V)); raise 'start'")
+    n = (c << (frac + extra)) // r
+    acc = n * g + bt
+    if shift > 0:
+        acc = (acc + (1 << (shift - 1))) >> shift
+    return [np.clip(acc, lo, hi).astype(np.int32)]
+
+
+class _Body:
+    """Builds the node list of a model-local function (standard ONNX ops, int64 arithmetic)."""
+
+    def __init__(self, opset: int):
+        self.nodes, self.k, self.opset = [], 0, opset
+
+    def op(self, op_type, *inputs, **attrs):
+        from onnx import helper
+
+        out = f"t{self.k}"
+        self.k += 1
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, dtype="int64"):
+        import numpy as np
+        from onnx import numpy_helper
+
+        return self.op("Constant", value=numpy_helper.from_array(np.array(value, dtype)))
+
+    def attr(self, name, kind="int"):
+        """A Constant holding the node attribute ``name`` (int64 scalar, or float)."""
+        import onnx
+        from onnx import helper
+
+        out = f"t{self.k}"
+        self.k += 1
+        node = helper.make_node("Constant", [], [out])
+        a = onnx.AttributeProto()
+        a.name = "value_int" if kind == "int" else "value_float"
+        a.ref_attr_name = name
+        a.type = onnx.AttributeProto.INT if kind == "int" else onnx.AttributeProto.FLOAT
+        node.attribute.append(a)
+        self.nodes.append(node)
+        return out
+
+    def pow2(self, s):
+        """2^s (int64) for an int64 scalar s >= 0."""
+        from onnx import TensorProto
+
+        one = self.const(1, "uint64")
+        return self.op("Cast", self.op("BitShift", one, self.op("Cast", s, to=TensorProto.UINT64), direction="LEFT"),
+                       to=TensorProto.INT64)
+
+    def floordiv(self, a, b):
+        """floor(a / b) for b > 0 (ONNX integer Div truncates; integer Mod with fmod=0 takes the
+        divisor's sign, so a - Mod(a, b) is an exact multiple of b)."""
+        return self.op("Div", self.op("Sub", a, self.op("Mod", a, b)), b)
+
+    def reduce(self, op_type, x):
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, x, self.const([-1]), keepdims=1)
+        return self.op(op_type, x, axes=[-1], keepdims=1)
+
+    def function(self, name, inputs, outputs, attributes):
+        from onnx import helper
+
+        return helper.make_function(SLIVER_DOMAIN, name, inputs, outputs, self.nodes,
+                                    [helper.make_opsetid("", self.opset)], attributes=attributes)
+
+
+def pot_quantize_function(opset: int = 17):
+    """``sliver.PoTQuantize`` as standard ops: Mul, Add 0.5, Floor, Clip, Cast(int32) (float)."""
+    from onnx import TensorProto, helper
+
+    f = _Body(opset)
+    e = f.op("Cast", f.attr("exponent"), to=TensorProto.FLOAT)
+    scale = f.op("Pow", f.const(2.0, "float32"), e)
+    y = f.op("Floor", f.op("Add", f.op("Mul", "x", scale), f.const(0.5, "float32")))
+    lo = f.op("Cast", f.attr("lo"), to=TensorProto.FLOAT)
+    hi = f.op("Cast", f.attr("hi"), to=TensorProto.FLOAT)
+    f.nodes.append(helper.make_node("Cast", [f.op("Clip", y, lo, hi)], ["y"], to=TensorProto.INT32))
+    return f.function("PoTQuantize", ["x"], ["y"], ["exponent", "lo", "hi"])
+
+
+def int_softmax_function(opset: int = 17):
+    """``sliver.IntSoftmax`` as standard int64 ops (see :func:`int_softmax_reference`)."""
+    from onnx import TensorProto, helper
+
+    f = _Body(opset)
+    x = f.op("Cast", "x", to=TensorProto.INT64)
+    x = f.op("Sub", x, f.reduce("ReduceMax", x))
+    ln2, b, c, zmax, m = (f.attr(k) for k in ("ln2", "b", "c", "zmax", "out_exponent"))
+    negx = f.op("Neg", x)
+    z = f.op("Div", negx, ln2)  # non-negative / positive: truncation is floor
+    p = f.op("Add", x, f.op("Mul", z, ln2))
+    pb = f.op("Add", p, b)
+    poly = f.op("Add", f.op("Mul", pb, pb), c)
+    shift = f.op("Cast", f.op("Min", z, zmax), to=TensorProto.UINT64)
+    e = f.op("BitShift", f.op("Cast", poly, to=TensorProto.UINT64), shift, direction="RIGHT")
+    e = f.op("Cast", e, to=TensorProto.INT64)
+    y = f.op("Div", f.op("Mul", e, f.pow2(m)), f.reduce("ReduceSum", e))
+    f.nodes.append(helper.make_node("Cast", [y], ["y"], to=TensorProto.INT32))
+    return f.function("IntSoftmax", ["x"], ["y"], ["ln2", "b", "c", "zmax", "out_exponent"])
+
+
+def int_gelu_function(opset: int = 17):
+    """``sliver.IntGELU`` as standard int64 ops (see :func:`int_gelu_reference`)."""
+    from onnx import TensorProto, helper
+
+    f = _Body(opset)
+    x = f.op("Cast", "x", to=TensorProto.INT64)
+    b, c, m, s1, s2, lo, hi = (f.attr(k) for k in ("b", "c", "m", "shift1", "shift2", "lo", "hi"))
+    a = f.op("Min", f.op("Abs", x), f.op("Neg", b))
+    ab = f.op("Add", a, b)
+    big = f.op("Mul", f.op("Sign", x), f.op("Add", f.op("Mul", ab, ab), c))
+    n = f.op("Neg", f.op("Add", big, c))
+    t = f.floordiv(f.op("Mul", x, n), f.pow2(s1))
+    half = f.op("Div", f.pow2(s2), f.const(2))
+    y = f.floordiv(f.op("Add", f.op("Mul", t, m), half), f.pow2(s2))
+    f.nodes.append(helper.make_node("Cast", [f.op("Clip", y, lo, hi)], ["y"], to=TensorProto.INT32))
+    return f.function("IntGELU", ["x"], ["y"], ["b", "c", "m", "shift1", "shift2", "lo", "hi"])
+
+
+def int_layernorm_function(opset: int = 17):
+    """``sliver.IntLayerNorm`` as standard int64 ops (see :func:`int_layernorm_reference`), the
+    ``NEWTON_STEPS`` square-root steps unrolled (a ``Loop`` would leave the output shape unknown
+    to ONNX shape inference)."""
+    from onnx import TensorProto, helper
+
+    f = _Body(opset)
+    x = f.op("Cast", "x", to=TensorProto.INT64)
+    g = f.op("Cast", "gamma", to=TensorProto.INT64)
+    bt = f.op("Cast", "beta", to=TensorProto.INT64)
+    eps, start, extra, frac, shift, lo, hi = (f.attr(k) for k in ("eps", "start", "extra", "frac", "shift", "lo", "hi"))
+    d = f.op("Gather", f.op("Shape", x), f.const(-1))
+    c = f.op("Sub", f.op("Mul", x, d), f.reduce("ReduceSum", x))
+    twice = f.op("Add", extra, extra)
+    v = f.op("Add", f.op("Div", f.op("Mul", f.reduce("ReduceSum", f.op("Mul", c, c)), f.pow2(twice)), d), eps)
+    r = f.op("Add", f.op("Mul", v, f.const(0)), f.pow2(start))
+    two = f.const(2)
+    for _ in range(NEWTON_STEPS):
+        r = f.op("Min", r, f.op("Div", f.op("Add", r, f.op("Div", v, r)), two))  # non-negative: Div = floor
+    n = f.floordiv(f.op("Mul", c, f.pow2(f.op("Add", frac, extra))), r)
+    acc = f.op("Add", f.op("Mul", n, g), bt)
+    half = f.op("Div", f.pow2(shift), f.const(2))
+    y = f.floordiv(f.op("Add", acc, half), f.pow2(shift))
+    f.nodes.append(helper.make_node("Cast", [f.op("Clip", y, lo, hi)], ["y"], to=TensorProto.INT32))
+    return f.function("IntLayerNorm", ["x", "gamma", "beta"], ["y"], ["eps", "start", "extra", "frac", "shift", "lo", "hi"])
+
+
+POT_QUANTIZE = define(CustomOp(
+    op_type="PoTQuantize",
+    doc="float -> int32 clip(floor(x * 2^exponent + 0.5), lo, hi): a power-of-two quantiser wider than "
+        "8 bits (QuantizeLinear at opset 17 has only int8/uint8); pot-shift turns it into ShiftRequant",
+    reference=pot_quantize_reference, function=pot_quantize_function))
+INT_SOFTMAX = define(CustomOp(
+    op_type="IntSoftmax",
+    doc="integer softmax over the last axis (I-BERT i-exp + integer normalisation to 2^-out_exponent); "
+        "attributes from ir.opdefs.int_softmax_constants",
+    reference=int_softmax_reference, function=int_softmax_function))
+INT_GELU = define(CustomOp(
+    op_type="IntGELU",
+    doc="integer GELU (I-BERT i-GELU, d1 = 1, dyadic output rescale); attributes from "
+        "ir.opdefs.int_gelu_constants",
+    reference=int_gelu_reference, function=int_gelu_function))
+INT_LAYERNORM = define(CustomOp(
+    op_type="IntLayerNorm",
+    doc="integer LayerNorm over the last axis (exact mean by scaling, Newton integer square root, "
+        "integer gamma/beta, rounding shift); inputs x, gamma, beta; attributes from "
+        "ir.opdefs.int_layernorm_constants",
+    reference=int_layernorm_reference, function=int_layernorm_function))

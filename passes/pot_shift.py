@@ -13,7 +13,14 @@ integer-only with dyadic requantisation, here with numerators 1 (scales ``2^-k``
 - between layers: ``Relu`` on int32; ReLU6's ``Clip(0, 6)`` -> ``Relu`` and ``x - Relu(x - h)`` with
   the per-channel integer bound ``h = floor(6 * 2^e)``; ``Add`` aligns both operands to the finer exponent by exact
   left shifts (``Mul`` by ``2^k``); global average pooling over a power-of-two number of positions
-  -> ``ReduceSum`` and ``+log2 n`` on the exponent; ``Flatten``/``Reshape`` apply to the integers.
+  -> ``ReduceSum`` and ``+log2 n`` on the exponent; ``Flatten``/``Reshape``/``Transpose``/``Gather``
+  apply to the integers, the exponent (tracked per element) going through the same layout change;
+  ``Mul`` by a constant ``2^k`` only changes the exponent (attention's ``q * 16^-0.5``);
+- a ViT's integer non-linearities (``rapq{int_nonlinear=true}``, I-BERT): the export already has
+  them as ``sliver.PoTQuantize`` (a 16-bit quantiser, here ``ShiftRequant`` to int32) -> integer
+  ops (``sliver.IntLayerNorm`` / ``IntSoftmax`` / ``IntGELU``, the class token's ``Concat`` and the
+  position embedding's ``Add`` on int32) -> ``DequantizeLinear``, whose scale gives the exponent
+  of the integers after it; those integer ops are kept as they are.
 
 The exponent of every integer value is tracked per channel at compile time; no float op remains
 between the input's ``QuantizeLinear`` and the output's ``DequantizeLinear``, and the pass checks
@@ -172,6 +179,10 @@ class _Builder:
         self.skip = set()
         self.region: set = set()  # float values computed from dequantised integers
         self.dequantizers: set = set()  # names of the DequantizeLinear nodes allow_float adds
+        #: integer tensors of the input graph (outputs of sliver.PoTQuantize and of the integer ops
+        #: after it) -> their name in the new graph; a DequantizeLinear turns one into an IntValue
+        self.raw: dict = {}
+        self.shape_values: set = set()  # int64 shape tensors computed from integer values
 
     # -- small emitters ---------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -216,7 +227,11 @@ class _Builder:
                 continue
             handler = getattr(self, "_" + node.op_type, None)
             int_inputs = [i for i in node.input if i in self.ints or i in self.weights]
-            if node.op_type == "QuantizeLinear":
+            if node.domain == SLIVER_DOMAIN and node.op_type == "PoTQuantize":
+                self._pot_quantize(node)
+            elif any(i in self.raw for i in node.input):
+                self._raw_node(node)
+            elif node.op_type == "QuantizeLinear":
                 self._quantizer(node)
             elif node.op_type == "DequantizeLinear":
                 self._dequantize(node)
@@ -240,10 +255,21 @@ class _Builder:
         return self._finish()
 
     def _can(self, node) -> bool:
-        return all(i in self.ints or i in self.weights or i in self.consts or not i for i in node.input)
+        return all(i in self.ints or i in self.weights or i in self.consts or i in self.shape_values or not i
+                   for i in node.input)
+
+    def _Shape(self, node) -> None:
+        """The shape of an integer value (an int64 shape tensor, e.g. attention's ``B, N, C = x.shape``)."""
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[0] = self.ints[node.input[0]].name
+        self.nodes.append(copy)
+        self.shape_values.update(node.output)
 
     def _float_node(self, node) -> None:
         # a float op on float values: before the input quantizer (fine), or inside a float region
+        if any(i in self.shape_values for i in node.input):  # shape arithmetic on int64 shapes
+            self.shape_values.update(node.output)
         self.nodes.append(node)
         if any(i in self.region for i in node.input):
             self.region.update(node.output)
@@ -386,6 +412,84 @@ class _Builder:
         bits = next(b for b in range(2, 9) if -(1 << (b - 1)) <= int(integers.min()) and int(integers.max()) < (1 << (b - 1)))
         self.weights[node.output[0]] = WeightValue(integers, exponent.astype(np.int64), bits)
 
+    # -- integer islands: sliver.PoTQuantize -> integer ops -> DequantizeLinear --------------
+    #: ops the integer non-linearities of ``rapq{int_nonlinear=true}`` are exported with
+    RAW_OPS = {"IntSoftmax", "IntGELU", "IntLayerNorm", "Concat", "Add", "Sub", "Mul", "Slice", "Identity",
+               "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
+
+    def _pot_quantize(self, node) -> None:
+        """``sliver.PoTQuantize`` (a wide quantiser, float -> int32): on an integer value it becomes
+        ``ShiftRequant`` to int32 (rounding half up, saturating to [lo, hi]) like a QuantizeLinear."""
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        exponent, lo, hi = int(attrs["exponent"]), int(attrs["lo"]), int(attrs["hi"])
+        source, label = node.input[0], node.name or node.output[0]
+        if source in self.ints:
+            v = self.ints[source]
+            rank = len(self.shape(source))
+            shift = np.asarray(v.exponent) - exponent
+            acc = self.scale_by_pow2(self.to_int32(v, label), np.maximum(-shift, 0), label, rank)
+            right = self.const(f"{label}/shift", _ranked(np.maximum(shift, 0), rank).astype(np.int64))
+            name = self.emit("ShiftRequant", [acc, right], f"{label}/requant", domain=SLIVER_DOMAIN,
+                             lo=lo, hi=hi, to=TensorProto.INT32)
+            self.requant_count += 1
+            self.raw[node.output[0]] = name
+        elif source in self.weights:
+            self._no_integer_form(node)
+        else:  # entry from a float value
+            self.nodes.append(node)
+            self.raw[node.output[0]] = node.output[0]
+
+    def _raw_node(self, node) -> None:
+        label = node.name or node.output[0]
+        if node.op_type == "DequantizeLinear":
+            exponent, _ = self._qdq_params(node)
+            if exponent.ndim != 0:
+                raise UnsupportedOpError(f"pot-shift: DequantizeLinear {label!r} of integers is per channel")
+            self.ints[node.output[0]] = IntValue(self.raw[node.input[0]], exponent, TensorProto.INT32)
+            if node.output[0] in self.outputs:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                copy.input[0] = self.raw[node.input[0]]
+                self.nodes.append(copy)
+            return
+        ok = node.op_type in self.RAW_OPS and all(
+            (not i) or i in self.raw or i in self.consts for i in node.input)
+        if not ok:
+            raise UnsupportedOpError(f"pot-shift: node {label!r} ({node.op_type}) computes on the integers of a "
+                                     "sliver.PoTQuantize but is not an exact integer op")
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for k, i in enumerate(node.input):
+            if i in self.raw:
+                copy.input[k] = self.raw[i]
+        self.nodes.append(copy)
+        for o in node.output:
+            self.raw[o] = o
+
+    def _Mul(self, node) -> None:
+        """An integer value times a constant power of two ``2^k`` (e.g. attention's
+        ``q * head_dim^-0.5`` with head_dim 16): the integers are unchanged, the exponent drops by k."""
+        consts = [i for i in node.input if i in self.consts and i not in self.ints]
+        if len(consts) != 1 or len(node.input) != 2:
+            return self._no_integer_form(node)
+        c = np.asarray(self.consts[consts[0]], np.float64)
+        value = float(c.reshape(-1)[0]) if c.size else 0.0
+        k = math.log2(value) if value > 0 else 0.5
+        if c.size != 1 or k != round(k):
+            return self._no_integer_form(node)
+        v = self.ints[next(i for i in node.input if i not in consts)]
+        self.ints[node.output[0]] = IntValue(v.name, np.asarray(v.exponent) - int(round(k)), v.dtype, v.bits, v.signed)
+
+    def _Gather(self, node) -> None:
+        """Gather of an integer value at constant indices (attention's q/k/v, the class token)."""
+        if node.input[1] not in self.consts or node.input[0] not in self.ints:
+            return self._no_integer_form(node)
+        v = self.ints[node.input[0]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        full = self._full_exponent(v, node.input[0])
+        e = np.take(full, np.asarray(self.consts[node.input[1]]), axis=axis)
+        self._copy_with_exponent(node, v, e)
+
     # -- layers -----------------------------------------------------------------------------
     def _operand(self, node, index: int) -> IntValue:
         name = node.input[index]
@@ -526,32 +630,35 @@ class _Builder:
             return self._no_integer_form(node)
         self._pool(node, sorted(a % rank for a in axes))
 
-    def _shape_op(self, node) -> None:
-        v = self.ints[node.input[0]]
+    def _full_exponent(self, v: IntValue, name: str) -> np.ndarray:
+        """The exponent of ``v`` broadcast to the full (static) shape of ``name``."""
+        shape = self.shape(name)
+        e = np.asarray(v.exponent)
+        e = e.reshape((1,) * (len(shape) - e.ndim) + e.shape)
+        return np.broadcast_to(e, shape)
+
+    def _copy_with_exponent(self, node, v: IntValue, e: np.ndarray) -> None:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        label = node.name or node.output[0]
-        out = self.fresh(f"{label}/int")
-        del copy.input[0:1]
-        copy.input.insert(0, v.name)
+        out = self.fresh(f"{node.name or node.output[0]}/int")
+        copy.input[0] = v.name
         del copy.output[:]
         copy.output.append(out)
         copy.name = out
         self.nodes.append(copy)
-        in_shape, out_shape = self.shape(node.input[0]), self.shape(node.output[0])
-        e = np.broadcast_to(v.exponent, (1,) * (len(in_shape) - np.ndim(v.exponent)) + np.shape(v.exponent))
-        e = np.broadcast_to(e, (1,) + in_shape[1:])
-        if np.size(v.exponent) == 1:
-            e = np.asarray(v.exponent).reshape(())
-        elif node.op_type == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            e = np.transpose(e, perm)
-            if e.shape[0] != 1 and e.size > 1:
-                return self._no_integer_form(node)
-            e = e.reshape((1,) + out_shape[1:]) if e.shape[0] == 1 else e
-        else:
-            e = e.reshape((1,) + out_shape[1:])
         self.ints[node.output[0]] = IntValue(out, _compress(e), v.dtype, v.bits, v.signed)
+
+    def _shape_op(self, node) -> None:
+        """A layout op on integers: its exponent (per element, broadcast to the full shape) goes
+        through the same layout change."""
+        v = self.ints[node.input[0]]
+        full = self._full_exponent(v, node.input[0])
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            e = np.transpose(full, perm)
+        else:  # Flatten, Reshape, Squeeze, Unsqueeze, Identity keep the element order
+            e = np.ascontiguousarray(full).reshape(self.shape(node.output[0]))
+        self._copy_with_exponent(node, v, e)
 
     _Flatten = _Reshape = _Squeeze = _Unsqueeze = _Identity = _Transpose = _shape_op
 
@@ -602,6 +709,7 @@ class _Builder:
             functions.append(opdefs.shift_requant_function(version))
         model = helper.make_model(graph, opset_imports=opsets, functions=functions,
                                   producer_name=self.model.producer_name, ir_version=min(self.model.ir_version, 9) or 8)
+        opdefs.attach_functions(model)  # bodies of the integer non-linearities (sliver.IntSoftmax, ...)
         model.ir_version = max(model.ir_version, 8)
         helper.set_model_props(model, {BITS_METADATA: json.dumps(self.bits, sort_keys=True)})
         return model

@@ -20,7 +20,14 @@ Modules (what the passes build on):
   (``weight_int``, per-output-channel ``weight_exponent``, ``wbits``; signed, zero-point 0) and a
   bias quantised to the accumulator's scale. :meth:`QLayer.integer_operands` hands out everything
   an integer kernel (or an approximate multiplier) needs;
-- :class:`QMatMul`: activation x activation product (attention), two input quantisers.
+- :class:`QMatMul`: activation x activation product (attention), two input quantisers;
+- :class:`QSoftmax`, :class:`QGELU`, :class:`QLayerNorm` (integer non-linearities after I-BERT)
+  and :class:`QTokenEmbed` (class token and position embedding at one exponent): a ViT's
+  non-linear parts on integers, so that ``pot-shift`` can make the whole ViT integer-only. Each
+  quantises its input to ``WIDE_BITS`` (16) signed bits, runs the integer op whose semantics are
+  the numpy reference in :mod:`sliver.ir.opdefs` (int64 arithmetic, floor semantics spelled out
+  there), and hands on the exact value ``y * 2^-e_out`` of its 16-bit integer output ``y``; the
+  next layer's own quantiser requantises it.
 
 Exact mode (``exact=True``, what the passes leave behind): the layers compute on the integers in
 float64, where products and sums of 8-bit integers are exact, so the outputs are exactly
@@ -44,6 +51,12 @@ __all__ = [
     "QConv2d",
     "QLinear",
     "QMatMul",
+    "QNonLinear",
+    "QSoftmax",
+    "QGELU",
+    "QLayerNorm",
+    "QTokenEmbed",
+    "WIDE_BITS",
     "int_range",
     "round_half_up",
     "quantize_pot",
@@ -340,6 +353,236 @@ class QMatMul(nn.Module):
             scale = torch.tensor(2.0 ** -(self.quantizer_a.exponent + self.quantizer_b.exponent), dtype=torch.float64)
             return _exact_out(qa @ qb, scale, a.dtype)
         return self.quantizer_a(a) @ self.quantizer_b(b)
+
+
+# ------------------------------------------------------------------------------------------------
+# integer non-linearities (issue #7; I-BERT, Kim et al., ICML 2021, arXiv 2101.01321)
+
+#: width of the integers a ViT's non-linearities read and write. 16 bits: the residual stream and
+#: the attention scores have a wide range (I-BERT feeds them int32); at 16 bits per tensor the
+#: rounding is ~2^-15 of the range, below what the 8-bit (or 4-bit) layer quantisers that follow
+#: resolve, and every intermediate of the integer ops stays inside int64 (checked by the
+#: ``ir.opdefs.*_constants`` helpers).
+WIDE_BITS = 16
+#: output exponent of the integer softmax: probabilities on the grid 2^-15 (the attention's
+#: ``attn @ v`` quantiser then rounds them to its own, coarser, grid)
+SOFTMAX_OUT_EXPONENT = 15
+
+
+def range_exponent(max_abs: float, bits: int, signed: bool = True) -> int:
+    """The largest exponent at which ``max_abs`` (times 2, one bit of headroom for data the
+    calibration did not see) does not clip: ``floor(log2(qmax / (2 max_abs)))``. Used for the
+    16-bit quantisers of the non-linearities, where rounding is negligible and clipping is what
+    would hurt (the 8-bit rule :func:`nearest_exponent` may clip up to 41%)."""
+    qmax = int_range(bits, signed)[1]
+    if max_abs <= 0:
+        return 0
+    return int(math.floor(math.log2(qmax / (2.0 * max_abs))))
+
+
+class _SliverOp(torch.autograd.Function):
+    """A ``sliver.*`` integer op of :mod:`sliver.ir.opdefs`: eagerly its numpy reference (int64
+    arithmetic), exported as the custom-domain node (its model-local function body makes ONNX
+    Runtime run it). ``attrs`` is a tuple of (name, int) pairs."""
+
+    @staticmethod
+    def forward(ctx, op_type, attrs, *tensors):
+        from ..ir import opdefs
+
+        spec = opdefs.lookup(opdefs.SLIVER_DOMAIN, op_type)
+        out = spec.reference([t.detach().cpu().numpy() for t in tensors], dict(attrs))[0]
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def symbolic(g, op_type, attrs, *tensors):
+        out = g.op(f"sliver::{op_type}", *tensors, **{f"{k}_i": int(v) for k, v in attrs})
+        sizes = tensors[0].type().sizes()
+        if sizes is not None:
+            out.setType(tensors[0].type().with_dtype(torch.int32).with_sizes(list(sizes)))
+        return out
+
+
+class _Dequant(torch.autograd.Function):
+    """int32 integers at ``2^-exponent`` -> float: exports as ``DequantizeLinear`` (int32 input)."""
+
+    @staticmethod
+    def forward(ctx, y, exponent):
+        return (y.double() * 2.0 ** -exponent).float()
+
+    @staticmethod
+    def symbolic(g, y, exponent):
+        scale = g.op("Constant", value_t=torch.tensor(2.0 ** -exponent, dtype=torch.float32))
+        return g.op("DequantizeLinear", y, scale)
+
+
+class QNonLinear(nn.Module):
+    """Base of the integer non-linearities: a ``WIDE_BITS`` signed input quantiser (exponent from
+    the calibration range, :func:`range_exponent`), the integer op, and the output exponent.
+
+    Not quantised (``quantized=False``, before calibration reaches it or when the pass leaves the
+    non-linearities in float): the float op. Quantised: ``q = clip(floor(x 2^e_in + 0.5))`` in
+    float64 (= ``sliver.PoTQuantize``), the integer op on ``q`` (its numpy reference), and
+    ``y * 2^-e_out`` exactly (|y| < 2^16, exact in float32)."""
+
+    out_signed = True
+
+    def __init__(self):
+        super().__init__()
+        self.input_quantizer = PoTQuantizer(WIDE_BITS, True)
+        self.out_exponent = 0
+        self.quantized = False
+
+    def float_op(self, x):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def attributes(self) -> dict:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def int_op(self, q):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def out_range(self) -> tuple:
+        return int_range(WIDE_BITS, self.out_signed)
+
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Exponents from the float input ``x`` and output ``y`` of this op, then integer mode."""
+        self.input_quantizer.exponent = range_exponent(float(x.abs().max()), WIDE_BITS)
+        self.out_exponent = range_exponent(float(y.abs().max()), WIDE_BITS, self.out_signed)
+        self.attributes()  # raises if the exponents overflow int64 somewhere
+        self.quantized = True
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.input_quantizer
+        lo, hi = int_range(q.bits, q.signed)
+        if _exporting():
+            return _SliverOp.apply("PoTQuantize", (("exponent", q.exponent), ("lo", lo), ("hi", hi)), x)
+        return q.integers(x.double()).to(torch.int32)
+
+    def dequantize(self, y: torch.Tensor, exponent: int, dtype) -> torch.Tensor:
+        if _exporting():
+            return _Dequant.apply(y, exponent)
+        return (y.double() * 2.0 ** -exponent).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return self.float_op(x)
+        return self.dequantize(self.int_op(self.quantize_input(x)), self.out_exponent, x.dtype)
+
+
+class QSoftmax(QNonLinear):
+    """Softmax over the last axis on integers (``sliver.IntSoftmax``: I-BERT's i-exp, then
+    ``floor(E 2^15 / sum E)``); output probabilities on the grid ``2^-15``."""
+
+    out_signed = False
+
+    def float_op(self, x):
+        return x.softmax(dim=-1)
+
+    def calibrate(self, x, y):
+        self.input_quantizer.exponent = range_exponent(float(x.abs().max()), WIDE_BITS)
+        self.out_exponent = SOFTMAX_OUT_EXPONENT
+        self.attributes()
+        self.quantized = True
+
+    def attributes(self) -> dict:
+        from ..ir import opdefs
+
+        return opdefs.int_softmax_constants(self.input_quantizer.exponent, self.out_exponent)
+
+    def int_op(self, q):
+        return _SliverOp.apply("IntSoftmax", tuple(self.attributes().items()), q)
+
+
+class QGELU(QNonLinear):
+    """GELU on integers (``sliver.IntGELU``: I-BERT's i-GELU with the erf polynomial, d1 = 1)."""
+
+    def float_op(self, x):
+        return F.gelu(x)
+
+    def attributes(self) -> dict:
+        from ..ir import opdefs
+
+        lo, hi = self.out_range()
+        return opdefs.int_gelu_constants(self.input_quantizer.exponent, self.out_exponent, WIDE_BITS, lo, hi)
+
+    def int_op(self, q):
+        return _SliverOp.apply("IntGELU", tuple(self.attributes().items()), q)
+
+
+class QLayerNorm(QNonLinear):
+    """LayerNorm over the last axis on integers (``sliver.IntLayerNorm``; gamma and beta become
+    integers, see ``ir.opdefs.int_layernorm_constants``)."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        if len(norm.normalized_shape) != 1 or norm.weight is None:
+            raise ValueError("QLayerNorm takes a LayerNorm over the last axis with an affine weight")
+        self.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(norm.bias.detach().clone() if norm.bias is not None
+                                 else torch.zeros_like(norm.weight), requires_grad=False)
+        self.eps = float(norm.eps)
+        self.dim = int(norm.normalized_shape[0])
+        self.register_buffer("gamma_int", torch.zeros(self.dim, dtype=torch.int64))
+        self.register_buffer("beta_int", torch.zeros(self.dim, dtype=torch.int64))
+        self._attrs = None
+
+    def float_op(self, x):
+        return F.layer_norm(x, (self.dim,), self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+    def attributes(self) -> dict:
+        from ..ir import opdefs
+
+        lo, hi = self.out_range()
+        attrs, g, b = opdefs.int_layernorm_constants(
+            self.input_quantizer.exponent, self.dim, WIDE_BITS, self.weight.detach().double().numpy(),
+            self.bias.detach().double().numpy(), self.eps, self.out_exponent, lo, hi)
+        self.gamma_int.copy_(torch.from_numpy(g))
+        self.beta_int.copy_(torch.from_numpy(b))
+        self._attrs = attrs
+        return attrs
+
+    def int_op(self, q):
+        attrs = self._attrs if self._attrs is not None else self.attributes()
+        return _SliverOp.apply("IntLayerNorm", tuple(attrs.items()), q, self.gamma_int, self.beta_int)
+
+
+class QTokenEmbed(nn.Module):
+    """A ViT's class token and position embedding on integers at one exponent ``e``:
+    ``concat(cls_int, q(patches)) + pos_int`` with ``cls_int = round(cls 2^e)``,
+    ``pos_int = round(pos 2^e)`` (int32) and the patch tokens quantised to ``WIDE_BITS`` at ``e``.
+    The class-token row is ``q[:, :1] * 0 + cls_int`` so that the export needs no shape ops."""
+
+    def __init__(self, cls_token: torch.Tensor, pos_embed: torch.Tensor):
+        super().__init__()
+        self.cls_token = nn.Parameter(cls_token.detach().clone(), requires_grad=False)
+        self.pos_embed = nn.Parameter(pos_embed.detach().clone(), requires_grad=False)
+        self.input_quantizer = PoTQuantizer(WIDE_BITS, True)
+        self.register_buffer("cls_int", torch.zeros(cls_token.shape, dtype=torch.int32))
+        self.register_buffer("pos_int", torch.zeros(pos_embed.shape, dtype=torch.int32))
+        self.quantized = False
+
+    def float_op(self, x):
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat((cls, x), dim=1) + self.pos_embed.to(x.dtype)
+
+    def calibrate(self, x, y):
+        e = range_exponent(float(y.abs().max()), WIDE_BITS)
+        self.input_quantizer.exponent = e
+        self.cls_int.copy_(round_half_up(self.cls_token.detach().double() * 2.0 ** e).to(torch.int32))
+        self.pos_int.copy_(round_half_up(self.pos_embed.detach().double() * 2.0 ** e).to(torch.int32))
+        self.quantized = True
+
+    def forward(self, x):
+        if not self.quantized:
+            return self.float_op(x)
+        q = QNonLinear.quantize_input(self, x)
+        y = torch.cat((q[:, :1] * 0 + self.cls_int, q), dim=1) + self.pos_int
+        return QNonLinear.dequantize(self, y, self.input_quantizer.exponent, x.dtype)
+
+
+def nonlinear_modules(module: nn.Module) -> list:
+    """(name, module) of every integer non-linearity (QNonLinear / QTokenEmbed) in ``module``."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, (QNonLinear, QTokenEmbed))]
 
 
 # ------------------------------------------------------------------------------------------------
