@@ -271,15 +271,11 @@ def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, batch: int = 
     return inputs, torch.cat(got_out)
 
 
-def _capture_all(model: nn.Module, modules: list, x: torch.Tensor, batch: int = 64) -> list:
-    """(input minima per argument, output) of every module in ``modules`` from one run of ``model``."""
-    got = [([], []) for _ in modules]
-    handles = []
-    for k, m in enumerate(modules):
-        def hook(mod, args, out, k=k):
-            got[k][0].append(tuple(a.detach() for a in args))
-            got[k][1].append(out.detach())
-        handles.append(m.register_forward_hook(hook))
+def _run_hooked(model: nn.Module, modules: list, x: torch.Tensor, batch: int, on_output) -> None:
+    """Run ``model`` over ``x`` in batches, calling ``on_output(k, args, out)`` after every
+    forward of ``modules[k]``; the hooks are removed afterwards whatever happens."""
+    handles = [m.register_forward_hook(lambda mod, args, out, k=k: on_output(k, args, out))
+               for k, m in enumerate(modules)]
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch):
@@ -287,6 +283,17 @@ def _capture_all(model: nn.Module, modules: list, x: torch.Tensor, batch: int = 
     finally:
         for h in handles:
             h.remove()
+
+
+def _capture_all(model: nn.Module, modules: list, x: torch.Tensor, batch: int = 64) -> list:
+    """(input minima per argument, output) of every module in ``modules`` from one run of ``model``."""
+    got = [([], []) for _ in modules]
+
+    def keep(k, args, out):
+        got[k][0].append(tuple(a.detach() for a in args))
+        got[k][1].append(out.detach())
+
+    _run_hooked(model, modules, x, batch, keep)
     result = []
     for ins, outs in got:
         minima = tuple(torch.stack([g[a].min() for g in ins]) for a in range(len(ins[0])))
@@ -298,19 +305,12 @@ def _capture_full(model: nn.Module, modules: list, x: torch.Tensor, batch: int =
     """(max |input|, max |output|) of every module in ``modules`` (one-argument modules) from
     one run of ``model``, as 0-d tensors (what the range calibration needs)."""
     got = [[0.0, 0.0] for _ in modules]
-    handles = []
-    for k, m in enumerate(modules):
-        def hook(mod, args, out, k=k):
-            got[k][0] = max(got[k][0], float(args[0].detach().abs().max()))
-            got[k][1] = max(got[k][1], float(out.detach().abs().max()))
-        handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch):
-                model(x[i:i + batch])
-    finally:
-        for h in handles:
-            h.remove()
+
+    def widen(k, args, out):
+        got[k][0] = max(got[k][0], float(args[0].detach().abs().max()))
+        got[k][1] = max(got[k][1], float(out.detach().abs().max()))
+
+    _run_hooked(model, modules, x, batch, widen)
     return [(torch.tensor(a), torch.tensor(b)) for a, b in got]
 
 
