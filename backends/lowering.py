@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
+import numpy as np
+
 from ..ir import opdefs
 from ..ir.tvm_level import CUSTOM_IMPORTERS
 
@@ -325,7 +327,7 @@ def lower_int_layernorm(bb, inputs, attrs):
     from tvm import relax
 
     op = relax.op
-    eps, start, extra, frac, shift, lo, hi = (int(attrs[k]) for k in ("eps", "start", "extra", "frac", "shift", "lo", "hi"))
+    eps, extra, frac, shift, lo, hi = (int(attrs[k]) for k in ("eps", "extra", "frac", "shift", "lo", "hi"))
     x = bb.emit(op.astype(inputs[0], "int64"))
     g = op.astype(inputs[1], "int64")
     bt = op.astype(inputs[2], "int64")
@@ -333,7 +335,9 @@ def lower_int_layernorm(bb, inputs, attrs):
     c = bb.emit(op.subtract(op.multiply(x, _i64(d)), op.sum(x, axis=[-1], keepdims=True)))
     sq = op.left_shift(op.sum(op.multiply(c, c), axis=[-1], keepdims=True), _i64(2 * extra))
     v = bb.emit(op.add(op.floor_divide(sq, _i64(d)), _i64(eps)))
-    r = bb.emit(op.add(op.multiply(v, _i64(0)), _pow2(start)))
+    powers = relax.const(np.array(opdefs.SQRT_START_POWERS, np.int64), "int64")
+    m = op.sum(op.astype(op.greater_equal(v, powers), "int64"), axis=[-1], keepdims=True)
+    r = bb.emit(op.left_shift(op.ones_like(m), m))
     for _ in range(opdefs.NEWTON_STEPS):
         r = bb.emit(op.minimum(r, op.floor_divide(op.add(r, op.floor_divide(v, r)), _i64(2))))
     n = op.floor_divide(op.left_shift(c, _i64(frac + extra)), r)

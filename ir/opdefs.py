@@ -270,8 +270,12 @@ APP_MATMUL = define(
 IEXP_A, IEXP_B, IEXP_C = 0.3585, 1.353, 0.344
 #: I-BERT's polynomial for erf: sign(u) [a (min(|u|, -b) + b)^2 + 1]
 IERF_A, IERF_B = -0.2888, -1.769
-#: Newton steps of IntLayerNorm's integer square root (enough from any start <= 32)
-NEWTON_STEPS = 36
+#: Newton steps of IntLayerNorm's integer square root from its per-row start (5 reach floor(sqrt V)
+#: for every V < 2^63 checked: all 4^k - 1, 4^k, 4^k + 1 and 300k random values; 2 more as margin)
+NEWTON_STEPS = 7
+#: 4^k, k = 0..31: the per-row start of the square root is 2^m, m = #{k : V >= 4^k}, so that
+#: sqrt(V) < 2^m <= 2 sqrt(V) (relative error <= 1 before the first step)
+SQRT_START_POWERS = [4 ** k for k in range(32)]
 #: int64 budget of every intermediate (checked at compile time by the ``*_constants`` helpers)
 INT64_BITS = 62
 
@@ -380,11 +384,13 @@ def int_layernorm_constants(exponent: int, dim: int, in_bits: int, gamma, beta, 
     ``c 2^p / sqrt(V)``, ``V = floor(sum(c^2) 2^2p / dim) + eps_int``, ``eps_int = max(1, floor(eps
     dim^2 2^(2e + 2p)))``, with ``p = extra`` (6 for 16-bit inputs over 64 channels: the largest
     that keeps ``sum(c^2) 2^2p`` in int64; without it a row of small integers, V ~ 2^14, had a
-    square root good to 1%, measured); ``r = floor(sqrt(V))`` by ``NEWTON_STEPS`` Newton steps from ``2^start >= sqrt(V_max)``
-    (steps that would not decrease r are skipped, so r lands on floor(sqrt V) and stays; from
-    above, each step at least halves the excess ``r - sqrt(V)`` while it is large and squares the
-    relative error near the root, so ``start + 4`` steps reach it - checked at run time by the
-    reference, and for many V and the extremes by the tests).
+    square root good to 1%, measured); ``r = floor(sqrt(V))`` by ``NEWTON_STEPS`` Newton steps from
+    the per-row start ``2^m``, ``m = #{k < 32 : V >= 4^k}`` (so ``sqrt(V) < 2^m <= 2 sqrt(V)``; from
+    there each step squares the relative error, and steps that would not decrease r are
+    skipped, so r lands on floor(sqrt V) and stays - checked at run time by the reference, and
+    for many V and the extremes by the tests). An earlier version started every row at
+    ``2^start >= sqrt(V_max)`` and needed 36 unrolled steps; its TVM build of the tiny DeiT took
+    5 minutes.
     ``n = floor(c 2^(frac + p) / r)`` has ``frac`` fraction bits; gamma is rounded to ``gamma_bits``
     signed bits at exponent ``e_g`` and beta to the exponent ``frac + e_g`` of ``n * gamma``;
     ``shift = frac + e_g - e_out`` (frac raised if needed so that it is >= 0)."""
@@ -404,13 +410,12 @@ def int_layernorm_constants(exponent: int, dim: int, in_bits: int, gamma, beta, 
     extra = max(0, min(8, (INT64_BITS - (dim * c_max * c_max).bit_length()) // 2))
     eps_int = max(1, math.floor(eps * dim * dim * 2.0 ** (2 * e + 2 * extra)))
     v_max = ((dim * c_max * c_max) << (2 * extra)) // dim + eps_int
-    start = (v_max.bit_length() + 1) // 2
     n_max = (c_max << frac)
     if (n_max * int(np.abs(g).max(initial=1))).bit_length() + 1 > INT64_BITS or (c_max * c_max * dim).bit_length() > INT64_BITS:
         raise ValueError("IntLayerNorm: intermediates overflow int64; use fewer input bits")
-    if start + 4 > NEWTON_STEPS:
-        raise ValueError(f"IntLayerNorm: V up to 2^{v_max.bit_length()} needs more than {NEWTON_STEPS} Newton steps")
-    attrs = {"eps": eps_int, "start": start, "extra": extra, "frac": frac, "shift": frac + e_g - eo,
+    if v_max.bit_length() >= INT64_BITS:
+        raise ValueError("IntLayerNorm: the variance overflows int64; use fewer input bits")
+    attrs = {"eps": eps_int, "extra": extra, "frac": frac, "shift": frac + e_g - eo,
              "lo": int(lo), "hi": int(hi)}
     return attrs, g, bt
 
@@ -420,7 +425,8 @@ def int_layernorm_reference(inputs, attrs):
 
         c   = D x - sum(x)
         V   = floor(sum(c^2) 2^(2 extra) / D) + eps
-        r   = 2^start; NEWTON_STEPS (36) times: r = min(r, floor((r + floor(V / r)) / 2))  (= floor(sqrt V))
+        m   = #{k < 32 : V >= 4^k}; r = 2^m
+        NEWTON_STEPS (7) times: r = min(r, floor((r + floor(V / r)) / 2))  (= floor(sqrt V))
         n   = floor(c 2^(frac + extra) / r)
         y   = clip(floor((n gamma + beta + 2^(shift-1)) / 2^shift), lo, hi)     (shift 0: no rounding)
 
@@ -430,15 +436,16 @@ def int_layernorm_reference(inputs, attrs):
     x = np.asarray(inputs[0]).astype(np.int64)
     g = np.asarray(inputs[1]).astype(np.int64)
     bt = np.asarray(inputs[2]).astype(np.int64)
-    eps, start, extra, frac, shift, lo, hi = (int(attrs[k]) for k in ("eps", "start", "extra", "frac", "shift", "lo", "hi"))
+    eps, extra, frac, shift, lo, hi = (int(attrs[k]) for k in ("eps", "extra", "frac", "shift", "lo", "hi"))
     d = x.shape[-1]
     c = d * x - x.sum(axis=-1, keepdims=True)
     v = ((c * c).sum(axis=-1, keepdims=True) << (2 * extra)) // d + eps
-    r = np.full_like(v, 1 << start)
+    m = (v >= np.array(SQRT_START_POWERS, np.int64)).sum(axis=-1, keepdims=True)
+    r = np.left_shift(np.int64(1), m).astype(np.int64)
     for _ in range(NEWTON_STEPS):
         r = np.minimum(r, (r + v // r) // 2)
-    if np.any(r * r > v) or np.any((r + 1) * (r + 1) <= v):  # cannot happen when start <= NEWTON_STEPS - 4
-        raise ValueError("IntLayerNorm: the Newton steps did not reach floor(sqrt(V)); raise 'start'")
+    if np.any(r * r > v) or np.any((r + 1) * (r + 1) <= v):  # not seen for any V < 2^63 (see NEWTON_STEPS)
+        raise ValueError("IntLayerNorm: the Newton steps did not reach floor(sqrt(V)); raise NEWTON_STEPS")
     n = (c << (frac + extra)) // r
     acc = n * g + bt
     if shift > 0:
@@ -483,7 +490,7 @@ class _Body:
         return out
 
     def pow2(self, s):
-        """2^s (int64) for an int64 scalar s >= 0."""
+        """2^s (int64) for int64 s >= 0 (a scalar or a tensor, elementwise)."""
         from onnx import TensorProto
 
         one = self.const(1, "uint64")
@@ -570,12 +577,14 @@ def int_layernorm_function(opset: int = 17):
     x = f.op("Cast", "x", to=TensorProto.INT64)
     g = f.op("Cast", "gamma", to=TensorProto.INT64)
     bt = f.op("Cast", "beta", to=TensorProto.INT64)
-    eps, start, extra, frac, shift, lo, hi = (f.attr(k) for k in ("eps", "start", "extra", "frac", "shift", "lo", "hi"))
+    eps, extra, frac, shift, lo, hi = (f.attr(k) for k in ("eps", "extra", "frac", "shift", "lo", "hi"))
     d = f.op("Gather", f.op("Shape", x), f.const(-1))
     c = f.op("Sub", f.op("Mul", x, d), f.reduce("ReduceSum", x))
     twice = f.op("Add", extra, extra)
     v = f.op("Add", f.op("Div", f.op("Mul", f.reduce("ReduceSum", f.op("Mul", c, c)), f.pow2(twice)), d), eps)
-    r = f.op("Add", f.op("Mul", v, f.const(0)), f.pow2(start))
+    m = f.op("ReduceSum", f.op("Cast", f.op("GreaterOrEqual", v, f.const(SQRT_START_POWERS)), to=TensorProto.INT64),
+             f.const([-1]), keepdims=1)
+    r = f.pow2(m)
     two = f.const(2)
     for _ in range(NEWTON_STEPS):
         r = f.op("Min", r, f.op("Div", f.op("Add", r, f.op("Div", v, r)), two))  # non-negative: Div = floor
@@ -584,7 +593,7 @@ def int_layernorm_function(opset: int = 17):
     half = f.op("Div", f.pow2(shift), f.const(2))
     y = f.floordiv(f.op("Add", acc, half), f.pow2(shift))
     f.nodes.append(helper.make_node("Cast", [f.op("Clip", y, lo, hi)], ["y"], to=TensorProto.INT32))
-    return f.function("IntLayerNorm", ["x", "gamma", "beta"], ["y"], ["eps", "start", "extra", "frac", "shift", "lo", "hi"])
+    return f.function("IntLayerNorm", ["x", "gamma", "beta"], ["y"], ["eps", "extra", "frac", "shift", "lo", "hi"])
 
 
 POT_QUANTIZE = define(CustomOp(
