@@ -2,7 +2,7 @@
 
 After Relax fuses the model into PrimFuncs (one per fused group: ``matmul + bias + GELU``,
 ``conv2d + bias + residual add + relu6``, ``layer_norm``, ``softmax``...), :func:`schedule_module`
-gives every PrimFunc a schedule from four rules:
+gives every PrimFunc a schedule from five rules:
 
 - **GEMM-like** functions (one reduction block ``C += A * B``: dense, batched attention matmuls,
   conv2d in NHWC/HWIO layout incl. depthwise): the output's innermost axis ``j`` (features /
@@ -16,6 +16,12 @@ gives every PrimFunc a schedule from four rules:
   fused and run in parallel; the epilogue (bias, GELU, residual add, ReLU/ReLU6) is computed per
   register tile while it is hot (blocks read several times, like GELU's, are not inlined, which
   would copy their expression).
+- **depthwise + 1x1** functions (:func:`fuse_depthwise_pointwise` merges a depthwise conv group
+  into the 1x1 conv that alone consumes it): the 1x1 conv is register-tiled as above with pixel
+  tiles outermost; each tile first computes its pixels' depthwise outputs (all channels, in
+  vectors) into a stack buffer, so they never go to memory. A single-row GEMM (a classifier at
+  batch 1) reads ``GEMV_PANELS`` weight panels per tile; RGB stems read the NCHW input directly
+  (:func:`fold_input_transpose`).
 - **window** functions (max / average pooling, channels last): padding inlined, the window loops
   outside a vector of channels, rows in parallel.
 - **row-wise** functions (softmax, layer norm, mean): every block is computed per row, rows in
