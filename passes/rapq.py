@@ -86,7 +86,9 @@ def _bits_option(value) -> None:
 
 
 @dataclasses.dataclass
-class RAPQOptions:
+class NaiveOptions:
+    """Options of ``pot-naive``; ``rapq`` has the same ones plus ``iters``."""
+
     wbits: int = dataclasses.field(default=4, metadata={"doc": "weight bits (2..8), per output channel"})
     abits: int = dataclasses.field(default=4, metadata={"doc": "activation bits (2..8), per tensor"})
     first_last_bits: int = dataclasses.field(
@@ -94,13 +96,14 @@ class RAPQOptions:
     layer_bits: tuple[str, ...] = dataclasses.field(
         default=(), metadata={"doc": "per-layer widths name:wbits:abits, comma-separated (mixed precision)"})
     calib_images: int = dataclasses.field(default=128, metadata={"doc": "calibration images taken from the data"})
-    iters: int = dataclasses.field(default=100, metadata={"doc": "weight-rounding steps per layer (0: nearest)"})
     attn_bits: int = dataclasses.field(
         default=8, metadata={"doc": "activation bits of attention (inputs of qkv and proj, q, k, "
                                     "softmax output, v); 0: abits"})
     int_nonlinear: bool = dataclasses.field(
         default=True, metadata={"doc": "ViTs: LayerNorm, softmax, GELU, class token and position embedding on "
                                        "integers (I-BERT), so that pot-shift can make the model integer-only"})
+
+    iters = 0  # pot-naive rounds to nearest (not an option)
 
     def validate(self) -> None:
         _bits_option(self.wbits)
@@ -120,23 +123,8 @@ class RAPQOptions:
 
 
 @dataclasses.dataclass
-class NaiveOptions:
-    wbits: int = dataclasses.field(default=4, metadata={"doc": "weight bits (2..8), per output channel"})
-    abits: int = dataclasses.field(default=4, metadata={"doc": "activation bits (2..8), per tensor"})
-    first_last_bits: int = dataclasses.field(
-        default=8, metadata={"doc": "bits of the first and last layer; 0: same as the rest"})
-    layer_bits: tuple[str, ...] = dataclasses.field(
-        default=(), metadata={"doc": "per-layer widths name:wbits:abits, comma-separated"})
-    calib_images: int = dataclasses.field(default=128, metadata={"doc": "calibration images taken from the data"})
-    attn_bits: int = dataclasses.field(
-        default=8, metadata={"doc": "activation bits of attention (inputs of qkv and proj, q, k, "
-                                    "softmax output, v); 0: abits"})
-    int_nonlinear: bool = dataclasses.field(
-        default=True, metadata={"doc": "ViTs: LayerNorm, softmax, GELU, class token and position embedding on "
-                                       "integers (I-BERT), so that pot-shift can make the model integer-only"})
-
-    validate = RAPQOptions.validate
-    iters = 0
+class RAPQOptions(NaiveOptions):
+    iters: int = dataclasses.field(default=100, metadata={"doc": "weight-rounding steps per layer (0: nearest)"})
 
 
 # ------------------------------------------------------------------------------------------------
