@@ -243,6 +243,121 @@ def log_probs(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch
     return torch.cat([F.log_softmax(model(images[i : i + batch]).to(torch.float64), 1) for i in range(0, len(images), batch)])
 
 
+#: standard deviations of the Gaussian probe errors per non-zero product (integer units), one per
+#: decade; one forward pass each, for each of the two error kinds (half-decade steps ranked the
+#: layers no better: README)
+PROBE_LEVELS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def _nonzero_operands(layer: AppMulLayer, x: torch.Tensor) -> torch.Tensor:
+    """How many of each output's products have a non-zero activation operand: conv (N, 1, H, W),
+    linear (..., 1)."""
+    nz = (layer._round(x / layer.act_scale).clamp(layer.act_low, layer.act_high) != 0).to(torch.float32)
+    if layer.kind == "linear":
+        return nz.sum(-1, keepdim=True)
+    ones = torch.ones(1, nz.shape[1], *layer.weight_int.shape[2:])
+    return F.conv2d(nz, ones, None, layer.stride, layer.padding, layer.dilation) / layer.groups
+
+
+@torch.no_grad()
+def noise_response(model: nn.Module, layers: dict, images: torch.Tensor, levels: tuple = None, seed: int = 0) -> dict:
+    """Each layer's loss response to an error of a given size: the mean KL divergence from the
+    exact model on ``images`` when only that layer's accumulator gets Gaussian errors, one
+    forward pass per level and kind. An output with ``k`` non-zero activation operands gets
+    variance ``level^2 k`` (dequantised per output channel): ``level`` is the error's standard
+    deviation per non-zero product (a product with ``a = 0`` does not err beyond the constant
+    ``e(0, w)`` the compensation removes, so a sparse post-ReLU map errs only where there is
+    ink). Two kinds: independent per output (row 0), and one error per sample and channel shared
+    by all its positions or tokens (row 1; the per-sample mean shift of :func:`sample_bias`, which
+    a global pooling sums instead of averaging out). Returns {layer: (2, len(levels)) nats}.
+
+    Why (measured on the 6-bit tiny DeiT, README): behind a layer whose output is quantised again
+    downstream, an error far below one quantisation step still flips some roundings of the next
+    layer's input, and the flips cascade through the following requantisations to a KL that
+    depends on the layer's depth much more than on the error's size (blocks.0.mlp.fc1: 2.3e-4 at
+    0.01 accumulator units, 1.4e-3 at 1, 2.4e-3 at 100). A Taylor expansion of a smooth loss
+    cannot express that; the response curve can, and for the last layer (no requantisation after
+    it) it is the quadratic the Taylor term predicts (KL x100 per decade of the error)."""
+    levels = PROBE_LEVELS if levels is None else levels
+    generator = torch.Generator().manual_seed(seed)
+    saved = {n: (layer.multiplier, layer.correction) for n, layer in layers.items()}
+    for layer in layers.values():
+        layer.set_multiplier(None)
+    reference = log_probs(model, images)
+    out = {}
+
+    def add_noise(mod, args, y, level, shared):
+        unit = (mod.act_scale * mod.weight_scale.to(torch.float64)).to(y.dtype)
+        unit = unit.view((1, -1, 1, 1) if mod.kind == "conv" else (-1,))
+        count = _nonzero_operands(mod, args[0])
+        if not shared:
+            return y + torch.randn(y.shape, generator=generator, dtype=y.dtype) * (level * unit * count.sqrt())
+        positions = tuple(range(2, y.dim())) if mod.kind == "conv" else tuple(range(1, y.dim() - 1))
+        shape = (y.shape[0], y.shape[1], 1, 1) if mod.kind == "conv" else (y.shape[0],) + (1,) * (y.dim() - 2) + (y.shape[-1],)
+        count = count.mean(positions, keepdim=True) if positions else count
+        return y + torch.randn(shape, generator=generator, dtype=y.dtype) * (level * unit * count.sqrt())
+
+    try:
+        for n, layer in layers.items():
+            kl = np.zeros((2, len(levels)))
+            for kind in (0, 1):
+                for k, level in enumerate(levels):
+                    handle = layer.register_forward_hook(
+                        lambda mod, args, y, _l=float(level), _s=bool(kind): add_noise(mod, args, y, _l, _s))
+                    try:
+                        kl[kind, k] = float((reference.exp() * (reference - log_probs(model, images))).sum(1).mean())
+                    finally:
+                        handle.remove()
+            out[n] = kl
+    finally:
+        for n, layer in layers.items():
+            layer.set_multiplier(saved[n][0])
+            layer.correction = saved[n][1]
+    return out
+
+
+def error_rms(prof: LayerProfile, multiplier: AppMul, compensate: bool = False) -> tuple:
+    """The multiplier's error on this layer per non-zero product (integer units), split like
+    :func:`noise_response`: (independent part: RMS of the accumulator error's standard deviation,
+    shared part: RMS of its per-sample mean, the compensation's rounding residue plus
+    :func:`sample_bias`), each averaged over output channels, position classes and samples and
+    divided by the square root of the mean number of non-zero products per output."""
+    b, r = error_moments(prof, multiplier, compensate)
+    mean = b[None] + sample_bias(prof, multiplier)
+    unit2 = prof.dequant[:, None] ** 2
+    low = -(1 << (prof.bits - 1))
+    nonzero = max(float(prof.weight_counts.sum(1).mean()) * (1.0 - prof.act_hist[-low]), 1e-12)
+    return float(np.sqrt(np.mean(r / unit2) / nonzero)), float(np.sqrt(np.mean(mean * mean / unit2[None]) / nonzero))
+
+
+def _read_response(response: np.ndarray, levels: tuple, x: float) -> float:
+    """A response curve read at error size ``x``: log-log interpolation between the levels;
+    below the smallest it falls linearly with the error (a rounding flip's probability is
+    proportional to it), above the largest it grows with the error's square (Taylor regime)."""
+    if x <= 0.0:
+        return 0.0
+    lv, resp, x = np.log(np.asarray(levels, dtype=np.float64)), np.log(np.maximum(response, 1e-300)), np.log(x)
+    if x < lv[0]:
+        return float(np.exp(resp[0] + (x - lv[0])))
+    if x > lv[-1]:
+        return float(np.exp(resp[-1] + 2.0 * (x - lv[-1])))
+    return float(np.exp(np.interp(x, lv, resp)))
+
+
+def probe_estimate(prof: LayerProfile, response: np.ndarray, multipliers: list, compensate: bool = False,
+                   levels: tuple = None) -> np.ndarray:
+    """Estimated loss increase (nats) of each multiplier on this layer: the layer's two noise
+    responses (:func:`noise_response`) read at the multiplier's independent and shared error
+    sizes on this layer's operands (:func:`error_rms`) and added. Exact: 0."""
+    levels = PROBE_LEVELS if levels is None else levels
+    out = np.zeros(len(multipliers))
+    for i, m in enumerate(multipliers):
+        if not m.is_exact:
+            iid, shared = error_rms(prof, m, compensate)
+            out[i] = _read_response(response[0], levels, iid) + _read_response(response[1], levels, shared)
+    return out
+
+
 def measured_divergence(model: nn.Module, layer: AppMulLayer, multipliers: list, images: torch.Tensor,
                         reference: torch.Tensor, compensate: bool = False) -> np.ndarray:
     """Mean KL(p_exact || p) over ``images`` when only ``layer`` uses each multiplier in turn

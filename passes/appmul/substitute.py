@@ -9,6 +9,8 @@ increase and an exact selection keep accuracy while cutting multiplier energy. T
    activation scales calibrated on ``images`` training images;
 2. one forward/backward pass over those images profiles each layer (operand histograms, output
    gradients) and :func:`~.sensitivity.taylor_estimate` scores every library candidate (or, with
+   ``costs=probe``, :func:`~.sensitivity.probe_estimate` reads each layer's measured KL response
+   to Gaussian errors at the candidate's error size, 12 forward passes per layer; with
    ``costs=measured``, each pair's mean KL divergence from the exact model is measured, one
    forward pass per pair);
 3. :func:`~.selection.solve_exact` picks one candidate per layer maximising the multiplier energy
@@ -55,7 +57,7 @@ class AppMulPass(Pass):
         compensate: bool = field(default=True, metadata={"doc": "subtract each layer's expected multiplier error (an integer per output channel)"})
         images: int = field(default=128, metadata={"doc": "training images used for calibration and sensitivity"})
         solver: Literal["exact", "milp", "genetic"] = field(default="exact", metadata={"doc": "selection solver (genetic: the baseline)"})
-        costs: Literal["taylor", "measured"] = field(default="taylor", metadata={"doc": "per-(layer, multiplier) cost: the Taylor estimate (one backward pass; proxy units) or the measured mean KL divergence from the exact model on the calibration images with only that layer approximate (one forward pass per pair; nats, so budget is in nats)"})
+        costs: Literal["taylor", "probe", "measured"] = field(default="taylor", metadata={"doc": "per-(layer, multiplier) cost: the Taylor estimate (one backward pass; proxy units), the probe estimate (each layer's measured KL response to Gaussian errors, independent and shared per sample, at 6 sizes, read at the multiplier's error sizes on that layer's operands; 12 forward passes per layer; nats), or the measured mean KL divergence from the exact model on the calibration images with only that layer approximate (one forward pass per pair; nats). With probe or measured, budget is in nats"})
         max_loss: float = field(default=0.0, metadata={"doc": "> 0: search the budget instead: the largest energy saving among the exact selections for 16 grid budgets (+ 8 bisected) whose measured mean cross-entropy increase on the calibration images stays <= max_loss (nats per image)"})
 
         def validate(self) -> None:
@@ -107,6 +109,8 @@ class AppMulPass(Pass):
         table = candidate_table(profiles, lib, opts.compensate)
         if opts.costs == "measured":
             table = measured_table(gm, layers, table, images, opts.compensate)
+        elif opts.costs == "probe":
+            table = probe_table(gm, layers, profiles, table, images, opts.compensate)
         if opts.max_loss > 0:
             choice = search_budget(gm, layers, profiles, lib, images, targets, opts, ctx, table)
         else:
@@ -154,6 +158,20 @@ def measured_table(gm, layers: dict, table: tuple, images, compensate: bool) -> 
         measured[n] = (ms, kl)
         costs.append(np.maximum(kl, 0.0))
     return measured, costs, values
+
+
+def probe_table(gm, layers: dict, profiles: dict, table: tuple, images, compensate: bool) -> tuple:
+    """``candidate_table`` with each cost replaced by the probe estimate
+    (:func:`~.sensitivity.probe_estimate`: the layer's KL response to Gaussian errors on
+    ``images``, read at the multiplier's error RMS)."""
+    cands, _, values = table
+    response = sensitivity.noise_response(gm, layers, images)
+    probed, costs = {}, []
+    for n, (ms, _) in cands.items():
+        est = sensitivity.probe_estimate(profiles[n], response[n], ms, compensate)
+        probed[n] = (ms, est)
+        costs.append(est)
+    return probed, costs, values
 
 
 def select(profiles: dict, lib, budget: float, compensate: bool, solver: str = "exact", table: tuple | None = None) -> dict:
