@@ -164,24 +164,64 @@ def test_max_loss_searches_the_budget_by_measured_loss():
         passes.parse("appmul{max_loss=-1}")
 
 
-@pytest.mark.slow
-def test_tiny_resnet_8bit_saves_a_quarter_of_the_multiplier_energy():
-    """README Results row: 8-bit tiny ResNet, budget 0.0003 (chosen on training data only: the
-    largest of 1e-4/3e-4/1e-3 whose accuracy on 256 training images stays within 1 point of the
-    exact quantised model; 1e-3 falls to 46.9%): >= 25% multiplier energy saved (vs exact 8-bit
-    multipliers) at <= 1 point accuracy loss on the 360 digits test images."""
-    program = trained_program("tiny_resnet")
-    res = passes.parse("appmul{budget=0.0003 bits=8}").run(program, data={"train": data.digits("train")},
-                                                          seed=0, check=False)
+def _mixed_precision_result(model: str, bits: list, budget: float):
+    """Run ``appmul{budget bits}`` (one width per layer) on the trained float ``model``; return
+    (multiplier energy saved, appmul accuracy, exact-multiplier accuracy) on the 360 digits test
+    images, the exact model being the same program with every AppMulLayer reset to its exact
+    multiplier (same quantisation, same per-layer widths)."""
+    program = trained_program(model)
+    spec = f"appmul{{budget={budget} bits={','.join(map(str, bits))}}}"
+    res = passes.parse(spec).run(program, data={"train": data.digits("train")}, seed=0, check=False)
     notes = res.report.steps[-1].notes
-    assert notes["multiplier_energy_saved"] >= 0.25
+    assert [r["bits"] for r in notes["layers"]] == bits and len(set(bits)) > 1  # genuinely mixed
+    assert notes["estimated_loss_increase"] <= budget + 1e-12
     test = data.digits("test")
     gm = res.program.module
     approx = _accuracy(gm, test.images, test.targets)
     for m in gm.modules():
         if isinstance(m, AppMulLayer):
             m.set_multiplier(None)
-    assert approx >= _accuracy(gm, test.images, test.targets) - 1.0
+    return notes["multiplier_energy_saved"], approx, _accuracy(gm, test.images, test.targets)
+
+
+# tiny_resnet layers in module order: conv1, layer1.0.conv1, layer1.0.conv2, layer2.0.downsample.0,
+# layer2.0.conv1, layer2.0.conv2, layer3.0.downsample.0, layer3.0.conv1, layer3.0.conv2,
+# layer4.0.downsample.0, layer4.0.conv1, layer4.0.conv2, fc
+RESNET_MIXED_BITS = [8, 8, 8, 8, 8, 8, 7, 7, 8, 7, 7, 7, 8]
+# tiny_deit: patch_embed.proj and head at 8 bits, the 48 block linears at 6
+DEIT_MIXED_BITS = [8] + [6] * 48 + [8]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "target missed by one test image: 35.2% multiplier energy saved but 97.78% vs 98.89% exact "
+    "quantised (-1.11 points, 4 of 360 images; measured 2026-12-03 17:10 UTC). The budget rule's "
+    "train accuracy (99.22% at 3e-4, 91.80% at 5e-4) cannot see it: at 2e-4 (100.00% train) the test "
+    "accuracy is 98.89% (0.00) with 31.9% saved. The conventional widths (conv1 and fc at 8, the rest "
+    "at 7 or 6) miss it too (README)"))
+def test_mixed_precision_tiny_resnet_saves_a_quarter_of_the_multiplier_energy():
+    """README mixed-precision row (issue #8): >= 25% multiplier energy saved (vs exact multipliers
+    of the same per-layer widths, MAC-weighted) at <= 1 point accuracy loss on the 360 digits test
+    images. Widths (train-only sensitivity rule): every layer at 8 bits except the 5 of the 11
+    inner layers whose 7-bit quantisation alone moves the all-8-bit exact model least (KL on 128
+    training images, below the median), which get 7. Budget 0.0003: the largest of the grid 5e-5,
+    1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3 whose accuracy on 256 training images stays within 1 point
+    of the exact quantised model (100.00%)."""
+    saved, approx, exact = _mixed_precision_result("tiny_resnet", RESNET_MIXED_BITS, 0.0003)
+    assert saved >= 0.25
+    assert approx >= exact - 1.0
+
+
+@pytest.mark.slow
+def test_mixed_precision_tiny_deit_saves_a_quarter_of_the_multiplier_energy():
+    """README mixed-precision row (issue #8): tiny DeiT with patch embedding and head at 8 bits and
+    the 48 block linears at 6 (the usual convention, fixed before measuring), budget 0.001: the
+    largest of the grid above whose accuracy on 256 training images stays within 1 point of the
+    exact quantised model (99.22%; 2e-3 gives 97.66%). >= 25% multiplier energy saved at <= 1 point
+    accuracy loss on the 360 test images; measured 48.9% saved, 98.89% vs 98.33% (+0.56)."""
+    saved, approx, exact = _mixed_precision_result("tiny_deit", DEIT_MIXED_BITS, 0.001)
+    assert saved >= 0.25
+    assert approx >= exact - 1.0
 
 
 def test_measured_costs_are_kl_divergences_within_the_budget():
