@@ -224,25 +224,46 @@ def test_mixed_precision_tiny_deit_saves_a_quarter_of_the_multiplier_energy():
     assert approx >= exact - 1.0
 
 
+def _run_with_costs(costs: str, bits: int, budget: float) -> tuple:
+    """appmul{costs bits budget} on the trained tiny ResNet (16 training images): checks that the
+    chosen estimates fit the budget and some multiplier is approximate; returns the report rows,
+    the program's AppMul layers (reset to exact multipliers) and the images used."""
+    program = trained_program("tiny_resnet")
+    train = data.digits("train")
+    res = passes.parse(f"appmul{{bits={bits} images=16 costs={costs} budget={budget}}}").run(
+        program, data={"train": train}, seed=0, check=False)
+    rows = res.report.steps[-1].notes["layers"]
+    assert sum(r["estimate"] for r in rows) <= budget + 1e-5
+    assert any(r["multiplier"] != f"s{bits}_exact" for r in rows)
+    gm = res.program.module
+    layers = {n: m for n, m in gm.named_modules() if isinstance(m, AppMulLayer)}
+    for m in layers.values():
+        m.set_multiplier(None)
+    return rows, gm, layers, train.images[:16], train.targets[:16]
+
+
 def test_measured_costs_are_kl_divergences_within_the_budget():
     """costs=measured: each pair's cost is the measured mean KL divergence from the exact model
     (nats) with only that layer approximate; the chosen ones sum to <= budget."""
     from sliver.passes.appmul import sensitivity
 
-    program = trained_program("tiny_resnet")
-    train = data.digits("train")
-    res = passes.parse("appmul{bits=3 images=16 costs=measured budget=0.05}").run(
-        program, data={"train": train}, seed=0, check=False)
-    rows = res.report.steps[-1].notes["layers"]
-    assert sum(r["estimate"] for r in rows) <= 0.05 + 1e-5
-    assert any(r["multiplier"] != "s3_exact" for r in rows)
-    gm = res.program.module
-    layers = {n: m for n, m in gm.named_modules() if isinstance(m, AppMulLayer)}
+    rows, gm, layers, images, _ = _run_with_costs("measured", 3, 0.05)
     row = next(r for r in rows if r["multiplier"] != "s3_exact")
-    for m in layers.values():
-        m.set_multiplier(None)
-    images = train.images[:16]
     ref = sensitivity.log_probs(gm, images)
     kl = sensitivity.measured_divergence(gm, layers[row["layer"]], [library.load()[row["multiplier"]]], images, ref, True)
     assert kl[0] == pytest.approx(row["estimate"], abs=2e-6)
     assert all(m.multiplier is None for m in layers.values())  # measuring restores the layer
+
+
+def test_probe_costs_are_the_probe_estimates_within_the_budget():
+    """costs=probe: each layer's reported estimate is its probe estimate (nats), recomputed here
+    from the same profile and noise responses; the chosen ones sum to <= budget."""
+    from sliver.passes.appmul import sensitivity
+
+    rows, gm, layers, images, targets = _run_with_costs("probe", 4, 0.02)
+    profiles = sensitivity.profile(gm, layers, images, targets)
+    response = sensitivity.noise_response(gm, layers, images)
+    lib = library.load()
+    for r in rows:
+        est = sensitivity.probe_estimate(profiles[r["layer"]], response[r["layer"]], [lib[r["multiplier"]]], compensate=True)
+        assert est[0] == pytest.approx(r["estimate"], abs=2e-6), r["layer"]
