@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
     from scipy.stats import spearmanr
 
     from sliver.ir.errors import SliverError
@@ -79,11 +78,7 @@ def main(argv=None) -> int:
     print(f"probe: {time.time() - t0:.0f} s; measuring {len(names)} layers x {len(designs)} designs on {len(x)} images",
           flush=True)
 
-    @torch.no_grad()
-    def log_probs():
-        return torch.cat([F.log_softmax(net(x[i : i + 128]).double(), 1) for i in range(0, len(x), 128)])
-
-    ref = log_probs()
+    ref = sensitivity.log_probs(net, x)
     ce0 = -ref.gather(1, y.view(-1, 1))[:, 0]
     kl = np.zeros((len(names), len(designs), len(x)))
     ce = np.zeros_like(kl)
@@ -95,7 +90,7 @@ def main(argv=None) -> int:
             est["taylor"][i, j] = sensitivity.taylor_estimate(profiles[n], [m], compensate=True)[0]
             est["probe"][i, j] = sensitivity.probe_estimate(profiles[n], response[n], [m], compensate=True)[0]
             layers[n].set_multiplier(m, compensate=True)
-            lp = log_probs()
+            lp = sensitivity.log_probs(net, x)
             layers[n].set_multiplier(None)
             kl[i, j] = (ref.exp() * (ref - lp)).sum(1).numpy()
             ce[i, j] = (-lp.gather(1, y.view(-1, 1))[:, 0] - ce0).numpy()

@@ -106,11 +106,12 @@ class AppMulPass(Pass):
             layers = emulate.attach(gm, widths, images)
         with torch.enable_grad():
             profiles = sensitivity.profile(gm, layers, images, targets)
-        table = candidate_table(profiles, lib, opts.compensate)
+        estimate = None  # the Taylor estimate
         if opts.costs == "measured":
-            table = measured_table(gm, layers, table, images, opts.compensate)
+            estimate = measured_costs(gm, layers, images, opts.compensate)
         elif opts.costs == "probe":
-            table = probe_table(gm, layers, profiles, table, images, opts.compensate)
+            estimate = probe_costs(gm, layers, images, opts.compensate)
+        table = candidate_table(profiles, lib, opts.compensate, estimate)
         if opts.max_loss > 0:
             choice = search_budget(gm, layers, profiles, lib, images, targets, opts, ctx, table)
         else:
@@ -131,12 +132,14 @@ class AppMulPass(Pass):
         return retrace(program, gm).with_facts("appmul")
 
 
-def candidate_table(profiles: dict, lib, compensate: bool) -> tuple:
-    """Per layer: (candidates, costs = clipped Taylor estimates, values = energy saved per image)."""
+def candidate_table(profiles: dict, lib, compensate: bool, estimate=None) -> tuple:
+    """Per layer: (candidates, costs = clipped estimates, values = energy saved per image).
+    ``estimate(name, profile, candidates)`` gives each candidate's cost; default the Taylor
+    estimate (:func:`measured_costs`, :func:`probe_costs` give the others)."""
     cands, costs, values = {}, [], []
     for n, prof in profiles.items():
         ms = lib.candidates(prof.bits, True)
-        est = sensitivity.taylor_estimate(prof, ms, compensate)
+        est = (estimate(n, prof, ms) if estimate else sensitivity.taylor_estimate(prof, ms, compensate)).astype(np.float64)
         est[0] = 0.0  # the exact multiplier changes nothing
         exact = ms[0].stats["energy"]
         cands[n] = (ms, est)
@@ -145,33 +148,21 @@ def candidate_table(profiles: dict, lib, compensate: bool) -> tuple:
     return cands, costs, values
 
 
-def measured_table(gm, layers: dict, table: tuple, images, compensate: bool) -> tuple:
-    """``candidate_table`` with each cost replaced by the measured mean KL divergence from the
-    exact model (:func:`~.sensitivity.measured_divergence`) on ``images``."""
-    cands, _, values = table
+def measured_costs(gm, layers: dict, images, compensate: bool):
+    """Cost function for :func:`candidate_table`: the measured mean KL divergence from the exact
+    model (:func:`~.sensitivity.measured_divergence`) on ``images``, one forward pass per pair."""
     for layer in layers.values():
         layer.set_multiplier(None)
     reference = sensitivity.log_probs(gm, images)
-    measured, costs = {}, []
-    for n, (ms, _) in cands.items():
-        kl = sensitivity.measured_divergence(gm, layers[n], ms, images, reference, compensate)
-        measured[n] = (ms, kl)
-        costs.append(np.maximum(kl, 0.0))
-    return measured, costs, values
+    return lambda n, prof, ms: sensitivity.measured_divergence(gm, layers[n], ms, images, reference, compensate)
 
 
-def probe_table(gm, layers: dict, profiles: dict, table: tuple, images, compensate: bool) -> tuple:
-    """``candidate_table`` with each cost replaced by the probe estimate
-    (:func:`~.sensitivity.probe_estimate`: the layer's KL response to Gaussian errors on
-    ``images``, read at the multiplier's error RMS)."""
-    cands, _, values = table
+def probe_costs(gm, layers: dict, images, compensate: bool):
+    """Cost function for :func:`candidate_table`: the probe estimate
+    (:func:`~.sensitivity.probe_estimate`: each layer's KL response to Gaussian errors on
+    ``images``, read at the multiplier's error sizes)."""
     response = sensitivity.noise_response(gm, layers, images)
-    probed, costs = {}, []
-    for n, (ms, _) in cands.items():
-        est = sensitivity.probe_estimate(profiles[n], response[n], ms, compensate)
-        probed[n] = (ms, est)
-        costs.append(est)
-    return probed, costs, values
+    return lambda n, prof, ms: sensitivity.probe_estimate(prof, response[n], ms, compensate)
 
 
 def select(profiles: dict, lib, budget: float, compensate: bool, solver: str = "exact", table: tuple | None = None) -> dict:
