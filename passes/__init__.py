@@ -4,29 +4,34 @@
     pipe = passes.parse("fold-bn,cleanup")
     result = pipe.run(program, seed=0)
     print(result.report)
+
+Layout: ``infra/`` is the pass manager (base and registry, options, facts, context, pipeline,
+report); the families are ``tokens/``, ``quant/``, ``prune/`` and ``appmul/``; ``fold_bn``,
+``cleanup``, ``transformer`` (block layouts) and ``qlayers`` (quantised layer types) are shared by
+every family. A family never imports another family.
 """
 
-from . import asvit, cleanup, evit, fold_bn, heatvit, poly_act, pot_shift, rapq  # noqa: F401  (registers the passes)
-from .base import Pass, get_pass, option_docs, register, registered
-from . import adapruner, block_prune, ofa_prune  # noqa: F401  (registers the pruning passes)
+from .infra import (
+    Pass,
+    PassContext,
+    Pipeline,
+    PipelineResult,
+    Report,
+    StepReport,
+    get_pass,
+    option_docs,
+    parse,
+    register,
+    registered,
+)
+from . import cleanup, fold_bn  # noqa: F401  (registers the general passes)
+from .cleanup import Cleanup
+from .fold_bn import FoldBN
+from .tokens import ASViT, EViT, HeatViT, LVTP, keep_maps  # noqa: F401
+from .quant import PolyAct, PotNaive, PotShift, RAPQ
+from .prune import AdaPruner, BlockPrune, OFAPrune
 from . import appmul  # noqa: F401  (registers appmul)
 from .appmul import AppMulPass
-from .adapruner import AdaPruner
-from .block_prune import BlockPrune
-from .ofa_prune import OFAPrune
-from .asvit import ASViT
-from .cleanup import Cleanup
-from .evit import EViT
-from .context import PassContext
-from .fold_bn import FoldBN
-from .heatvit import HeatViT
-from . import lvtp  # noqa: F401  (registers lvtp)
-from .lvtp import LVTP
-from .poly_act import PolyAct
-from .pot_shift import PotShift
-from .rapq import RAPQ, PotNaive
-from .pipeline import Pipeline, PipelineResult, parse
-from .report import Report, StepReport
 
 __all__ = [
     "AppMulPass",

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from ..ir.onnx_level import make_program, value_types
 from ..ir.program import Program
-from .base import Pass, register
+from .infra.base import Pass, register
 
 _SHAPE_NOOPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand")
 

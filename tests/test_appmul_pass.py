@@ -90,7 +90,7 @@ def test_appmul_attaches_to_the_quantised_layers_of_pot_naive(pot_naive):
     import numpy as np
 
     from sliver import ir
-    from sliver.passes import quant
+    from sliver.passes import qlayers as quant
 
     res = passes.parse("appmul{budget=0.0004 images=32}").run(pot_naive, data={"train": data.digits("train")},
                                                              seed=0, check=False)

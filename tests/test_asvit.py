@@ -8,7 +8,7 @@ import torch
 
 from sliver import backends, ir, passes
 from sliver.ir import errors
-from sliver.passes.asvit import ThresholdBlock, class_attention_score
+from sliver.passes.tokens.asvit import ThresholdBlock, class_attention_score
 
 
 def test_score_formula():

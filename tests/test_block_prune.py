@@ -10,7 +10,7 @@ from torch import nn
 from sliver import ir, passes
 from sliver.backends import fpga
 from sliver.ir.errors import OptionValueError
-from sliver.passes.block_prune import block_mask
+from sliver.passes.prune.block_prune import block_mask
 
 torch.set_num_threads(2)
 

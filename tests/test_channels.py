@@ -15,7 +15,7 @@ from torch import nn
 from sliver import ir
 from sliver.ir.errors import PassError
 from sliver.ir.torch_level import retrace
-from sliver.passes.channels import ChannelGraph, WidthPlan, unit_scores
+from sliver.passes.prune.channels import ChannelGraph, WidthPlan, unit_scores
 
 torch.set_num_threads(2)
 

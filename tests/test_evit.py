@@ -65,8 +65,8 @@ def test_static_mode_exports_and_builds_with_tvm(model, make_program):
 
 
 def test_fused_token_is_the_attention_weighted_average(make_program):
-    from sliver.passes.evit import EViTBlock
-    from sliver.passes.tokens import attention_with_probs
+    from sliver.passes.tokens.evit import EViTBlock
+    from sliver.passes.transformer import attention_with_probs
 
     prog = make_program("tiny_deit")
     block = prog.module.get_submodule("blocks.0")
@@ -116,7 +116,7 @@ def test_evit_golden(make_program, golden):
 
 
 def test_keep_count_rule():
-    from sliver.passes.tokens import keep_count
+    from sliver.passes.tokens.common import keep_count
 
     assert keep_count(0.7, 196) == math.ceil(0.7 * 196) == 138
     assert keep_count(0.7, 139) == 98 and keep_count(0.01, 10) == 1 and keep_count(1.0, 10) == 10

@@ -16,7 +16,7 @@ from sliver import ir, models
 from sliver.backends import fpga
 from sliver.backends.fpga.formulas import systolic_cycles
 from sliver.ir.errors import BackendError, UnsupportedOpError
-from sliver.passes.context import PassContext
+from sliver.passes.infra.context import PassContext
 
 DEIT = {"deit_tiny": (192, 3), "deit_small": (384, 6), "deit_base": (768, 12)}
 

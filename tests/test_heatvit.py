@@ -9,7 +9,7 @@ from timm_style import RefTimmViT
 
 from sliver import backends, ir, passes
 from sliver.ir import errors
-from sliver.passes.heatvit import TokenSelector
+from sliver.passes.tokens.heatvit import TokenSelector
 
 
 def test_deit_small_macs_with_selectors(make_program):
@@ -106,7 +106,7 @@ def test_bad_use_is_a_one_line_error(pipeline, data_given, error, words, make_pr
 def test_latency_aware_choice_from_the_cost_models_block_table(make_program):
     from sliver.backends import fpga
     from sliver.passes import PassContext
-    from sliver.passes.heatvit import latency_aware_schedule, schedule_latency_ms
+    from sliver.passes.tokens.heatvit import latency_aware_schedule, schedule_latency_ms
 
     prog = make_program("tiny_deit")
     cost = fpga.CostModel(accel="zcu102", bits=8)

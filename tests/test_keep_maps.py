@@ -12,7 +12,7 @@ import torch
 
 from sliver import passes
 from sliver.passes import keep_maps
-from sliver.passes.tokens import attention_with_probs
+from sliver.passes.transformer import attention_with_probs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

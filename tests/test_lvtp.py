@@ -13,8 +13,8 @@ from timm_style import RefTimmViT
 
 from sliver import backends, ir, models, passes
 from sliver.ir import errors
-from sliver.passes.lvtp import PatchEdges, multiscale_entropy, tsallis_entropy, two_means
-from sliver.passes.tokens import attention_parts
+from sliver.passes.tokens.lvtp import PatchEdges, multiscale_entropy, tsallis_entropy, two_means
+from sliver.passes.transformer import attention_parts
 
 
 def test_tsallis_entropy_formula():
@@ -205,7 +205,7 @@ def test_trained_segmenter_keeps_its_miou_with_20_percent_fewer_macs():
     docstring: even a ground-truth choice of the parked tokens loses 2.5 points with static counts)."""
     from sliver.backends.evaluate import score
     from sliver.models import data
-    from sliver.passes.tokens import recording_selections
+    from sliver.passes.tokens.common import recording_selections
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 600 batch-1 runs of a 0.2M-parameter model: threads only add overhead

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from sliver import passes
 from sliver.ir.errors import OptionValueError, PassError
 from sliver.models import data
-from sliver.passes.channels import ChannelGraph
-from sliver.passes.ofa_prune import _MaskedBN, cohort
+from sliver.passes.prune.channels import ChannelGraph
+from sliver.passes.prune.ofa_prune import _MaskedBN, cohort
 
 torch.set_num_threads(2)
 

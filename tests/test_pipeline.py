@@ -12,7 +12,7 @@ import torch
 from sliver import passes
 from sliver.ir import errors
 from sliver.ir.program import Program
-from sliver.passes.base import Pass, register
+from sliver.passes.infra.base import Pass, register
 
 
 # -- passes that exist only for these tests -----------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sliver import backends, ir, passes
-from sliver.passes.poly_act import approximation_errors, fixed_point, poly_exp, poly_gelu, poly_softmax, pwl_sigmoid
+from sliver.passes.quant.poly_act import approximation_errors, fixed_point, poly_exp, poly_gelu, poly_softmax, pwl_sigmoid
 
 
 def test_forms_at_known_points():

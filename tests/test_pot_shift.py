@@ -18,7 +18,7 @@ from sliver.ir import opdefs
 from sliver.ir.errors import UnsupportedOpError
 from sliver.ir.program import Program
 from sliver.models import data
-from sliver.passes.pot_shift import BITS_METADATA, check_integer_only
+from sliver.passes.quant.pot_shift import BITS_METADATA, check_integer_only
 
 torch.set_num_threads(2)
 INTEGER_OPS = {"ConvInteger", "MatMulInteger", "ShiftRequant", "Add", "Sub", "Mul", "Relu", "ReduceSum",

@@ -24,7 +24,7 @@ from sliver import passes
 from sliver.ir import opdefs
 from sliver.ir.program import Program
 from sliver.models import data
-from sliver.passes.quant import QGELU, QLayerNorm, QSoftmax, QTokenEmbed
+from sliver.passes.qlayers import QGELU, QLayerNorm, QSoftmax, QTokenEmbed
 
 I16 = (-(1 << 15), (1 << 15) - 1)
 

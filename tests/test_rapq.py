@@ -10,7 +10,7 @@ from trained import trained_program
 from sliver import ir, passes
 from sliver.ir.errors import OptionValueError, PassError
 from sliver.models import data
-from sliver.passes.quant import PoTQuantizer, QLayer, QMatMul, int_range, quant_layers
+from sliver.passes.qlayers import PoTQuantizer, QLayer, QMatMul, int_range, quant_layers
 
 torch.set_num_threads(2)
 

@@ -299,7 +299,7 @@ def _conv(node, ctx):
 
 
 def _skip_zero_blocks(weight: str, ctx, work, *, outputs_first: bool):
-    """Block-sparse weights (passes/block_prune.py): in each column fold of the output-stationary
+    """Block-sparse weights (passes/prune/block_prune.py): in each column fold of the output-stationary
     array (``cols`` output channels) the reduction steps whose weights are zero across the whole
     fold are skipped and not loaded. The fold's ``T`` becomes its count of non-zero reduction rows;
     cycles are linear in ``T`` per fold, so the work's ``k`` is the width-weighted mean of those

@@ -81,12 +81,12 @@ class AppMulLayer(nn.Module):
         #: activation operand range (a sub-range of the multiplier's signed range) and rounding
         self.act_low, self.act_high = self.low, self.high
         self.half_up = False
-        #: integer bias added to the accumulator (layers taken from passes/quant.py), else None
+        #: integer bias added to the accumulator (layers taken from passes/qlayers.py), else None
         self.register_buffer("bias_int", None)
 
     @classmethod
     def from_qlayer(cls, qlayer) -> "AppMulLayer":
-        """The AppMul layer of a power-of-two quantised ``QConv2d``/``QLinear`` (passes/quant.py,
+        """The AppMul layer of a power-of-two quantised ``QConv2d``/``QLinear`` (passes/qlayers.py,
         after ``rapq`` or ``pot-naive``), built from :meth:`QLayer.integer_operands` alone: its
         integer weights, per-channel weight exponents, input quantiser (exponent, width,
         signedness, rounding) and integer bias, so that with the exact multiplier it computes
@@ -94,7 +94,7 @@ class AppMulLayer(nn.Module):
         ``max(wbits, abits + 1 if the input is unsigned else abits)`` wide: the narrowest signed
         multiplier whose operand range holds both operands (an unsigned 4-bit activation 0..15
         needs the 5-bit signed multiplier, as the library has no mixed-sign multipliers)."""
-        from ..quant import QConv2d, QLinear, int_range
+        from ..qlayers import QConv2d, QLinear, int_range
 
         if not isinstance(qlayer, (QConv2d, QLinear)) or not qlayer.quantized:
             raise PassError(f"appmul takes calibrated QConv2d/QLinear layers, not {type(qlayer).__name__}")
@@ -448,8 +448,8 @@ def attach(module: nn.Module, bits: dict, images: torch.Tensor) -> dict:
 
 
 def quantized_layers(module: nn.Module) -> list:
-    """Names of the calibrated QConv2d/QLinear layers of a model quantised by passes/quant.py."""
-    from ..quant import QConv2d, QLinear
+    """Names of the calibrated QConv2d/QLinear layers of a model quantised by passes/qlayers.py."""
+    from ..qlayers import QConv2d, QLinear
 
     return [n for n, m in module.named_modules() if isinstance(m, (QConv2d, QLinear)) and m.quantized]
 

@@ -91,12 +91,12 @@ def _positions_last(g: torch.Tensor, kind: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def straight_through(model: nn.Module):
-    """Within this block the power-of-two quantisers of a model quantised by passes/quant.py
+    """Within this block the power-of-two quantisers of a model quantised by passes/qlayers.py
     (activation quantisers of QMatMul, the output quantiser) pass gradients straight through
     (their rounding has zero gradient), and QMatMul and the QLayers left unreplaced run their
     fake-quant form instead of the exact float64 one, so that every AppMul layer's output
     gradient is seen (values agree up to float32 rounding)."""
-    from ..quant import PoTQuantizer, QLayer, QMatMul
+    from ..qlayers import PoTQuantizer, QLayer, QMatMul
 
     patched, exact = [], []
     for m in model.modules():

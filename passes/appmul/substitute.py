@@ -38,7 +38,7 @@ import torch
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ..base import Pass, register
+from ..infra.base import Pass, register
 from . import emulate, library, selection, sensitivity
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ir.errors import PassError
-from ..ir.program import Program
+from ...ir.errors import PassError
+from ...ir.program import Program
 from .lvtp import patch_size_of
-from .tokens import recording_selections, tokens_in, transformer_blocks
+from .common import recording_selections, tokens_in, transformer_blocks
 
 #: colour pruned patches are blended towards (visible on dark digits and on photos alike)
 PRUNED_TINT = np.array([0.15, 0.25, 0.75])
@@ -68,7 +68,7 @@ def keep_maps(program: Program, image) -> list:
 def default_images(program: Program) -> list:
     """(title, image (3, H, W), mean, std) pairs for the pictures: a digit (a digit scene for 64x64
     models) and scikit-image's astronaut photo, resized to the model's input."""
-    from ..models import data
+    from ...models import data
 
     _, _, h, w = (int(d) for d in program.example_inputs[0].shape)
     ink = data.digit_scenes("test") if (h, w) == (64, 64) else data.digits("test")

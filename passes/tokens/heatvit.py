@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir.errors import PassError
-from ..ir.program import Program
-from ..ir.torch_level import retrace
-from .base import Pass, register
-from .tokens import (
+from ...ir.errors import PassError
+from ...ir.program import Program
+from ...ir.torch_level import retrace
+from ..infra.base import Pass, register
+from .common import (
     TokenPolicy,
     check_blocks,
     attention_parts,

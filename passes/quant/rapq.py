@@ -11,9 +11,9 @@ own range. What this pass does, in order:
    the exponent ``p`` of its ``|pred - target|^p`` loss from the block's BN statistics; the formula
    is not in the paper text we have, so sliver keeps ``p = 2`` and puts the BN statistics into the
    per-channel weights - documented choice.)
-2. Every conv / linear becomes a :class:`~sliver.passes.quant.QLayer` (per-output-channel weight
+2. Every conv / linear becomes a :class:`~sliver.passes.qlayers.QLayer` (per-output-channel weight
    exponents, per-tensor input exponent, zero-points 0), attention's two activation matmuls become
-   :class:`~sliver.passes.quant.QMatMul`, and an 8-bit quantiser is put on the model output. The
+   :class:`~sliver.passes.qlayers.QMatMul`, and an 8-bit quantiser is put on the model output. The
    first and the last layer get ``first_last_bits`` (8 by default, as in RAPQ); every activation
    of an attention sub-block (its input into ``qkv``, q, k, the softmax probabilities, v, and the
    heads' output into ``proj``) gets ``attn_bits`` (8 by default; weights keep ``wbits``): on the
@@ -52,13 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir.errors import PassError
-from ..ir.program import Program
-from ..ir.torch_level import is_attention, retrace
-from .base import Pass, register
-from .fold_bn import fold_batchnorm
-from .pipeline import ROUNDING_FACT
-from .quant import (
+from ...ir.errors import PassError
+from ...ir.program import Program
+from ...ir.torch_level import is_attention, retrace
+from ..infra.base import Pass, register
+from ..fold_bn import fold_batchnorm
+from ..infra.facts import ROUNDING_FACT
+from ..qlayers import (
     PoTQuantizer,
     QGELU,
     QLayerNorm,

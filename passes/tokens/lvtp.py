@@ -70,11 +70,11 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..ir.errors import PassError, UnsupportedOpError
-from ..ir.program import Program
-from ..ir.torch_level import retrace
-from .base import Pass, register
-from .tokens import (
+from ...ir.errors import PassError, UnsupportedOpError
+from ...ir.program import Program
+from ...ir.torch_level import retrace
+from ..infra.base import Pass, register
+from .common import (
     OnnxTopK,
     attention_parts,
     check_blocks,

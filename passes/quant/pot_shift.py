@@ -45,11 +45,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..ir import opdefs
-from ..ir.errors import PassError, UnsupportedOpError
-from ..ir.onnx_level import SLIVER_DOMAIN, make_program, value_types
-from ..ir.program import Program
-from .base import Pass, register
+from ...ir import opdefs
+from ...ir.errors import PassError, UnsupportedOpError
+from ...ir.onnx_level import SLIVER_DOMAIN, make_program, value_types
+from ...ir.program import Program
+from ..infra.base import Pass, register
 
 INTEGER_FACT = "integer-only"
 BITS_METADATA = "sliver.bits"

@@ -18,18 +18,17 @@ import re
 import time
 from typing import Iterable, Sequence
 
-from ..ir.convert import convert_step
-from ..ir.errors import NumericalCheckError, PassError, PassOrderError, PipelineSyntaxError, SliverError
-from ..ir.program import PassRecord, Program, level_index
-from ..ir.runtime import max_abs_diff, run_program
+from ...ir.convert import convert_step
+from ...ir.errors import NumericalCheckError, PassError, PassOrderError, PipelineSyntaxError, SliverError
+from ...ir.program import PassRecord, Program, level_index
+from ...ir.runtime import max_abs_diff, run_program
 from .base import Pass, get_pass, providers_of
 from .context import PassContext
+from .facts import ROUNDING_FACT
 from .report import Report, StepReport
 
 #: largest output change allowed for a level conversion, relative to the output magnitude
 CONVERSION_TOLERANCE = 1e-4
-#: fact of programs that round values inside (fake-quantised activations)
-ROUNDING_FACT = "rounds-activations"
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*$")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
@@ -188,7 +187,7 @@ class Pipeline:
 
 
 def _level_name(index: int) -> str:
-    from ..ir.program import LEVELS
+    from ...ir.program import LEVELS
 
     return LEVELS[index]
 

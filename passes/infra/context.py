@@ -50,7 +50,7 @@ class PassContext:
         entry (e.g. ``{"train": data.digits("train"), "val": data.digits("val")}``). Passes that
         train (token selectors, thresholds, fine-tuning) call this; without data it is a one-line
         error naming the pass and the fix."""
-        from ..ir.errors import PassError
+        from ...ir.errors import PassError
 
         data = self.data
         if isinstance(data, dict):

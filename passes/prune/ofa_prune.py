@@ -37,11 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ir.errors import PassError
-from ..ir.program import Program
-from ..ir.torch_level import propagate_shapes, retrace
+from ...ir.errors import PassError
+from ...ir.program import Program
+from ...ir.torch_level import propagate_shapes, retrace
 from .adapruner import _check_finite, channel_importance, prunable_graph, recalibrate_bn, sparse_train
-from .base import Pass, register
+from ..infra.base import Pass, register
 from .channels import ChannelGraph, WidthPlan, unit_scores
 
 
@@ -243,8 +243,8 @@ def _with_weights(view_module, trained):
 
 def cohort(program: Program, data, seed: int = 0, **options) -> dict:
     """Run ``ofa-prune`` with ``options`` through a pipeline; returns {(budget, resolution): Program}."""
-    from .context import PassContext
-    from .pipeline import Pipeline
+    from ..infra.context import PassContext
+    from ..infra.pipeline import Pipeline
 
     ctx = PassContext(data=data, seed=seed)
     Pipeline([OFAPrune(**options)]).run(program, ctx, check=False)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir.errors import PassError
-from ..ir.program import Program
-from ..ir.torch_level import retrace
-from .base import Pass, register
+from ...ir.errors import PassError
+from ...ir.program import Program
+from ...ir.torch_level import retrace
+from ..infra.base import Pass, register
 
 
 @dataclasses.dataclass

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir.errors import PassError
-from ..ir.program import Program
-from ..ir.torch_level import retrace
-from .base import Pass, register
+from ...ir.errors import PassError
+from ...ir.program import Program
+from ...ir.torch_level import retrace
+from ..infra.base import Pass, register
 from .channels import ChannelGraph, WidthPlan, has_bn_everywhere, unit_scores
 
 CRITERIA = ("l1-norm", "bn-scale", "geometric-median", "random")

@@ -17,10 +17,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..ir.program import Program
-from ..ir.torch_level import retrace
-from .base import Pass, register
-from .tokens import (
+from ...ir.program import Program
+from ...ir.torch_level import retrace
+from ..infra.base import Pass, register
+from .common import (
     attention_with_probs,
     check_blocks,
     keep_count,

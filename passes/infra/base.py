@@ -23,8 +23,8 @@ import dataclasses
 import typing
 from typing import Any, ClassVar, Literal
 
-from ..ir.errors import OptionValueError, UnknownOptionError, UnknownPassError
-from ..ir.program import LEVELS, Program
+from ...ir.errors import OptionValueError, UnknownOptionError, UnknownPassError
+from ...ir.program import LEVELS, Program
 
 
 @dataclasses.dataclass

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir.errors import PassError
+from ...ir.errors import PassError
 
 # modules and functions that keep channel i of their input as channel i of their output
 _PASS_MODULES = (

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir.program import Program
-from ..ir.torch_level import is_attention, retrace
-from .base import Pass, register
-from .pipeline import ROUNDING_FACT
-from .tokens import attention_with_probs
+from ...ir.program import Program
+from ...ir.torch_level import is_attention, retrace
+from ..infra.base import Pass, register
+from ..infra.facts import ROUNDING_FACT
+from ..transformer import attention_with_probs
 
 GELU_A, GELU_B = -0.2888, -1.769
 EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344
