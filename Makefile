@@ -6,12 +6,12 @@ STAMP := $(VENV)/.sliver-installed
 
 .PHONY: setup setup-arm compile test clean
 
-$(STAMP): pyproject.toml setup.py passes/appmul/_mckp.c
+$(STAMP): pyproject.toml constraints.txt setup.py passes/appmul/_mckp.c
 	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	# SCALE-Sim, the reference the FPGA cycle model is checked against; without its ~300 MB of
 	# dependencies (numba, pandas, ...) that the classes the test uses do not need.
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps scalesim==3.0.0
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt scalesim
 	@touch $(STAMP)
 
 setup: $(STAMP)
