@@ -15,19 +15,16 @@ import onnx_graphsurgeon as gs
 
 from ..ir.onnx_level import make_program, value_types
 from ..ir.program import Program
-from .infra.base import Pass, register
+from .infra.base import Pass, option, register
+from .infra.facts import CLEAN
 
 _SHAPE_NOOPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand")
 
 
 @dataclasses.dataclass
 class CleanupOptions:
-    fold_constants: bool = dataclasses.field(
-        default=True, metadata={"doc": "evaluate nodes whose inputs are all constants"}
-    )
-    remove_noops: bool = dataclasses.field(
-        default=True, metadata={"doc": "remove Identity, Dropout, same-type Cast, same-shape Reshape & co."}
-    )
+    fold_constants: bool = option(True, "evaluate nodes whose inputs are all constants")
+    remove_noops: bool = option(True, "remove Identity, Dropout, same-type Cast, same-shape Reshape & co.")
 
 
 @register
@@ -35,7 +32,7 @@ class Cleanup(Pass):
     name = "cleanup"
     level = "onnx"
     summary = "constant folding, no-op and dead-node removal, topological sort (onnx-graphsurgeon)"
-    provides = ("clean",)
+    provides = (CLEAN,)
     check_tolerance = 1e-6
     Options = CleanupOptions
 

@@ -17,6 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from ..ir.program import Program
 from ..ir.torch_level import retrace
 from .infra.base import Pass, register
+from .infra.facts import BN_FOLDED
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -27,7 +28,7 @@ class FoldBN(Pass):
     name = "fold-bn"
     level = "torch"
     summary = "fold BatchNorm into the preceding conv/linear (exact, inference mode)"
-    provides = ("bn-folded",)
+    provides = (BN_FOLDED,)
     check_tolerance = 1e-5
 
     def run(self, program: Program, ctx) -> Program:

@@ -8,7 +8,7 @@ the same signed ``n``-bit range. :class:`AppMulLayer` builds that interface itse
 ``nn.Conv2d``/``nn.Linear`` (symmetric per-channel weights, activation scale from calibration)
 until a quantized layer from the PoT passes is available.
 
-Emulation (the decomposition every LUT emulator relies on, REFERENCE.md "FAMES"): with weights
+Emulation (the decomposition every LUT emulator relies on: AdaPT, TFApprox, TorchApprox): with weights
 taking the values ``v``,
 
     sum_k LUT[a_k][w_k] = sum_v f_v(A) @ 1[W == v],   f_v(a) = LUT[a][v],

@@ -29,7 +29,7 @@ the integer interface of :mod:`.emulate`, to be fed by the PoT quantizer once it
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -38,7 +38,8 @@ import torch
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import APPMUL
 from . import emulate, library, selection, sensitivity
 
 
@@ -47,28 +48,19 @@ class AppMulPass(Pass):
     name = "appmul"
     level = "torch"
     summary = "approximate multipliers per layer (FAMES): Taylor sensitivity + exact knapsack selection"
-    provides = ("appmul",)
+    provides = (APPMUL,)
     check_tolerance = None
 
     @dataclass
     class Options:
-        budget: float = field(default=0.0005, metadata={"doc": "allowed sum of the per-layer Taylor estimates (proxy units: they underestimate the real loss increase 10-100x at 4-6 bits)"})
-        bits: tuple[int, ...] = field(default=(), metadata={"doc": "operand width of a float model: one for all conv/linear layers, or one per layer in module order (2..8; default 8); a model quantised by rapq/pot-naive keeps its layers' widths"})
-        compensate: bool = field(default=True, metadata={"doc": "subtract each layer's expected multiplier error (an integer per output channel)"})
-        images: int = field(default=128, metadata={"doc": "training images used for calibration and sensitivity"})
-        solver: Literal["exact", "milp", "genetic"] = field(default="exact", metadata={"doc": "selection solver (genetic: the baseline)"})
-        costs: Literal["taylor", "probe", "measured"] = field(default="taylor", metadata={"doc": "per-(layer, multiplier) cost: the Taylor estimate (one backward pass; proxy units), the probe estimate (each layer's measured KL response to Gaussian errors, independent and shared per sample, at 6 sizes, read at the multiplier's error sizes on that layer's operands; 12 forward passes per layer; nats), or the measured mean KL divergence from the exact model on the calibration images with only that layer approximate (one forward pass per pair; nats). With probe or measured, budget is in nats"})
-        max_loss: float = field(default=0.0, metadata={"doc": "> 0: search the budget instead: the largest energy saving among the exact selections for 16 grid budgets (+ 8 bisected) whose measured mean cross-entropy increase on the calibration images stays <= max_loss (nats per image)"})
+        budget: float = option(0.0005, "allowed sum of the per-layer Taylor estimates (proxy units: they underestimate the real loss increase 10-100x at 4-6 bits)", ge=0.0, why="an allowed loss increase")
+        bits: tuple[int, ...] = option((), "operand width of a float model: one for all conv/linear layers, or one per layer in module order (2..8; default 8); a model quantised by rapq/pot-naive keeps its layers' widths", ge=2, le=8, why="the AppMul library's widths")
+        compensate: bool = option(True, "subtract each layer's expected multiplier error (an integer per output channel)")
+        images: int = option(128, "training images used for calibration and sensitivity", ge=1)
+        solver: Literal["exact", "milp", "genetic"] = option("exact", "selection solver (genetic: the baseline)")
+        costs: Literal["taylor", "probe", "measured"] = option("taylor", "per-(layer, multiplier) cost: the Taylor estimate (one backward pass; proxy units), the probe estimate (each layer's measured KL response to Gaussian errors, independent and shared per sample, at 6 sizes, read at the multiplier's error sizes on that layer's operands; 12 forward passes per layer; nats), or the measured mean KL divergence from the exact model on the calibration images with only that layer approximate (one forward pass per pair; nats). With probe or measured, budget is in nats")
+        max_loss: float = option(0.0, "> 0: search the budget instead: the largest energy saving among the exact selections for 16 grid budgets (+ 8 bisected) whose measured mean cross-entropy increase on the calibration images stays <= max_loss (nats per image)", ge=0.0, why="nats; 0 turns the budget search off")
 
-        def validate(self) -> None:
-            if self.budget < 0:
-                raise ValueError(f"budget={self.budget} must be >= 0 (an allowed loss increase)")
-            if any(not 2 <= b <= 8 for b in self.bits):
-                raise ValueError(f"bits={','.join(map(str, self.bits))} must be in 2..8 (the AppMul library's widths)")
-            if self.images < 1:
-                raise ValueError("images must be >= 1")
-            if self.max_loss < 0:
-                raise ValueError(f"max_loss={self.max_loss} must be >= 0 (nats; 0 turns the budget search off)")
 
     def run(self, program: Program, ctx) -> Program:
         opts = self.options
@@ -129,7 +121,7 @@ class AppMulPass(Pass):
         ctx.record("layers", rows)
         ctx.record("multiplier_energy_saved", round(1.0 - after / before, 4))
         ctx.record("estimated_loss_increase", round(float(sum(r["estimate"] for r in rows)), 6))
-        return retrace(program, gm).with_facts("appmul")
+        return retrace(program, gm).with_facts(APPMUL)
 
 
 def candidate_table(profiles: dict, lib, compensate: bool, estimate=None) -> tuple:

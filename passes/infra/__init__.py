@@ -2,7 +2,7 @@
 (:mod:`.facts`), the pass context (:mod:`.context`), the pipeline and its runner with instruments
 (:mod:`.pipeline`) and the report (:mod:`.report`). Nothing here knows any particular pass."""
 
-from .base import Pass, get_pass, option_docs, register, registered
+from .base import Pass, get_pass, option, option_docs, register, registered
 from .context import PassContext
 from .pipeline import Pipeline, PipelineResult, parse
 from .report import Report, StepReport

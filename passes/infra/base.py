@@ -5,8 +5,11 @@ A pass is a class with:
 - ``name``: what pipelines call it (``fold-bn``);
 - ``level``: the IR level it runs on (``torch``, ``onnx`` or ``tvm``);
 - ``Options``: a dataclass of typed options with defaults (``int``, ``float``, ``bool``, ``str``,
-  ``tuple[int, ...]``, ``tuple[float, ...]``, ``typing.Literal[...]``); a field's
-  ``metadata={"doc": ...}`` documents it, and an optional ``validate()`` method checks ranges;
+  ``tuple[int, ...]``, ``tuple[float, ...]``, ``typing.Literal[...]`` for a choice), each declared
+  with :func:`option`, which documents it and declares its bounds (``ge``/``gt``/``le``/``lt``;
+  ``nonempty`` for lists). The bounds are checked here, for every pass alike, and printed by
+  ``--list-passes``; an optional ``validate()`` method checks only what no bound can say (relations
+  between options, the form of a string);
 - ``requires`` / ``provides`` / ``invalidates``: facts (strings) about the program;
 - ``check_tolerance``: the largest allowed change of the outputs, relative to their magnitude
   (``max|new - old| <= tol * max(1, max|old|)``), or ``None`` for passes that trade accuracy
@@ -25,6 +28,20 @@ from typing import Any, ClassVar, Literal
 
 from ...ir.errors import OptionValueError, UnknownOptionError, UnknownPassError
 from ...ir.program import LEVELS, Program
+
+
+#: the bound keywords of :func:`option`
+BOUNDS = ("ge", "gt", "le", "lt")
+
+
+def option(default, doc: str, *, ge=None, gt=None, le=None, lt=None, nonempty: bool = False, why: str = ""):
+    """A declared option: its default, its documentation and its bounds.
+
+    ``ge``/``gt``/``le``/``lt`` bound a number, or every item of a list option; ``nonempty`` asks a
+    list option for at least one item; ``why`` is appended to the error a violated bound gives
+    (e.g. ``"the thresholds are learned"``)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return dataclasses.field(default=default, metadata={"doc": doc, "bounds": bounds, "nonempty": nonempty, "why": why})
 
 
 @dataclasses.dataclass
@@ -123,6 +140,10 @@ def build_options(p: Pass, given: dict):
         options = cls(**values)
     except TypeError as e:
         raise OptionValueError(f"pass {p.name!r}: {e}") from None
+    for f in dataclasses.fields(cls):
+        problem = bound_violation(f, hints[f.name], getattr(options, f.name))
+        if problem:
+            raise OptionValueError(f"pass {p.name!r}: {problem}")
     check = getattr(options, "validate", None)
     if check is not None:
         try:
@@ -132,6 +153,58 @@ def build_options(p: Pass, given: dict):
     return options, frozenset(values)
 
 
+def _number(value) -> str:
+    return format_value(value) if not isinstance(value, float) or not value.is_integer() else str(int(value))
+
+
+def describe_bounds(bounds: dict, integer: bool) -> str:
+    """``(0, 1]``, ``0..16``, ``>= 1``: the range the bounds allow, as the errors and
+    ``--list-passes`` print it."""
+    low = ("gt", bounds["gt"]) if "gt" in bounds else ("ge", bounds["ge"]) if "ge" in bounds else None
+    high = ("lt", bounds["lt"]) if "lt" in bounds else ("le", bounds["le"]) if "le" in bounds else None
+    if low and high:
+        if integer and low[0] == "ge" and high[0] == "le":
+            return f"{_number(low[1])}..{_number(high[1])}"
+        return f"{'(' if low[0] == 'gt' else '['}{_number(low[1])}, {_number(high[1])}{')' if high[0] == 'lt' else ']'}"
+    kind, value = low or high
+    return {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[kind] + f" {_number(value)}"
+
+
+def _within(value, bounds: dict) -> bool:
+    return (
+        ("gt" not in bounds or value > bounds["gt"])
+        and ("ge" not in bounds or value >= bounds["ge"])
+        and ("lt" not in bounds or value < bounds["lt"])
+        and ("le" not in bounds or value <= bounds["le"])
+    )
+
+
+def bound_violation(f: dataclasses.Field, tp, value) -> str:
+    """The one-line problem with ``value`` against the bounds ``f`` declares, or ``""``."""
+    bounds, nonempty = f.metadata.get("bounds", {}), f.metadata.get("nonempty", False)
+    why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
+    if value is None or not (bounds or nonempty):
+        return ""
+    text = f"{f.name}={format_value(value)}"
+    if isinstance(value, tuple):
+        integer = typing.get_args(tp)[0] is int if typing.get_args(tp) else False
+        if nonempty and not value:
+            return f"{f.name} is empty; give at least one value{why}"
+        if not all(_within(v, bounds) for v in value):
+            what = "integers" if integer else "numbers"
+            if bounds == {"gt": 0}:
+                return f"{text} must be a {'non-empty ' if nonempty else ''}list of positive {what}{why}"
+            where = describe_bounds(bounds, integer)
+            where = f"in {where}" if len(bounds) > 1 else where
+            return f"{text} must be a {'non-empty ' if nonempty else ''}list of {what} {where}{why}"
+        return ""
+    if _within(value, bounds):
+        return ""
+    range_text = describe_bounds(bounds, isinstance(value, int))
+    verb = "must lie in" if len(bounds) > 1 else "must be"
+    return f"{text} {verb} {range_text}{why}"
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -139,6 +212,12 @@ def _type_name(tp) -> str:
     if origin is tuple:
         return f"a comma-separated list of {_type_name(typing.get_args(tp)[0])}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _choices(tp) -> str:
+    """``static or adaptive``: the choices of a Literal option in prose."""
+    names = [format_value(a) for a in typing.get_args(tp)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def coerce(pass_name: str, key: str, tp, raw):
@@ -160,7 +239,7 @@ def coerce(pass_name: str, key: str, tp, raw):
         for c in choices:
             if raw == c or (isinstance(raw, str) and raw == str(c)):
                 return c
-        raise bad()
+        raise bad(f" (choose {_choices(tp)})")
     if origin is tuple:
         item = typing.get_args(tp)[0]
         if isinstance(raw, str):
@@ -220,5 +299,12 @@ def option_docs(cls: type) -> list:
             default = format_value(f.default_factory())
         else:
             default = "(required)"
-        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
+        type_text = _type_name(hints[f.name])
+        bounds = f.metadata.get("bounds")
+        if bounds:
+            integer = hints[f.name] is int or typing.get_args(hints[f.name])[:1] == (int,)
+            type_text += f" in {describe_bounds(bounds, integer)}" if len(bounds) > 1 else f" {describe_bounds(bounds, integer)}"
+        if f.metadata.get("nonempty"):
+            type_text = "a non-empty " + type_text.removeprefix("a ")
+        rows.append((f.name, type_text, default or "(none)", f.metadata.get("doc", "")))
     return rows

@@ -46,7 +46,8 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import CHANNEL_PRUNED
 from .channels import ChannelGraph, WidthPlan, has_bn_everywhere, unit_scores
 
 CRITERIA = ("l1-norm", "bn-scale", "geometric-median", "random")
@@ -54,32 +55,18 @@ CRITERIA = ("l1-norm", "bn-scale", "geometric-median", "random")
 
 @dataclasses.dataclass
 class AdaPrunerOptions:
-    flops: float = dataclasses.field(default=0.67, metadata={"doc": "MACs budget as a fraction of the dense model's"})
-    tolerance: float = dataclasses.field(default=0.01, metadata={"doc": "allowed relative shortfall below the budget"})
-    round_to: int = dataclasses.field(default=1, metadata={"doc": "channel counts are rounded up to multiples of this"})
-    min_channels: int = dataclasses.field(default=1, metadata={"doc": "fewest channels a group keeps"})
-    criterion: Literal["auto", "l1-norm", "bn-scale", "geometric-median", "random"] = dataclasses.field(
-        default="auto", metadata={"doc": "weight-inheritance criterion; auto picks by a proxy evaluation"})
-    sparse_epochs: int = dataclasses.field(default=1, metadata={"doc": "epochs of L1-on-gamma sparse training"})
-    sparsity: float = dataclasses.field(default=0.5, metadata={
-        "doc": "L1 coefficient on the BN gammas (proximal shrink lr x sparsity per step)"})
-    finetune_epochs: int = dataclasses.field(default=4, metadata={"doc": "fine-tuning epochs after pruning"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate (sparse training and fine-tuning)"})
-    batch_size: int = dataclasses.field(default=64, metadata={"doc": "training batch size"})
-    distill: float = dataclasses.field(default=1.0, metadata={"doc": "weight of the KL loss to the dense model"})
-    proxy_images: int = dataclasses.field(default=256, metadata={"doc": "images for BN re-estimation in the proxy"})
-
-    def validate(self) -> None:
-        if not 0.0 < self.flops <= 1.0:
-            raise ValueError(f"flops={self.flops} must be in (0, 1] (a fraction of the dense MACs)")
-        if not 0.0 < self.tolerance < 1.0:
-            raise ValueError(f"tolerance={self.tolerance} must be in (0, 1)")
-        if self.round_to < 1 or self.min_channels < 1:
-            raise ValueError("round_to and min_channels must be >= 1")
-        if self.sparse_epochs < 0 or self.finetune_epochs < 0 or self.batch_size < 1 or self.proxy_images < 1:
-            raise ValueError("epochs must be >= 0, batch_size and proxy_images >= 1")
-        if self.sparsity < 0 or self.lr <= 0 or self.distill < 0:
-            raise ValueError("sparsity and distill must be >= 0, lr > 0")
+    flops: float = option(0.67, "MACs budget as a fraction of the dense model's", gt=0.0, le=1.0, why="a fraction of the dense MACs")
+    tolerance: float = option(0.01, "allowed relative shortfall below the budget", gt=0.0, lt=1.0)
+    round_to: int = option(1, "channel counts are rounded up to multiples of this", ge=1)
+    min_channels: int = option(1, "fewest channels a group keeps", ge=1)
+    criterion: Literal["auto", "l1-norm", "bn-scale", "geometric-median", "random"] = option("auto", "weight-inheritance criterion; auto picks by a proxy evaluation")
+    sparse_epochs: int = option(1, "epochs of L1-on-gamma sparse training", ge=0)
+    sparsity: float = option(0.5, "L1 coefficient on the BN gammas (proximal shrink lr x sparsity per step)", ge=0.0)
+    finetune_epochs: int = option(4, "fine-tuning epochs after pruning", ge=0)
+    lr: float = option(1e-3, "learning rate (sparse training and fine-tuning)", gt=0.0)
+    batch_size: int = option(64, "training batch size", ge=1)
+    distill: float = option(1.0, "weight of the KL loss to the dense model", ge=0.0)
+    proxy_images: int = option(256, "images for BN re-estimation in the proxy", ge=1)
 
 
 @register
@@ -87,7 +74,7 @@ class AdaPruner(Pass):
     name = "adapruner"
     level = "torch"
     summary = "channel pruning to a FLOPs budget: BN-scale bisection, adaptive weight inheritance, fine-tuning"
-    provides = ("channel-pruned",)
+    provides = (CHANNEL_PRUNED,)
     Options = AdaPrunerOptions
 
     def run(self, program: Program, ctx) -> Program:

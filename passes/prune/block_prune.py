@@ -29,26 +29,22 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import BLOCK_SPARSE
 
 
 @dataclasses.dataclass
 class BlockPruneOptions:
-    block: tuple[int, ...] = dataclasses.field(default=(64, 4), metadata={
-        "doc": "tile shape: output channels, reduction elements"})
-    sparsity: float = dataclasses.field(default=0.5, metadata={"doc": "fraction of tiles zeroed in each layer"})
-    min_blocks: int = dataclasses.field(default=4, metadata={"doc": "layers with fewer tiles stay dense"})
-    finetune_epochs: int = dataclasses.field(default=0, metadata={"doc": "masked fine-tuning epochs (needs data)"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "fine-tuning learning rate"})
-    batch_size: int = dataclasses.field(default=64, metadata={"doc": "fine-tuning batch size"})
+    block: tuple[int, ...] = option((64, 4), "tile shape: output channels, reduction elements", ge=1)
+    sparsity: float = option(0.5, "fraction of tiles zeroed in each layer", ge=0.0, lt=1.0)
+    min_blocks: int = option(4, "layers with fewer tiles stay dense", ge=1)
+    finetune_epochs: int = option(0, "masked fine-tuning epochs (needs data)", ge=0)
+    lr: float = option(1e-3, "fine-tuning learning rate", gt=0.0)
+    batch_size: int = option(64, "fine-tuning batch size", ge=1)
 
     def validate(self) -> None:
-        if len(self.block) != 2 or min(self.block) < 1:
+        if len(self.block) != 2:
             raise ValueError(f"block={','.join(map(str, self.block))} must be two positive sizes: rows,cols")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity={self.sparsity} must be in [0, 1)")
-        if self.min_blocks < 1 or self.finetune_epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("min_blocks and batch_size must be >= 1, finetune_epochs >= 0, lr > 0")
 
 
 def block_mask(matrix: torch.Tensor, block: tuple, sparsity: float) -> torch.Tensor:
@@ -74,7 +70,7 @@ class BlockPrune(Pass):
     name = "block-prune"
     level = "torch"
     summary = "block-structured weight sparsity (zero tiles) for conv/linear layers"
-    provides = ("block-sparse",)
+    provides = (BLOCK_SPARSE,)
     Options = BlockPruneOptions
 
     def run(self, program: Program, ctx) -> Program:

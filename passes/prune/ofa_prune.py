@@ -41,34 +41,23 @@ from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import propagate_shapes, retrace
 from .adapruner import _check_finite, channel_importance, prunable_graph, recalibrate_bn, sparse_train
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import CHANNEL_PRUNED
 from .channels import ChannelGraph, WidthPlan, unit_scores
 
 
 @dataclasses.dataclass
 class OFAPruneOptions:
-    budgets: tuple[float, ...] = dataclasses.field(default=(0.5, 0.75), metadata={
-        "doc": "MACs budgets, fractions of the dense model's at its own resolution"})
-    resolutions: tuple[int, ...] = dataclasses.field(default=(), metadata={
-        "doc": "input sizes (square); default: the program's own"})
-    search_epochs: int = dataclasses.field(default=3, metadata={"doc": "most epochs of the structure search"})
-    stable: float = dataclasses.field(default=0.99, metadata={"doc": "mask cosine similarity that ends the search"})
-    sparsity: float = dataclasses.field(default=0.5, metadata={"doc": "L1 on BN gammas (proximal lr x sparsity)"})
-    train_epochs: int = dataclasses.field(default=2, metadata={"doc": "epochs of joint sub-network training"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate"})
-    batch_size: int = dataclasses.field(default=64, metadata={"doc": "batch size"})
-    round_to: int = dataclasses.field(default=1, metadata={"doc": "channel counts rounded up to multiples of this"})
-    select: int = dataclasses.field(default=0, metadata={"doc": "which pair the pass returns (budgets-major)"})
-
-    def validate(self) -> None:
-        if not self.budgets or not all(0.0 < b <= 1.0 for b in self.budgets):
-            raise ValueError(f"budgets={self.budgets} must be fractions in (0, 1]")
-        if any(r < 8 for r in self.resolutions):
-            raise ValueError(f"resolutions={self.resolutions} must be >= 8 pixels")
-        if self.search_epochs < 1 or self.train_epochs < 0 or self.batch_size < 1 or self.round_to < 1:
-            raise ValueError("search_epochs, batch_size, round_to must be >= 1 and train_epochs >= 0")
-        if not 0.0 < self.stable <= 1.0 or self.lr <= 0 or self.sparsity < 0:
-            raise ValueError("stable must be in (0, 1], lr > 0, sparsity >= 0")
+    budgets: tuple[float, ...] = option((0.5, 0.75), "MACs budgets, fractions of the dense model's at its own resolution", gt=0.0, le=1.0, nonempty=True)
+    resolutions: tuple[int, ...] = option((), "input sizes (square); default: the program's own", ge=8, why="pixels")
+    search_epochs: int = option(3, "most epochs of the structure search", ge=1)
+    stable: float = option(0.99, "mask cosine similarity that ends the search", gt=0.0, le=1.0)
+    sparsity: float = option(0.5, "L1 on BN gammas (proximal lr x sparsity)", ge=0.0)
+    train_epochs: int = option(2, "epochs of joint sub-network training", ge=0)
+    lr: float = option(1e-3, "learning rate", gt=0.0)
+    batch_size: int = option(64, "batch size", ge=1)
+    round_to: int = option(1, "channel counts rounded up to multiples of this", ge=1)
+    select: int = option(0, "which pair the pass returns (budgets-major)", ge=0)
 
 
 def _at_resolution(program: Program, size: int) -> Program:
@@ -120,7 +109,7 @@ class OFAPrune(Pass):
     name = "ofa-prune"
     level = "torch"
     summary = "once-for-all cohort of pruned networks for (FLOPs budget, resolution) pairs"
-    provides = ("channel-pruned",)
+    provides = (CHANNEL_PRUNED,)
     Options = OFAPruneOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -36,12 +36,14 @@ from torch import nn
 
 from ...ir.program import Program
 from ...ir.torch_level import is_attention, retrace
-from ..infra.base import Pass, register
-from ..infra.facts import ROUNDING_FACT
+from ..infra.base import Pass, option, register
+from ...ir import opdefs
+from ..infra.facts import POLY_ACT, ROUNDING_FACT
 from ..transformer import attention_with_probs
 
-GELU_A, GELU_B = -0.2888, -1.769
-EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344
+# I-BERT's constants (second-order erf and exp polynomials): one definition, in sliver.ir.opdefs
+GELU_A, GELU_B = opdefs.IERF_A, opdefs.IERF_B
+EXP_A, EXP_B, EXP_C = opdefs.IEXP_A, opdefs.IEXP_B, opdefs.IEXP_C
 LN2 = math.log(2.0)
 RANGES = {"gelu": (-8.0, 8.0), "exp": (-16.0, 0.0), "sigmoid": (-8.0, 8.0)}
 
@@ -165,15 +167,9 @@ def approximation_errors(bits: int, d1: float = 1.0, points: int = 20001) -> dic
 
 @dataclasses.dataclass
 class PolyActOptions:
-    bits: int = dataclasses.field(default=8, metadata={"doc": "fixed-point bits of each function's input (0: float)"})
-    d1: float = dataclasses.field(default=1.0, metadata={"doc": "GELU erf factor (HeatViT trains with 0.5)"})
-    d2: float = dataclasses.field(default=1.0, metadata={"doc": "attention softmax scale (HeatViT trains with 0.5)"})
-
-    def validate(self):
-        if not 0 <= self.bits <= 16:
-            raise ValueError(f"bits={self.bits} must lie in 0..16 (0 keeps float inputs)")
-        if not 0 < self.d1 <= 1 or not 0 < self.d2 <= 1:
-            raise ValueError("d1 and d2 must lie in (0, 1]")
+    bits: int = option(8, "fixed-point bits of each function's input (0: float)", ge=0, le=16, why="0 keeps float inputs")
+    d1: float = option(1.0, "GELU erf factor (HeatViT trains with 0.5)", gt=0.0, le=1.0, why="d1 and d2 are scale factors")
+    d2: float = option(1.0, "attention softmax scale (HeatViT trains with 0.5)", gt=0.0, le=1.0, why="d1 and d2 are scale factors")
 
 
 @register
@@ -181,7 +177,7 @@ class PolyAct(Pass):
     name = "poly-act"
     level = "torch"
     summary = "GELU, softmax (exp) and sigmoid -> HeatViT's polynomial / piecewise-linear forms"
-    provides = ("poly-act",)
+    provides = (POLY_ACT,)
     Options = PolyActOptions
 
     def run(self, program: Program, ctx) -> Program:

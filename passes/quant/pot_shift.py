@@ -49,9 +49,9 @@ from ...ir import opdefs
 from ...ir.errors import PassError, UnsupportedOpError
 from ...ir.onnx_level import SLIVER_DOMAIN, make_program, value_types
 from ...ir.program import Program
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import INTEGER_ONLY, QUANTIZED_POT
 
-INTEGER_FACT = "integer-only"
 BITS_METADATA = "sliver.bits"
 _DATA_INTS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.INT32)
 _INT_TYPES = {TensorProto.INT8: (np.int8, True), TensorProto.UINT8: (np.uint8, False)}
@@ -59,8 +59,7 @@ _INT_TYPES = {TensorProto.INT8: (np.int8, True), TensorProto.UINT8: (np.uint8, F
 
 @dataclasses.dataclass
 class PotShiftOptions:
-    allow_float: bool = dataclasses.field(
-        default=False, metadata={"doc": "keep ops with no integer form in float (with a warning) instead of failing"})
+    allow_float: bool = option(False, "keep ops with no integer form in float (with a warning) instead of failing")
 
 
 @dataclasses.dataclass
@@ -105,7 +104,7 @@ class PotShift(Pass):
     name = "pot-shift"
     level = "onnx"
     summary = "fold power-of-two QDQ scales into an integer-only graph (int8 ops, int32 accumulators, shifts)"
-    requires = ("quantized:pot",)
+    requires = (QUANTIZED_POT,)
     # ``integer-only`` is added by run() itself, and only when no op was left in float
     provides = ()
     check_tolerance = None
@@ -127,8 +126,8 @@ class PotShift(Pass):
         out = make_program(program, new, f"pot-shift output of {program.name}")
         check_integer_only(out.module, allow=builder.dequantizers)
         if builder.float_nodes:  # not integer-only: the fact would be a lie
-            return out.replace(facts=out.facts - {INTEGER_FACT})
-        return out.with_facts(INTEGER_FACT)
+            return out.replace(facts=out.facts - {INTEGER_ONLY})
+        return out.with_facts(INTEGER_ONLY)
 
 
 def check_integer_only(model: onnx.ModelProto, allow: set = frozenset()) -> None:

@@ -55,9 +55,9 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import is_attention, retrace
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
 from ..fold_bn import fold_batchnorm
-from ..infra.facts import ROUNDING_FACT
+from ..infra.facts import QUANTIZED_POT, ROUNDING_FACT
 from ..qlayers import (
     PoTQuantizer,
     QGELU,
@@ -80,40 +80,35 @@ from ..qlayers import (
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 
 
-def _bits_option(value) -> None:
+def _bits_option(value, name: str = "bit widths") -> None:
     if not 2 <= value <= 8:
-        raise ValueError(f"bit widths must be 2..8, got {value}; use e.g. wbits=4 abits=4")
+        raise ValueError(f"{name} must be 2..8, got {value}; use e.g. wbits=4 abits=4")
 
 
 @dataclasses.dataclass
 class NaiveOptions:
     """Options of ``pot-naive``; ``rapq`` has the same ones plus ``iters``."""
 
-    wbits: int = dataclasses.field(default=4, metadata={"doc": "weight bits (2..8), per output channel"})
-    abits: int = dataclasses.field(default=4, metadata={"doc": "activation bits (2..8), per tensor"})
-    first_last_bits: int = dataclasses.field(
-        default=8, metadata={"doc": "bits of the first and last layer (weights and inputs); 0: same as the rest"})
-    layer_bits: tuple[str, ...] = dataclasses.field(
-        default=(), metadata={"doc": "per-layer widths name:wbits:abits, comma-separated (mixed precision)"})
-    calib_images: int = dataclasses.field(default=128, metadata={"doc": "calibration images taken from the data"})
-    attn_bits: int = dataclasses.field(
-        default=8, metadata={"doc": "activation bits of attention (inputs of qkv and proj, q, k, "
-                                    "softmax output, v); 0: abits"})
-    int_nonlinear: bool = dataclasses.field(
-        default=True, metadata={"doc": "ViTs: LayerNorm, softmax, GELU, class token and position embedding on "
-                                       "integers (I-BERT), so that pot-shift can make the model integer-only"})
+    wbits: int = option(4, "weight bits (2..8), per output channel")
+    abits: int = option(4, "activation bits (2..8), per tensor")
+    first_last_bits: int = option(8, "bits of the first and last layer (weights and inputs); 0: same as the rest")
+    layer_bits: tuple[str, ...] = option((), "per-layer widths name:wbits:abits, comma-separated (mixed precision)")
+    calib_images: int = option(128, "calibration images taken from the data", ge=1)
+    attn_bits: int = option(8, "activation bits of attention (inputs of qkv and proj, q, k, "
+                            "softmax output, v); 0: abits")
+    int_nonlinear: bool = option(True, "ViTs: LayerNorm, softmax, GELU, class token and position embedding on "
+                                 "integers (I-BERT), so that pot-shift can make the model integer-only")
 
     iters = 0  # pot-naive rounds to nearest (not an option)
 
     def validate(self) -> None:
+        # every width is checked by one rule (also the widths inside layer_bits); first_last_bits
+        # and attn_bits may also be 0 (= the default width), which no single bound can say
         _bits_option(self.wbits)
         _bits_option(self.abits)
-        if self.first_last_bits:
-            _bits_option(self.first_last_bits)
-        if self.attn_bits:
-            _bits_option(self.attn_bits)
-        if self.calib_images < 1 or self.iters < 0:
-            raise ValueError("calib_images must be >= 1 and iters >= 0")
+        for name in ("first_last_bits", "attn_bits"):
+            if getattr(self, name):
+                _bits_option(getattr(self, name), f"{name} (0 or a width)")
         for item in self.layer_bits:
             parts = item.split(":")
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
@@ -124,7 +119,7 @@ class NaiveOptions:
 
 @dataclasses.dataclass
 class RAPQOptions(NaiveOptions):
-    iters: int = dataclasses.field(default=100, metadata={"doc": "weight-rounding steps per layer (0: nearest)"})
+    iters: int = option(100, "weight-rounding steps per layer (0: nearest)", ge=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,7 +377,7 @@ class RAPQ(Pass):
     name = "rapq"
     level = "torch"
     summary = "power-of-two post-training quantisation (RAPQ): integer exponents, learned rounding"
-    provides = ("quantized:pot", ROUNDING_FACT)
+    provides = (QUANTIZED_POT, ROUNDING_FACT)
     check_tolerance = None
     Options = RAPQOptions
     method = "rapq"

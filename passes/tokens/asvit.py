@@ -36,13 +36,15 @@ paper's rule, k = (tokens over threshold across the batch) // B, then top-k per 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import TOKEN_PRUNED
 from .common import (
     attention_parts,
     check_blocks,
@@ -132,27 +134,15 @@ class ThresholdBlock(nn.Module):
 
 @dataclasses.dataclass
 class ASViTOptions:
-    blocks: tuple[int, ...] = dataclasses.field(default=(4, 7, 10), metadata={"doc": "0-indexed pruning blocks (AS-ViT: 4,7,10 on DeiT)"})
-    budget: float = dataclasses.field(default=0.7, metadata={"doc": "target MACs as a fraction of the dense model's, in (0, 1]"})
-    epochs: int = dataclasses.field(default=3, metadata={"doc": "fine-tuning epochs over the training data"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the dense layers x 10 (they learn at lr/10)"})
-    threshold_lr: float = dataclasses.field(
-        default=1e-3, metadata={"doc": "threshold learning rate, in units of the uniform score 1/N per step (short fine-tunes: 0.05)"}
-    )
-    batch_size: int = dataclasses.field(default=64, metadata={"doc": "fine-tuning batch size"})
-    budget_weight: float = dataclasses.field(default=2.0, metadata={"doc": "weight of the MAC-budget loss"})
-    distill_weight: float = dataclasses.field(default=0.5, metadata={"doc": "weight of the KL loss to the dense model"})
-    mode: str = dataclasses.field(default="static", metadata={"doc": "static (compiled) or adaptive (PyTorch)"})
-
-    def validate(self):
-        if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"budget={self.budget} must lie in (0, 1]")
-        if not self.blocks:
-            raise ValueError("blocks is empty; name at least one block index")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.threshold_lr <= 0:
-            raise ValueError("epochs must be >= 1 (the thresholds are learned), batch_size >= 1, lr and threshold_lr > 0")
-        if self.mode not in ("static", "adaptive"):
-            raise ValueError(f"mode={self.mode} must be static or adaptive")
+    blocks: tuple[int, ...] = option((4, 7, 10), "0-indexed pruning blocks (AS-ViT: 4,7,10 on DeiT)", nonempty=True)
+    budget: float = option(0.7, "target MACs as a fraction of the dense model's, in (0, 1]", gt=0.0, le=1.0)
+    epochs: int = option(3, "fine-tuning epochs over the training data", ge=1, why="the thresholds are learned")
+    lr: float = option(1e-3, "learning rate of the dense layers x 10 (they learn at lr/10)", gt=0.0)
+    threshold_lr: float = option(1e-3, "threshold learning rate, in units of the uniform score 1/N per step (short fine-tunes: 0.05)", gt=0.0)
+    batch_size: int = option(64, "fine-tuning batch size", ge=1)
+    budget_weight: float = option(2.0, "weight of the MAC-budget loss", ge=0.0)
+    distill_weight: float = option(0.5, "weight of the KL loss to the dense model", ge=0.0)
+    mode: Literal["static", "adaptive"] = option("static", "static (compiled) or adaptive (PyTorch)")
 
 
 def block_macs(tokens, dim: int, mlp_ratio: float):
@@ -165,7 +155,7 @@ class ASViT(Pass):
     name = "asvit"
     level = "torch"
     summary = "AS-ViT: learnable per-stage thresholds on head-weighted class attention, MAC-budget loss"
-    provides = ("token-pruned",)
+    provides = (TOKEN_PRUNED,)
     Options = ASViTOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -19,7 +19,8 @@ from torch import nn
 
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import TOKEN_PRUNED
 from .common import (
     attention_with_probs,
     check_blocks,
@@ -59,16 +60,8 @@ class EViTBlock(nn.Module):
 
 @dataclasses.dataclass
 class EViTOptions:
-    blocks: tuple[int, ...] = dataclasses.field(
-        default=(3, 6, 9), metadata={"doc": "0-indexed blocks that prune after their attention"}
-    )
-    keep: float = dataclasses.field(default=0.7, metadata={"doc": "fraction of patch tokens kept at each stage, in (0, 1]"})
-
-    def validate(self):
-        if not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"keep={self.keep} must lie in (0, 1]")
-        if not self.blocks:
-            raise ValueError("blocks is empty; name at least one block index")
+    blocks: tuple[int, ...] = option((3, 6, 9), "0-indexed blocks that prune after their attention", nonempty=True)
+    keep: float = option(0.7, "fraction of patch tokens kept at each stage, in (0, 1]", gt=0.0, le=1.0)
 
 
 @register
@@ -76,7 +69,7 @@ class EViT(Pass):
     name = "evit"
     level = "torch"
     summary = "EViT: keep the top-k patch tokens by CLS attention, fuse the rest (training-free)"
-    provides = ("token-pruned",)
+    provides = (TOKEN_PRUNED,)
     Options = EViTOptions
 
     def run(self, program: Program, ctx) -> Program:

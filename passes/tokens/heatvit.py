@@ -33,8 +33,8 @@ the package token as a weighted sum, static shapes; ``adaptive``: at batch 1, ke
 tokens whose keep score exceeds 0.5 (PyTorch only).
 
 What the paper leaves open and we chose: the shared per-head local MLP, head weights from the
-mean local feature, and the package token's weighting by keep score (REFERENCE.md marks these
-as secondary sources). The 8-bit polynomial nonlinearities are the separate ``poly-act`` pass.
+mean local feature, and the package token's weighting by keep score (known only from
+secondary descriptions of the method). The 8-bit polynomial nonlinearities are the separate ``poly-act`` pass.
 
 Latency-aware choice (``latency`` > 0): instead of taking ``blocks`` and ``keep`` as given, the
 pass reads the block-latency table (token count -> ms of one block) of ``ctx.cost_model`` (e.g.
@@ -45,6 +45,7 @@ selector blocks and keep ratio that meet the latency target; see :func:`latency_
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,7 +53,8 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import TOKEN_PRUNED
 from .common import (
     TokenPolicy,
     check_blocks,
@@ -145,39 +147,19 @@ class TokenSelector(nn.Module):
 
 @dataclasses.dataclass
 class HeatViTOptions:
-    blocks: tuple[int, ...] = dataclasses.field(default=(3, 6, 9), metadata={"doc": "0-indexed blocks to insert a selector before"})
-    keep: float = dataclasses.field(default=0.7, metadata={"doc": "keep ratio per stage: stage s keeps int(N0 keep^s) tokens"})
-    epochs: int = dataclasses.field(default=3, metadata={"doc": "fine-tuning epochs over the training data"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the dense layers x 10 (they learn at lr/10)"})
-    selector_lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the selectors"})
-    warm_start: int = dataclasses.field(
-        default=20,
-        metadata={"doc": "epochs of fitting each selector to the dense model's class-attention top-k before the "
-                         "fine-tune (backbone frozen; cheap); 0 = selectors start from random weights"},
-    )
-    batch_size: int = dataclasses.field(default=64, metadata={"doc": "fine-tuning batch size"})
-    ratio_weight: float = dataclasses.field(default=2.0, metadata={"doc": "weight of the keep-ratio loss"})
-    distill_weight: float = dataclasses.field(default=0.5, metadata={"doc": "weight of the KL loss to the dense model"})
-    mode: str = dataclasses.field(default="static", metadata={"doc": "static (compiled) or adaptive (PyTorch, batch 1)"})
-    latency: float = dataclasses.field(
-        default=0.0,
-        metadata={"doc": "latency-aware choice: target latency of the blocks as a fraction of the dense ones', from the "
-                         "cost model's block-latency table; picks blocks (as given or shifted by one) and keep; 0 = off"},
-    )
-
-    def validate(self):
-        if not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"keep={self.keep} must lie in (0, 1]")
-        if not 0.0 <= self.latency <= 1.0:
-            raise ValueError(f"latency={self.latency} must lie in [0, 1] (0 turns the latency-aware choice off)")
-        if not self.blocks:
-            raise ValueError("blocks is empty; name at least one block index")
-        if self.warm_start < 0:
-            raise ValueError(f"warm_start={self.warm_start} must be >= 0")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.selector_lr <= 0:
-            raise ValueError("epochs must be >= 0, batch_size >= 1, lr and selector_lr > 0")
-        if self.mode not in ("static", "adaptive"):
-            raise ValueError(f"mode={self.mode} must be static or adaptive")
+    blocks: tuple[int, ...] = option((3, 6, 9), "0-indexed blocks to insert a selector before", nonempty=True)
+    keep: float = option(0.7, "keep ratio per stage: stage s keeps int(N0 keep^s) tokens", gt=0.0, le=1.0)
+    epochs: int = option(3, "fine-tuning epochs over the training data", ge=0)
+    lr: float = option(1e-3, "learning rate of the dense layers x 10 (they learn at lr/10)", gt=0.0)
+    selector_lr: float = option(1e-3, "learning rate of the selectors", gt=0.0)
+    warm_start: int = option(20, "epochs of fitting each selector to the dense model's class-attention top-k before the "
+                             "fine-tune (backbone frozen; cheap); 0 = selectors start from random weights", ge=0)
+    batch_size: int = option(64, "fine-tuning batch size", ge=1)
+    ratio_weight: float = option(2.0, "weight of the keep-ratio loss", ge=0.0)
+    distill_weight: float = option(0.5, "weight of the KL loss to the dense model", ge=0.0)
+    mode: Literal["static", "adaptive"] = option("static", "static (compiled) or adaptive (PyTorch, batch 1)")
+    latency: float = option(0.0, "latency-aware choice: target latency of the blocks as a fraction of the dense ones', from the "
+                            "cost model's block-latency table; picks blocks (as given or shifted by one) and keep; 0 = off", ge=0.0, le=1.0, why="0 turns the latency-aware choice off")
 
 
 @register
@@ -185,7 +167,7 @@ class HeatViT(Pass):
     name = "heatvit"
     level = "torch"
     summary = "HeatViT: trained multi-head token selectors with a package token (static top-k)"
-    provides = ("token-pruned",)
+    provides = (TOKEN_PRUNED,)
     Options = HeatViTOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -21,7 +21,7 @@ At each chosen block (a *stage*) the block runs in full; then each active patch 
   ranks last and is parked first (the same reading as the attention-entropy patch-pruning
   criterion of arXiv 2604.03803: concentrated attention = informative, spread = redundant).
   ``keep_entropy=high`` is the opposite reading. Which one LVTP uses is not in the material we
-  have (REFERENCE.md gives only the formula), so we measured both on the trained tiny segmenter
+  have (the paper's abstract gives only the formula), so we measured both on the trained tiny segmenter
   (val scenes, dense 85.28% mIoU): the entropy score alone at blocks 1,2,3 keep 0.7 gives 59.6%
   keeping low entropy and 11.0% keeping high entropy (the flat background of a digit scene
   attends everywhere, the digit strokes attend to a few keys); with the edge score mixed in,
@@ -34,7 +34,7 @@ Twice clustering: (1) two-means on s splits the tokens into an informative and a
 (2) two-means on E *within the redundant group* finds its edge tokens, which are protected. The
 informative and protected tokens rank first (rank = 1[informative or protected] + s), so the
 static top-k keeps them before any other token. The paper gives neither the q set, the weights nor
-the clustering algorithm (REFERENCE.md marks them not public): the q set {0.5, 1, 2}, the
+the clustering algorithm (they are not public): the q set {0.5, 1, 2}, the
 spread-proportional weights, the mixing and the fixed-iteration one-dimensional two-means (four
 Lloyd steps from the extremes, static shapes) are our choices.
 
@@ -63,6 +63,7 @@ tokens). This is the mode that keeps the tiny segmenter's mIoU: with the default
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 import math
 import operator
 
@@ -73,7 +74,8 @@ import torch.nn.functional as F
 from ...ir.errors import PassError, UnsupportedOpError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import TOKEN_PRUNED
 from .common import (
     OnnxTopK,
     attention_parts,
@@ -248,26 +250,12 @@ class TokenRestore(nn.Module):
 
 @dataclasses.dataclass
 class LVTPOptions:
-    blocks: tuple[int, ...] = dataclasses.field(default=(2, 3), metadata={"doc": "0-indexed blocks after which tokens are pruned"})
-    keep: float = dataclasses.field(default=0.7, metadata={"doc": "fraction of the active patch tokens kept at each stage, in (0, 1]"})
-    q: tuple[float, ...] = dataclasses.field(default=(0.5, 1.0, 2.0), metadata={"doc": "Tsallis entropy indices (q=1: Shannon), each > 0"})
-    edge_weight: float = dataclasses.field(default=0.5, metadata={"doc": "weight of the Sobel edge score against the entropy score, in [0, 1]"})
-    keep_entropy: str = dataclasses.field(default="low", metadata={"doc": "which attention entropy ranks first: low (focused tokens kept) or high"})
-    mode: str = dataclasses.field(default="static", metadata={"doc": "static (compiled) or adaptive (PyTorch, batch 1)"})
-
-    def validate(self):
-        if not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"keep={self.keep} must lie in (0, 1]")
-        if not self.blocks:
-            raise ValueError("blocks is empty; name at least one block index")
-        if not self.q or any(q <= 0 for q in self.q):
-            raise ValueError(f"q={','.join(map(str, self.q))} must be a non-empty list of positive numbers")
-        if not 0.0 <= self.edge_weight <= 1.0:
-            raise ValueError(f"edge_weight={self.edge_weight} must lie in [0, 1]")
-        if self.mode not in ("static", "adaptive"):
-            raise ValueError(f"mode={self.mode} must be static or adaptive")
-        if self.keep_entropy not in ("low", "high"):
-            raise ValueError(f"keep_entropy={self.keep_entropy} must be low or high")
+    blocks: tuple[int, ...] = option((2, 3), "0-indexed blocks after which tokens are pruned", nonempty=True)
+    keep: float = option(0.7, "fraction of the active patch tokens kept at each stage, in (0, 1]", gt=0.0, le=1.0)
+    q: tuple[float, ...] = option((0.5, 1.0, 2.0), "Tsallis entropy indices (q=1: Shannon), each > 0", gt=0.0, nonempty=True)
+    edge_weight: float = option(0.5, "weight of the Sobel edge score against the entropy score, in [0, 1]", ge=0.0, le=1.0)
+    keep_entropy: Literal["low", "high"] = option("low", "which attention entropy ranks first: low (focused tokens kept) or high")
+    mode: Literal["static", "adaptive"] = option("static", "static (compiled) or adaptive (PyTorch, batch 1)")
 
 
 def patch_size_of(pass_name: str, image_shape, grid_tokens: int) -> int:
@@ -289,7 +277,7 @@ class LVTP(Pass):
     name = "lvtp"
     level = "torch"
     summary = "LVTP: training-free progressive token pruning (Tsallis entropy + Sobel edges), grid restored for dense heads"
-    provides = ("token-pruned",)
+    provides = (TOKEN_PRUNED,)
     Options = LVTPOptions
 
     def run(self, program: Program, ctx) -> Program:
