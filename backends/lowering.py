@@ -215,7 +215,7 @@ def build_importers():
 
 @register("AppMatMul")
 def lower_app_matmul(bb, inputs, attrs):
-    """``Y = sum_v f_v(A) @ 1[W == v]`` as one int32 matmul (TVM_NOTES "Custom integer ops": a
+    """``Y = sum_v f_v(A) @ 1[W == v]`` as one int32 matmul (measured with TVM 0.27: a
     per-product gather does not vectorise, the decomposition is an ordinary matmul).
 
     ``F = take(LUT[:, cols], A mod S)`` stacks the columns ``f_v`` of the weight values ``v`` in

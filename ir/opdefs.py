@@ -1,8 +1,8 @@
 """sliver's custom-domain ONNX ops: names, attributes and cost, defined once.
 
 Passes that emit a custom op (``sliver.ShiftRequant``, ``sliver.AppMatMul``, ...) and backends
-that lower it both read its definition here, so neither depends on the other (DESIGN.md,
-"Dependencies point one way"). A definition gives the op's MAC count for the statistics and, where
+that lower it both read its definition here, so neither depends on the other (dependencies
+point one way: passes and backends -> ir). A definition gives the op's MAC count for the statistics and, where
 it has one, a reference implementation (numpy) that fixes its semantics for the runtimes.
 """
 
@@ -218,7 +218,7 @@ def app_matmul_macs(node, types) -> int:
 
 def app_matmul_function(opset: int = 17):
     """``sliver.AppMatMul`` as a model-local ONNX function of exact standard integer ops: the
-    decomposition ``sum_v f_v(A) @ 1[W == v]`` (REFERENCE.md, FAMES) as
+    decomposition ``sum_v f_v(A) @ 1[W == v]`` (the lookup-table emulation of AdaPT and TFApprox) as
 
         F = Gather(LUT, A)                       (..., K, S)   F[..., k, v] = f_v(A[..., k])
         M = OneHot(W, S, [0, 1], axis=1)         (K, S, N)     M[k, v, n] = 1[W[k, n] == v]

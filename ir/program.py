@@ -1,6 +1,6 @@
 """The Program: one model at one IR level, plus what every pass needs to know about it.
 
-Levels, lowered in this order (DESIGN.md, "Three levels"):
+Levels, lowered in this order:
 
 - ``torch``: a ``torch.fx.GraphModule`` (float, trainable).
 - ``onnx``: an ``onnx.ModelProto`` with static shapes; passes edit it through onnx-graphsurgeon.

@@ -1,6 +1,6 @@
 """Cost statistics of a Program, per node and in total, at the torch and onnx levels.
 
-Conventions (REFERENCE.md, "Hardware targets and cost figures"):
+Conventions (those of the published model sizes, docs/results.md):
 
 - MACs: multiply-accumulates of convolutions, linear layers and matrix products (attention's
   Q.K^T and A.V included); nothing for norms, activations, softmax, pooling or additions.

@@ -17,8 +17,8 @@ CUSTOM_IMPORTERS: dict = {}
 
 
 def _converter_table() -> dict:
-    # TVM 0.27 has no public hook for extra ONNX ops; its table is this private function
-    # (TVM_NOTES.md, "Front ends"). This is the one place sliver touches it.
+    # TVM 0.27 has no public hook for extra ONNX ops (an unknown op raises OpNotImplemented); its
+    # table is this private function. This is the one place sliver touches it.
     from tvm.relax.frontend.onnx import onnx_frontend
 
     return onnx_frontend._get_convert_map()

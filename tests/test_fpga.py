@@ -40,7 +40,7 @@ def deit_small_int8(deit_small):
 
 # -- SCALE-Sim ------------------------------------------------------------------------------------
 def test_closed_form_matches_the_scale_sim_anchor():
-    # TVM_NOTES "Cycle-model anchor": 32x32 array, DeiT-T qkv (M=197, K=192, N=576); SCALE-Sim
+    # SCALE-Sim's closed form: 32x32 array, DeiT-T qkv (M=197, K=192, N=576); SCALE-Sim
     # reports one cycle less than the formula.
     expected = {"os": 32003, "ws": 31427, "is": 28139}
     for dataflow, cycles in expected.items():
@@ -145,7 +145,7 @@ def test_costing_report_fields(deit_small, deit_small_int8):
     r = deit_small_int8
     by_name = {o.name: o for o in r.ops}
     assert r.macs == deit_small.stats().macs  # the GEMM shapes are the MAC counter's (ir.stats.gemm_shape)
-    assert r.macs == pytest.approx(4.608e9, rel=0.02)  # REFERENCE.md: DeiT-S 4.608 GMACs
+    assert r.macs == pytest.approx(4.608e9, rel=0.02)  # published: DeiT-S 4.608 GMACs
     assert by_name["/head/Gemm"].bound == "memory"  # one token through 384 KB of weights
     assert by_name["/blocks.0/mlp/fc1/MatMul"].bound == "compute"
     assert by_name["/blocks.0/attn/Softmax"].unit == "nonlinear"

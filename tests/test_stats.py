@@ -1,4 +1,4 @@
-"""MAC and parameter counts: the published sizes (REFERENCE.md), and the two levels agree."""
+"""MAC and parameter counts: the published sizes (docs/results.md), and the two levels agree."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from sliver import ir, models
 
-# (GMACs, M params) from REFERENCE.md; sliver must reproduce them within 2%.
+# (GMACs, M params) as published (timm and torchvision model cards, the papers); sliver must reproduce them within 2%.
 PUBLISHED = {
     "deit_tiny": (1.258, 5.72),
     "deit_small": (4.608, 22.05),
@@ -51,7 +51,7 @@ def test_published_sizes_at_both_levels(name):
 
 
 def test_attention_matmuls_are_counted():
-    """DeiT-T's Q.K^T and A.V: 12 blocks x 2 x (197 x 197 x 192) MACs = 0.179 GMACs (REFERENCE.md)."""
+    """DeiT-T's Q.K^T and A.V: 12 blocks x 2 x (197 x 197 x 192) MACs = 0.179 GMACs."""
     prog = _program("deit_tiny")
     stats = prog.stats()
     blocks = [n for n in stats.nodes if n.op == "Block"]

@@ -8,7 +8,7 @@ live in :mod:`.formulas`; nothing here computes cycles.
 
 Every constant says where it comes from:
 
-- ``[board]``   the device or board data sheet (as summarised in REFERENCE.md);
+- ``[board]``   the device or board data sheet (Xilinx product tables);
 - ``[paper]``   a published design (named);
 - ``[assumed]`` our own design choice or estimate; change it with :meth:`Accelerator.replace`.
 

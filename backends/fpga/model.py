@@ -1,6 +1,6 @@
 """The cost model object a caller puts in the pass context (``PassContext(cost_model=...)``).
 
-Passes never import backends (DESIGN.md); they call these methods on ``ctx.cost_model``, so any
+Passes never import backends; they call these methods on ``ctx.cost_model``, so any
 object with the same methods (a table of TVM timings, say) can stand in:
 
 - ``latency_ms(program) -> float``: latency of a whole program;
