@@ -215,26 +215,62 @@ def build_importers():
 
 @register("AppMatMul")
 def lower_app_matmul(bb, inputs, attrs):
-    """``Y = sum_v f_v(A) @ 1[W == v]`` as one int32 matmul (measured with TVM 0.27: a
-    per-product gather does not vectorise, the decomposition is an ordinary matmul).
+    """``sliver.AppMatMul`` as ordinary int32 matmuls (a per-product gather does not vectorise).
 
-    ``F = take(LUT[:, cols], A mod S)`` stacks the columns ``f_v`` of the weight values ``v`` in
-    ``cols``; the masks ``1[W == v]`` are stacked the same way, and ``F`` reshaped to
-    (..., K * |cols|) times the masks reshaped to (K * |cols|, N) is the accumulator. When ``W``
-    is a constant (a layer's weights), ``cols`` are only the values that occur in it and the masks
-    are a constant; otherwise all ``S`` values, with masks computed in the graph. Bit-exact
-    against ``ir.opdefs.app_matmul_reference`` (integers throughout)."""
+    Weights constant (a layer's), table bilinear in the operand bits (every multiplier of the
+    library but the logarithmic ones, :func:`ir.opdefs.app_matmul_bit_factors`): the exact
+    product plus the multiplier's error, ``Y = A @ W + sum_{i in R} bit_i(A) @ E_i + e``, where
+    ``E_i = sum_j (C - C_exact)[i, j] x_j(W)`` and ``e`` (the rows of the constant bit) are folded
+    at build time, and ``R`` are the operand bits whose partial products the multiplier changes
+    (a truncated multiplier: its low bits only). One matmul over ``K (1 + |R|)``: the cost of an
+    exact integer matmul plus ``|R|`` narrow ones, against ``K * S`` for the table decomposition.
+
+    Otherwise (a logarithmic multiplier, or weights computed in the graph): the table
+    decomposition ``sum_v f_v(A) @ 1[W == v]``. ``F = take(LUT[:, cols], A mod S)`` stacks the
+    columns ``f_v`` of the weight values ``v`` in ``cols`` (only the values that occur when ``W`` is
+    constant); the masks ``1[W == v]`` are stacked the same way, and ``F`` reshaped to
+    (..., K * |cols|) times the masks reshaped to (K * |cols|, N) is the accumulator.
+
+    Both are bit-exact against ``ir.opdefs.app_matmul_reference`` (integers throughout)."""
     import numpy as np
     import tvm
     from tvm import relax
+
+    from ..ir import opdefs
 
     a, w, lut = inputs[:3]
     side = int(lut.ty.shape[0])
     a_shape = [int(d) for d in a.ty.shape]
     k, n = (int(d) for d in w.ty.shape)
+    constant_w = isinstance(w, tvm.ir.expr.Constant)
+    factors = None
+    if constant_w and isinstance(lut, tvm.ir.expr.Constant):
+        factors = opdefs.app_matmul_bit_factors(lut.value.numpy())
+    if factors is not None:
+        b = side.bit_length() - 1
+        wv = w.value.numpy().astype(np.int64) % side
+        xw = np.concatenate([(wv[..., None] >> np.arange(b)) & 1, np.ones(wv.shape + (1,), np.int64)], axis=-1)
+        error = factors - opdefs.app_matmul_exact_factors(b)
+        per_bit = np.einsum("knj,ij->ikn", xw, error)  # (b+1, K, N): E_i, the last one for the constant bit
+        bias = per_bit[b].sum(axis=0)
+        rows = [i for i in range(b) if per_bit[i].any()]
+        a32 = relax.op.astype(a, "int32")
+        parts, weights = [a32], [w.value.numpy().astype(np.int64)]
+        for i in rows:
+            parts.append(relax.op.bitwise_and(relax.op.right_shift(a32, relax.const(i, "int32")), relax.const(1, "int32")))
+            weights.append(per_bit[i])
+        stacked = np.concatenate(weights, axis=0)
+        if np.abs(stacked).max(initial=0) >= 1 << 31 or np.abs(bias).max(initial=0) >= 1 << 31:
+            factors = None  # error terms too wide for int32: the table form below
+        else:
+            x = parts[0] if len(parts) == 1 else relax.op.concat(parts, axis=-1)
+            y = relax.op.matmul(x, relax.const(stacked.astype(np.int32), "int32"), out_dtype="int32")
+            if bias.any():
+                y = relax.op.add(y, relax.const(bias.astype(np.int32), "int32"))
+            return y
     table = relax.op.astype(lut, "int32")
     index = relax.op.bitwise_and(relax.op.astype(a, "int64"), relax.const(side - 1, "int64"))
-    if isinstance(w, tvm.ir.expr.Constant):
+    if constant_w:
         wv = w.value.numpy().astype(np.int64) % side
         cols = np.unique(wv)
         masks = (wv[:, None, :] == cols[None, :, None]).astype(np.int32).reshape(k * cols.size, n)

@@ -209,6 +209,40 @@ def app_matmul_reference(inputs, attrs):
     return [out.astype(np.int32)]
 
 
+def app_matmul_bit_factors(lut):
+    """``C`` ((b+1) x (b+1) int64) with ``LUT[i, j] = x(i)^T C x(j)`` for every entry, where
+    ``x(i) = [bit_0(i), ..., bit_{b-1}(i), 1]`` are the bits of the two's-complement pattern ``i``
+    (S = 2^b), or ``None`` when no such ``C`` exists.
+
+    A multiplier built from an AND array of partial products ``a_i w_j 2^(i+j)`` (exact,
+    truncated, broken-array, perforated: every one in sliver's library but the logarithmic ones)
+    keeps a subset of those products plus constants, so its table is bilinear in the operand bits.
+    Then ``sum_k LUT[a_k, w_k] = sum_i bit_i(A) @ (sum_j C[i, j] x_j(W))``: b+1 ordinary integer
+    matmuls instead of one lookup per product, exact in integers. ``C`` is solved in float (the
+    basis has full column rank), rounded, and accepted only if it reproduces every entry exactly."""
+    import numpy as np
+
+    lut = np.asarray(lut, dtype=np.int64)
+    side = lut.shape[0]
+    b = side.bit_length() - 1
+    x = np.concatenate([(np.arange(side)[:, None] >> np.arange(b)) & 1, np.ones((side, 1), np.int64)], axis=1)
+    pinv = np.linalg.pinv(x.astype(np.float64))
+    c = np.round(pinv @ lut.astype(np.float64) @ pinv.T)
+    if not np.all(np.abs(c) < 2.0 ** 52):
+        return None
+    c = c.astype(np.int64)
+    return c if np.array_equal(x @ c @ x.T, lut) else None
+
+
+def app_matmul_exact_factors(bits: int):
+    """``C`` of the exact signed product in the basis of :func:`app_matmul_bit_factors`:
+    ``a = sum_{i<b-1} 2^i a_i - 2^(b-1) a_{b-1}``, so ``a w = x(a)^T (c c^T) x(w)``."""
+    import numpy as np
+
+    c = np.array([1 << i for i in range(bits - 1)] + [-(1 << (bits - 1)), 0], dtype=np.int64)
+    return np.outer(c, c)
+
+
 def app_matmul_macs(node, types) -> int:
     import numpy as np
 

@@ -186,3 +186,42 @@ def test_appmul_program_exports_runs_and_is_costed():
     exact = fpga.cost(exact_model, bits=8)
     assert min(ratios) < 1.0 and costed.energy_mj < exact.energy_mj
     assert costed.cycles == exact.cycles
+
+
+def test_every_array_multiplier_table_is_bilinear_in_the_operand_bits():
+    """The TVM lowering's fast form needs LUT[i, j] = x(i)^T C x(j) exactly: true for every exact,
+    truncated, broken-array and perforated multiplier of the library, false for the logarithmic
+    ones (which keep the table form), and C of an exact signed multiplier is the signed product's."""
+    lib = L.load()
+    seen = {True: 0, False: 0}
+    for m in lib:
+        side = 1 << m.bits
+        order = (np.arange(side) + side // 2) % side - side // 2 - m.low  # two's-complement index order
+        lut = m.table[order][:, order]
+        factors = opdefs.app_matmul_bit_factors(lut)
+        assert (factors is not None) == (m.spec.family != "log"), m.name
+        seen[factors is not None] += 1
+        if m.is_exact and m.signed:
+            assert np.array_equal(factors, opdefs.app_matmul_exact_factors(m.bits))
+        if factors is not None and m.signed and m.spec.family == "truncated":
+            # a truncated multiplier only drops partial products of low operand bits
+            error = factors - opdefs.app_matmul_exact_factors(m.bits)
+            assert not error[m.bits - 1].any()
+    assert seen[True] > 100 and seen[False] > 10
+
+
+@pytest.mark.parametrize("name", ["s8_truncated_k6", "s8_broken_h2_v7", "s7_log_t4"])
+def test_tvm_lowering_of_constant_weights_is_bit_exact_for_both_forms(name):
+    lib = L.load()
+    m = lib[name]
+    side = 1 << m.bits
+    lo, hi = -side // 2, side // 2 - 1
+    rng = np.random.default_rng(7)
+    a = rng.integers(lo, hi + 1, (1, 5, 48)).astype(np.int8)
+    w = rng.integers(lo, hi + 1, (48, 16)).astype(np.int8)
+    a[0, 0, :2], w[:2, 0] = [lo, hi], [lo, hi]
+    order = (np.arange(side) + side // 2) % side - side // 2 - m.low
+    lut = m.table[order][:, order].astype(np.int32)
+    want = opdefs.lookup("sliver", "AppMatMul").reference([a, w, lut], {})[0]
+    prog = _one_node(a, w, lut, True)
+    assert np.array_equal(backends.tvm.build(prog, target="x86").run([a])[0], want)
