@@ -250,6 +250,8 @@ def load(
                 "re-export the model with a newer opset"
             ) from None
     _check_domains(model)
+    _load_external_data(model, path)
+    _lower_ir_version(model)
     inits = {i.name for i in model.graph.initializer}
     graph_inputs = [vi for vi in model.graph.input if vi.name not in inits]
     if len(graph_inputs) < len(model.graph.input):  # old style: initializers listed as inputs
@@ -267,6 +269,10 @@ def load(
                 d.Clear()
     del model.graph.value_info[:]
     model = finalize(model, path)
+    from .resources import check_fits, onnx_activation_bytes
+
+    check_fits(onnx_activation_bytes(model), f"{path} at input shape(s) {', '.join(str(tuple(s)) for s in shapes.values())}",
+               "fix smaller input dimensions with --input-shape")
     rng = np.random.default_rng(seed)
     examples = []
     for vi in graph_inputs:
@@ -285,6 +291,68 @@ def load(
         name=name or stem,
         input_names=tuple(vi.name for vi in graph_inputs),
     )
+
+
+def _lower_ir_version(model: onnx.ModelProto) -> None:
+    """Set the IR version to the lowest one the model's opsets need, in place, when the file
+    claims a newer one (files saved by a newer onnx package say IR 11+, which the ONNX Runtime
+    sliver checks with may not read yet); kept when the model then fails the checker (it uses
+    newer IR features)."""
+    try:
+        needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except Exception:
+        return
+    if model.ir_version <= needed:
+        return
+    claimed = model.ir_version
+    model.ir_version = needed
+    try:
+        onnx.checker.check_model(model)
+    except Exception:
+        model.ir_version = claimed
+
+
+def _load_external_data(model: onnx.ModelProto, path: str) -> None:
+    """Read tensors stored in external files, in place; only files inside the model's folder.
+
+    Every location is checked before anything is read: a relative path that resolves (symbolic
+    links included) to a regular file inside the folder of ``path``, with the tensor's
+    offset and length inside that file. Anything else (an absolute path, ``..``, a link out of
+    the folder) is refused, so a hostile model cannot make sliver read other files."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    for tensor in external:
+        try:
+            info = ExternalDataInfo(tensor)
+        except Exception:
+            raise ModelInputError(f"tensor {tensor.name!r} of {path} has malformed external-data fields; re-export the model") from None
+        location = info.location or ""
+        target = os.path.realpath(os.path.join(folder, location))
+        inside = bool(location) and not os.path.isabs(location) and os.path.commonpath([folder, target]) == folder
+        if not inside:
+            raise ModelInputError(
+                f"tensor {tensor.name!r} of {path} keeps its data at {location!r}, outside the model's folder; "
+                "sliver reads external data only from the model's own folder: move the data file next to the model"
+            )
+        if not os.path.isfile(target):
+            raise ModelInputError(f"tensor {tensor.name!r} of {path} keeps its data in {location!r}, which does not exist "
+                                  "in the model's folder; copy the data file next to the model")
+        size = os.path.getsize(target)
+        offset = int(info.offset or 0)
+        length = info.length
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + int(length) > size)):
+            raise ModelInputError(f"tensor {tensor.name!r} of {path} points past the end of its data file {location!r}; "
+                                  "the data file is truncated or belongs to another model: re-export the model")
+    if not external:
+        return
+    from onnx.external_data_helper import load_external_data_for_model
+
+    try:
+        load_external_data_for_model(model, folder)
+    except Exception:
+        raise ModelInputError(f"the external data of {path} cannot be read; re-export the model") from None
 
 
 def _check_domains(model: onnx.ModelProto) -> None:
