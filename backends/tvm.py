@@ -358,7 +358,7 @@ def verify(directory: str | os.PathLike) -> dict:
             d = json.loads(f.read().decode("utf-8"))
         if not isinstance(d, dict):
             raise ValueError
-    except (ValueError, UnicodeDecodeError, OSError):
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
         raise ArtifactError(f"{desc} is not a valid artifact description (truncated or altered); {rebuild}") from None
     hashes = d.get("sha256")
     if not isinstance(hashes, dict) or not isinstance(hashes.get("model.so"), str):

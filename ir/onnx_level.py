@@ -38,8 +38,7 @@ def infer_shapes(model: onnx.ModelProto, what: str = "model") -> onnx.ModelProto
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ExportError(f"ONNX shape inference failed on the {what}: {msg}") from None
+        raise ExportError(f"ONNX shape inference failed on the {what}: {onnx_reason(e, last=True)}") from None
     return inferred
 
 
@@ -61,6 +60,18 @@ def value_types(model: onnx.ModelProto) -> dict:
                 if a.name == "value":
                     types[node.output[0]] = (a.t.data_type, tuple(a.t.dims))
     return types
+
+
+def onnx_reason(e: Exception, last: bool = False) -> str:
+    """The reason in an onnx checker or shape-inference exception, without its bracketed
+    exception tags (``[ShapeInferenceError]``, ``[ValidationError]``) and their boilerplate."""
+    import re
+
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    text = (lines[-1] if last else lines[0]) if lines else "unknown reason"
+    text = re.sub(r"\[\w*(Error|Exception)\]\s*", "", text)
+    text = re.sub(r"^Inference error\(s\):\s*", "", text)
+    return text.strip() or "unknown reason"
 
 
 def check_static(model: onnx.ModelProto) -> None:
@@ -88,13 +99,16 @@ def finalize(model: onnx.ModelProto, what: str = "model") -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"the {what} is not a valid ONNX model: {msg}") from None
+        raise ExportError(f"the {what} is not a valid ONNX model: {onnx_reason(e)}") from None
     model = infer_shapes(model, what)
     try:
         check_static(model)
-    except ExportError:
-        model = infer_shapes(fold_shape_arithmetic(model), what)
+    except ExportError as not_static:
+        try:
+            folded = fold_shape_arithmetic(model)
+        except Exception:  # nothing to fold (or it does not evaluate): the shape stays unknown
+            raise not_static from None
+        model = infer_shapes(folded, what)
         check_static(model)
     return model
 
@@ -239,6 +253,10 @@ def load(
     except Exception:
         raise ModelInputError(f"{path} is not an ONNX model (it does not parse as an ONNX ModelProto)") from None
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ModelInputError(f"{path} uses opset {opset}, newer than the newest this onnx package knows ({newest}); "
+                              f"re-export the model with an opset from {MIN_OPSET} to {newest}")
     if opset < MIN_OPSET:
         try:
             from onnx import version_converter
@@ -252,6 +270,7 @@ def load(
     _check_domains(model)
     _load_external_data(model, path)
     _lower_ir_version(model)
+    _unique_node_names(model)
     inits = {i.name for i in model.graph.initializer}
     graph_inputs = [vi for vi in model.graph.input if vi.name not in inits]
     if len(graph_inputs) < len(model.graph.input):  # old style: initializers listed as inputs
@@ -291,6 +310,23 @@ def load(
         name=name or stem,
         input_names=tuple(vi.name for vi in graph_inputs),
     )
+
+
+def _unique_node_names(model: onnx.ModelProto) -> None:
+    """Give repeated node names a suffix (``conv``, ``conv.1``), in place: ONNX allows repeats,
+    but ONNX Runtime and sliver's per-node reports need a name to mean one node."""
+    seen = {n.name for n in model.graph.node if n.name}
+    counts: dict = {}
+    for node in model.graph.node:
+        if not node.name or node.name not in counts:
+            counts.setdefault(node.name, 0)
+            continue
+        k = counts[node.name] + 1
+        while f"{node.name}.{k}" in seen:
+            k += 1
+        counts[node.name] = k
+        node.name = f"{node.name}.{k}"
+        seen.add(node.name)
 
 
 def _lower_ir_version(model: onnx.ModelProto) -> None:
@@ -384,6 +420,11 @@ def _input_shapes(path, graph_inputs, given) -> dict:
                     f"input shape {shape} does not fit input {vi.name!r} of {path}, which is "
                     f"{tuple(d if d is not None else '?' for d in dims)}"
                 )
+        elif dims and all(d is not None for d in dims) and any(d <= 0 for d in dims):
+            raise ModelInputError(
+                f"input {vi.name!r} of {path} has shape {tuple(dims)} with a dimension <= 0; "
+                "give positive dimensions with --input-shape"
+            )
         elif any(d is None or d <= 0 for d in dims) or not dims:
             raise ModelInputError(
                 f"input {vi.name!r} of {path} has dynamic shape "

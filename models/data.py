@@ -398,8 +398,8 @@ def _from_npz(path: str) -> ImageSet:
         raise
     except ValueError as e:
         if "pickle" in str(e):
-            raise DataError(f"{path} holds pickled Python objects, which sliver does not load; save plain numeric "
-                            "arrays with np.savez") from None
+            raise DataError(f"{path} is not a numeric .npz archive (it is corrupt or holds pickled Python objects, "
+                            "which sliver does not load); save plain numeric arrays with np.savez") from None
         raise DataError(f"{path} is not a readable .npz archive (corrupt or truncated); save it again with np.savez") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError):
         raise DataError(f"{path} is not a readable .npz archive (corrupt or truncated); save it again with np.savez") from None

@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -367,13 +368,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple:
         raise CheckpointError(f"{path} is a directory, not a checkpoint file; give the .pt file tools/train.py wrote")
     retrain = f"retrain it with tools/train.py MODEL --out {path}"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors and plain data; loading it could run code, "
                 f"so sliver refuses it (checkpoints are read with weights_only=True): {retrain}") from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated); {retrain}") from None
+        raise CheckpointError(f"{path} is not a torch checkpoint sliver can read safely (corrupt, or a pickle of "
+                              f"Python objects); {retrain}") from None
     except Exception:
         raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated); {retrain}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:

@@ -441,14 +441,45 @@ def _random_value(rng, name: str, tp, default):
     return str(default)
 
 
-def random_pipeline(rng) -> str:
-    """A random composition of registered passes with random options (mostly in level order)."""
+def _legal_value(rng, name: str, tp, default):
+    """A random value that should be accepted: near the default, cheap for costly options,
+    token-pruning blocks among the first six (every tiny ViT has at least six)."""
+    origin, args = _hint(tp)
+    lname = name.lower()
+    if lname.startswith("blocks") and origin is tuple:
+        picks = sorted(set(int(v) for v in rng.choice(6, int(rng.integers(1, 4)))))
+        return ",".join(map(str, picks))
+    if tp is bool:
+        return str(rng.choice(["true", "false"]))
+    if origin is typing.Literal:
+        return str(rng.choice(list(args)))
+    if tp is int:
+        if "epoch" in lname or lname == "warm_start":
+            return str(rng.choice([0, 0, 1]))
+        if "iters" in lname:
+            return str(rng.choice([0, 1, 3]))
+        if "images" in lname:
+            return str(rng.choice([8, 16, 32]))
+        if "batch" in lname:
+            return str(rng.choice([8, 16]))
+        if "bits" in lname and isinstance(default, int) and default > 0:
+            return str(rng.choice([4, 6, 8]))
+        return str(default)
+    if tp is float and isinstance(default, (int, float)) and 0 < default <= 1:
+        return f"{min(1.0, default * float(rng.choice([0.7, 0.85, 1.0, 1.15]))):.3g}"
+    return str(default) if not isinstance(default, tuple) else ",".join(map(str, default))
+
+
+def random_pipeline(rng, legal: bool = True) -> str:
+    """A random composition of registered passes, in level order with cheap, plausible options
+    (``legal``), or in any order with random option values (to exercise validation)."""
     from sliver import passes
     from sliver.ir.program import LEVELS
 
     registry = passes.registered()
-    names = list(rng.choice(sorted(registry), int(rng.choice([0, 1, 1, 2, 2, 3])), replace=False))
-    if rng.random() < 0.8:
+    count = int(rng.choice([0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]))
+    names = list(rng.choice(sorted(registry), count, replace=False))
+    if legal or rng.random() < 0.7:
         names.sort(key=lambda n: LEVELS.index(registry[n].level))
     items = []
     for name in names:
@@ -458,9 +489,10 @@ def random_pipeline(rng) -> str:
         for f in dataclasses.fields(cls.Options):
             lname = f.name.lower()
             costly = "epoch" in lname or "iters" in lname or "images" in lname or lname == "warm_start"
-            if costly or rng.random() < 0.35:
+            if costly or rng.random() < (0.3 if legal else 0.35):
                 default = f.default if f.default is not dataclasses.MISSING else None
-                value = _random_value(rng, f.name, hints[f.name], default)
+                pick = _legal_value if legal else _random_value
+                value = pick(rng, f.name, hints[f.name], default)
                 if value != "":
                     opts.append(f"{f.name}={value}")
         items.append(f"{name}{{{' '.join(opts)}}}" if opts else name)
@@ -477,7 +509,7 @@ def _out(case_dir: str, rng, prefill: bool = True) -> str:
 
 
 def gen_pipeline(rng, assets: Assets, case_dir: str, target: str) -> Case:
-    text = random_pipeline(rng)
+    text = random_pipeline(rng, legal=rng.random() < 0.6)
     out = _out(case_dir, rng)
     if rng.random() < 0.75:
         model, inputs, extra = str(rng.choice(TINY)), [], []
@@ -955,7 +987,7 @@ def run(n: int, seed: int, kinds=KINDS, target: str = "mixed", work: str | None 
         case_dir = os.path.join(work, "cases", f"{i:04d}")
         shutil.rmtree(case_dir, ignore_errors=True)
         os.makedirs(case_dir)
-        tgt = target if target != "mixed" else str(rng.choice(["x86", "fpga", "fpga"]))
+        tgt = target if target != "mixed" else str(rng.choice(["x86", "fpga", "fpga", "fpga"]))
         case = GENERATORS[kind](rng, assets, case_dir, tgt)
         verdict = classify(case, scratch)
         counts[kind][verdict.verdict] += 1
@@ -964,6 +996,11 @@ def run(n: int, seed: int, kinds=KINDS, target: str = "mixed", work: str | None 
             entry = {"case": i, "kind": kind, "what": case.what, "detail": verdict.detail,
                      "command": " ".join(case.argv) if case.argv else f"{case.call[0]}{case.call[1]}"}
             (composition if verdict.composition else defects).append(entry)
+            for name in ("stdout", "stderr"):
+                if os.path.exists(os.path.join(scratch, name)):
+                    shutil.copy(os.path.join(scratch, name), os.path.join(case_dir, f"fuzz-{name}.txt"))
+            with open(os.path.join(case_dir, "fuzz-case.json"), "w") as f:
+                json.dump(entry, f, indent=1)
             line += f"\n      -> {verdict.detail}"
         elif verbose:
             line += f"  ({verdict.detail[:100]})"
@@ -993,7 +1030,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     p.add_argument("--target", default="mixed", choices=["mixed", "x86", "fpga"],
-                   help="compile.py target of the cases (mixed: a third x86, two thirds fpga)")
+                   help="compile.py target of the cases (mixed: a quarter x86, the rest fpga)")
     p.add_argument("--work", help="working directory (default: a temporary one, kept when there are defects)")
     p.add_argument("--json", help="also write the counts and defects to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true", help="print the refusal message of every case")
