@@ -4,7 +4,7 @@ Every level runs a program on its example inputs (tracing propagates shapes with
 the onnx level checks passes with ONNX Runtime), and an input shape of, say, 1x3x20000x20000
 would only fail after minutes of swapping, or be killed by the kernel. :func:`check_fits`
 compares an estimate of the bytes the activations take with the memory this machine has
-available and raises :class:`~sliver.ir.errors.ResourceError` with that estimate on one line.
+(:func:`available_memory`) and raises :class:`~sliver.ir.errors.ResourceError` with that estimate on one line.
 
 The estimate is the sum of the sizes of every activation (all node outputs plus the inputs):
 an upper bound on what a run needs at once, and what sliver's own interpreters may hold (the
@@ -24,20 +24,24 @@ from .errors import ResourceError
 
 __all__ = ["available_memory", "check_fits", "onnx_activation_bytes", "torch_activation_bytes", "format_bytes"]
 
-#: the share of the available memory one run may plan to use for activations
-MEMORY_SHARE = 0.8
+#: the share of the memory the activations of one run may take: a compile holds several sets
+#: at once (the example inputs drawn in float64, the reference outputs, ONNX Runtime's arena
+#: and the outputs each pass check compares), measured at about 4x the sum on a 1e6-image batch
+MEMORY_SHARE = 0.25
 
 
 def available_memory() -> int:
-    """Bytes of memory available to a new allocation: ``$SLIVER_MEMORY_LIMIT`` (bytes) if set,
-    else MemAvailable from /proc/meminfo, else the physical memory."""
+    """Bytes of memory a run may plan for: ``$SLIVER_MEMORY_LIMIT`` (bytes) if set, else the
+    machine's physical memory (MemTotal). Not MemAvailable: what other processes hold at the
+    moment changes from second to second, and a shape that fits the machine must not be refused
+    because the machine happens to be busy."""
     env = os.environ.get("SLIVER_MEMORY_LIMIT")
     if env and env.isdigit():
         return int(env)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith("MemTotal:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -61,7 +65,7 @@ def check_fits(nbytes: int, what: str, fix: str) -> None:
     if nbytes > MEMORY_SHARE * limit:
         raise ResourceError(
             f"{what} needs about {format_bytes(nbytes)} of activations, more than the "
-            f"{format_bytes(limit)} of memory available; {fix}"
+            f"{format_bytes(limit)} of memory this machine has; {fix}"
         )
 
 
@@ -98,12 +102,15 @@ def torch_activation_bytes(module, shape, dtype=None) -> int | None:
     hooks = [m.register_forward_hook(count) for m in leaves]
     log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a traceback per failed op
     level, log.level = log.level, logging.CRITICAL
+    was_training = module.training
+    module.eval()  # no running-statistics updates on the real buffers
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             module(torch.empty(tuple(int(d) for d in shape), dtype=dtype))
     except Exception:
         return None
     finally:
+        module.train(was_training)
         log.setLevel(level)
         for h in hooks:
             h.remove()

@@ -276,7 +276,7 @@ def test_huge_input_shape_is_refused_with_an_estimate(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     # tiny_resnet at 2000x2000: 16-128 channels at full resolution, about 3.6 GB of activations
     assert line.startswith("error: input shape (1, 3, 2000, 2000) of tiny_resnet needs about 3.")
-    assert line.endswith("GB of activations, more than the 1.0 GB of memory available; use a smaller --input-shape")
+    assert line.endswith("GB of activations, more than the 1.0 GB of memory this machine has; use a smaller --input-shape")
 
 
 def test_activation_estimate_is_exact_for_a_small_cnn():
@@ -351,7 +351,7 @@ def _compile(out, *extra, **popen):
 def test_kill_and_interrupt_at_random_moments_leave_old_or_complete_output(tmp_path):
     """compile.py into a directory holding an earlier result, stopped by SIGKILL or SIGINT at
     random moments of a run: the directory holds the earlier result or a complete new one.
-    (About a minute: 6 short compiles.)"""
+    (About a minute on a quiet machine: 5 short compiles.)"""
     out = tmp_path / "out"
     first = _compile(out)
     t0 = time.monotonic()
@@ -360,7 +360,7 @@ def test_kill_and_interrupt_at_random_moments_leave_old_or_complete_output(tmp_p
     reference = _digest(out)
     rng = np.random.default_rng(7)
     outcomes = []
-    for k, sig in enumerate([signal.SIGKILL, signal.SIGKILL, signal.SIGKILL, signal.SIGINT, signal.SIGINT]):
+    for k, sig in enumerate([signal.SIGKILL, signal.SIGINT, signal.SIGKILL]):
         (out / "marker.txt").write_text(str(k))  # the earlier result, told apart from the new one
         old = _digest(out)
         proc = _compile(out, "--seed", str(k + 1))

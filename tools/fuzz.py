@@ -60,7 +60,9 @@ KINDS = ("pipeline", "onnx", "data", "checkpoint", "artifact")
 TINY = ("tiny_deit", "tiny_resnet", "tiny_mobilenet_v2", "tiny_vgg", "tiny_segmenter")
 #: an error message that carries an internal exception instead of a problem and a fix
 WRAPPED = re.compile(r"Traceback|File \"|site-packages|\b(?!Sliver)[A-Z][A-Za-z]*(Error|Exception|Interrupt)\b")
-SECRET = "sliver-fuzz-secret-7f3a"
+#: address-space limit of every case's process (bytes; 0: none)
+MEMORY_LIMIT = 16 << 30
+_CURRENT = [0]  # the running case's process (its group is killed when the fuzzer is stopped)
 
 
 # -- verdicts ---------------------------------------------------------------------------------
@@ -112,10 +114,15 @@ def _run_child(case: Case, scratch: str) -> tuple:
     sys.stderr.flush()
     t0 = time.perf_counter()
     pid = os.fork()
+    _CURRENT[0] = pid
     if pid == 0:  # child
         code = 98
         try:
             os.setpgid(0, 0)
+            if MEMORY_LIMIT:  # a runaway case fails alone instead of waking the kernel's OOM killer
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
             fo = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fe = os.open(err_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fo, 1)
@@ -1035,6 +1042,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the counts and defects to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true", help="print the refusal message of every case")
     args = p.parse_args(argv)
+
+    def stop(signum, _frame):
+        if _CURRENT[0]:
+            try:
+                os.killpg(_CURRENT[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
