@@ -471,4 +471,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before main's own handler is in place
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
