@@ -376,8 +376,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple:
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors and plain data; loading it could run code, "
                 f"so sliver refuses it (checkpoints are read with weights_only=True): {retrain}") from None
-        raise CheckpointError(f"{path} is not a torch checkpoint sliver can read safely (corrupt, or a pickle of "
-                              f"Python objects); {retrain}") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt, or a pickle of Python "
+                              f"objects); {retrain}") from None
     except Exception:
         raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated); {retrain}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
