@@ -477,6 +477,23 @@ def _legal_value(rng, name: str, tp, default):
     return str(default) if not isinstance(default, tuple) else ",".join(map(str, default))
 
 
+def _clamp(text: str, tp, bounds: dict) -> str:
+    """A legal pick moved into the option's declared bounds (``passes.option(ge=..., le=...)``)."""
+    if tp not in (int, float) or not bounds:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    low = bounds.get("ge", bounds.get("gt"))
+    high = bounds.get("le", bounds.get("lt"))
+    if low is not None and (value < low or ("gt" in bounds and value <= low)):
+        value = low + (1 if tp is int else 1e-3) * ("gt" in bounds)
+    if high is not None and (value > high or ("lt" in bounds and value >= high)):
+        value = high - (1 if tp is int else 1e-3) * ("lt" in bounds)
+    return str(int(value)) if tp is int else f"{value:.4g}"
+
+
 def random_pipeline(rng, legal: bool = True) -> str:
     """A random composition of registered passes, in level order with cheap, plausible options
     (``legal``), or in any order with random option values (to exercise validation)."""
@@ -498,8 +515,11 @@ def random_pipeline(rng, legal: bool = True) -> str:
             costly = "epoch" in lname or "iters" in lname or "images" in lname or lname == "warm_start"
             if costly or rng.random() < (0.3 if legal else 0.35):
                 default = f.default if f.default is not dataclasses.MISSING else None
-                pick = _legal_value if legal else _random_value
-                value = pick(rng, f.name, hints[f.name], default)
+                if legal:
+                    value = _clamp(_legal_value(rng, f.name, hints[f.name], default), hints[f.name],
+                                   f.metadata.get("bounds", {}))
+                else:
+                    value = _random_value(rng, f.name, hints[f.name], default)
                 if value != "":
                     opts.append(f"{f.name}={value}")
         items.append(f"{name}{{{' '.join(opts)}}}" if opts else name)
