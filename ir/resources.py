@@ -64,8 +64,9 @@ def check_fits(nbytes: int, what: str, fix: str) -> None:
     limit = available_memory()
     if nbytes > MEMORY_SHARE * limit:
         raise ResourceError(
-            f"{what} needs about {format_bytes(nbytes)} of activations, more than the "
-            f"{format_bytes(limit)} of memory this machine has; {fix}"
+            f"{what} needs about {format_bytes(nbytes)} of activations and a compile holds about "
+            f"{round(1 / MEMORY_SHARE)} such sets at once, more than the {format_bytes(limit)} of memory "
+            f"this machine has; {fix}"
         )
 
 

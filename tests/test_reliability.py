@@ -276,7 +276,8 @@ def test_huge_input_shape_is_refused_with_an_estimate(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     # tiny_resnet at 2000x2000: 16-128 channels at full resolution, about 3.6 GB of activations
     assert line.startswith("error: input shape (1, 3, 2000, 2000) of tiny_resnet needs about 3.")
-    assert line.endswith("GB of activations, more than the 1.0 GB of memory this machine has; use a smaller --input-shape")
+    assert line.endswith("GB of activations and a compile holds about 4 such sets at once, more than the 1.0 GB "
+                         "of memory this machine has; use a smaller --input-shape")
 
 
 def test_activation_estimate_is_exact_for_a_small_cnn():
@@ -302,7 +303,8 @@ def test_huge_onnx_dims_are_refused_with_an_estimate(tmp_path, monkeypatch):
     onnx.save(m, str(tmp_path / "big.onnx"))
     monkeypatch.setenv("SLIVER_MEMORY_LIMIT", str(8 << 30))
     # input 3e10 floats (111.8 GiB), conv and relu outputs 4e10 floats each (149.0 GiB)
-    with pytest.raises(errors.ResourceError, match=r"needs about 409\.8 GB of activations, more than the 8\.0 GB"):
+    with pytest.raises(errors.ResourceError, match=r"needs about 409\.8 GB of activations and a compile holds about 4 such sets at once, "
+                       r"more than the 8\.0 GB"):
         ir.load_onnx(str(tmp_path / "big.onnx"))
 
 
