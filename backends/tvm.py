@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from ..ir.convert import convert
-from ..ir.errors import BackendError
+from ..ir.errors import ArtifactError, BackendError
+from ..ir.fileio import sha256_bytes, sha256_file
 from ..ir.program import Program
 
 ARM_TARGET = {
@@ -185,8 +186,12 @@ class Artifact:
             except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise BackendError(f"writing the shared library failed: {msg}") from None
+            description = self.description()
+            description["sha256"] = _hashes(description, sha256_file(tmp_lib))
             with open(os.path.join(tmp, "model.json"), "w") as f:
-                json.dump(self.description(), f, indent=2)
+                json.dump(description, f, indent=2)
+            # the library first: a reader that sees the new model.json sees the library it names
+            # (a reader between the two renames finds the hashes disagree and is refused)
             os.replace(tmp_lib, lib)
             os.replace(os.path.join(tmp, "model.json"), desc)
         return {"library": lib, "description": desc}
@@ -324,18 +329,70 @@ def build(program: Program, target="x86", schedule: str = "rules") -> Artifact:
     )
 
 
-def load(directory: str | os.PathLike) -> Artifact:
-    """Load an artifact written by :meth:`Artifact.save` (host targets only)."""
-    import tvm
+def _hashes(description: dict, library_sha256: str) -> dict:
+    """``{"model.so": <sha256 of the library>, "model.json": <sha256 of the description>}``; the
+    description's hash covers its canonical JSON (without this field) and the library's hash."""
+    body = {k: v for k, v in description.items() if k != "sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")) + library_sha256
+    return {"model.so": library_sha256, "model.json": sha256_bytes(canonical.encode())}
 
+
+#: the largest model.json :func:`verify` reads (a description is a few KB)
+MAX_DESCRIPTION_BYTES = 1 << 20
+
+
+def verify(directory: str | os.PathLike) -> dict:
+    """The description of the artifact in ``directory``, after checking that ``model.so`` and
+    ``model.json`` are exactly the files :meth:`Artifact.save` wrote (SHA-256 recorded in
+    model.json). Raises :class:`ArtifactError` otherwise; nothing is loaded or executed."""
     directory = os.fspath(directory)
     lib = os.path.join(directory, "model.so")
     desc = os.path.join(directory, "model.json")
-    if not (os.path.exists(lib) and os.path.exists(desc)):
-        raise BackendError(f"{directory} holds no sliver artifact (model.so and model.json)")
-    with open(desc) as f:
-        d = json.load(f)
-    executable = tvm.runtime.load_module(lib)
+    if not os.path.isdir(directory) or not (os.path.isfile(lib) and os.path.isfile(desc)):
+        raise ArtifactError(f"{directory} holds no sliver artifact (model.so and model.json); build one with tools/compile.py")
+    rebuild = "rebuild the artifact with tools/compile.py"
+    try:
+        if os.path.getsize(desc) > MAX_DESCRIPTION_BYTES:
+            raise ValueError
+        with open(desc, "rb") as f:
+            d = json.loads(f.read().decode("utf-8"))
+        if not isinstance(d, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
+        raise ArtifactError(f"{desc} is not a valid artifact description (truncated or altered); {rebuild}") from None
+    hashes = d.get("sha256")
+    if not isinstance(hashes, dict) or not isinstance(hashes.get("model.so"), str):
+        raise ArtifactError(f"{desc} records no SHA-256 of model.so (an artifact from an older sliver or "
+                            f"not from sliver); {rebuild}")
+    library_sha256 = sha256_file(lib)
+    if _hashes(d, hashes["model.so"])["model.json"] != hashes.get("model.json"):
+        raise ArtifactError(f"{desc} was altered after it was written (its SHA-256 does not match); {rebuild}")
+    if library_sha256 != hashes["model.so"]:
+        raise ArtifactError(f"{lib} was altered or truncated after it was written (its SHA-256 does not "
+                            f"match model.json); {rebuild}")
+    inputs = d.get("inputs")
+    ok = isinstance(d.get("target"), dict) and isinstance(inputs, list) and all(
+        isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("dtype"), str)
+        and isinstance(i.get("shape"), list) and all(isinstance(n, int) and n > 0 for n in i["shape"])
+        for i in inputs)
+    if not ok:
+        raise ArtifactError(f"{desc} lacks the target or input fields of an artifact description; {rebuild}")
+    return d
+
+
+def load(directory: str | os.PathLike) -> Artifact:
+    """Load an artifact written by :meth:`Artifact.save` (host targets only), after
+    :func:`verify` has checked its files against the hashes in model.json."""
+    import tvm
+
+    directory = os.fspath(directory)
+    d = verify(directory)
+    lib = os.path.join(directory, "model.so")
+    try:
+        executable = tvm.runtime.load_module(lib)
+    except Exception:
+        raise ArtifactError(f"{lib} cannot be loaded on this machine (built for {d['target'].get('mtriple') or 'another host'}?); "
+                            "rebuild the artifact for this machine") from None
     return Artifact(
         executable=executable,
         target=d["target"],
@@ -499,8 +556,7 @@ def run_with_qemu(artifact_dir: str | os.PathLike, inputs: Sequence, runtime_dir
     import subprocess
 
     artifact_dir = os.path.abspath(os.fspath(artifact_dir))
-    with open(os.path.join(artifact_dir, "model.json")) as f:
-        desc = json.load(f)
+    desc = verify(artifact_dir)
     specs = desc["inputs"]
     if len(inputs) != 1 or len(specs) != 1 or specs[0]["dtype"] != "float32":
         raise BackendError("the aarch64 runner takes one float32 input; this model has " + ", ".join(f"{s['dtype']}{s['shape']}" for s in specs))

@@ -78,3 +78,16 @@ class NumericalCheckError(PassError):
 
 class BackendError(SliverError):
     """A backend (TVM, ONNX Runtime, the FPGA model) failed to build or run a program."""
+
+
+class ArtifactError(BackendError):
+    """A saved artifact that is incomplete, altered or not sliver's: refused before it is loaded."""
+
+
+# -- resources and integrity ------------------------------------------------------------------
+class ResourceError(SliverError):
+    """An input that would need more memory than the machine has; the message gives the estimate."""
+
+
+class CheckpointError(DataError):
+    """A checkpoint file that is not a safe, intact sliver checkpoint."""

@@ -38,8 +38,7 @@ def infer_shapes(model: onnx.ModelProto, what: str = "model") -> onnx.ModelProto
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ExportError(f"ONNX shape inference failed on the {what}: {msg}") from None
+        raise ExportError(f"ONNX shape inference failed on the {what}: {onnx_reason(e, last=True)}") from None
     return inferred
 
 
@@ -61,6 +60,18 @@ def value_types(model: onnx.ModelProto) -> dict:
                 if a.name == "value":
                     types[node.output[0]] = (a.t.data_type, tuple(a.t.dims))
     return types
+
+
+def onnx_reason(e: Exception, last: bool = False) -> str:
+    """The reason in an onnx checker or shape-inference exception, without its bracketed
+    exception tags (``[ShapeInferenceError]``, ``[ValidationError]``) and their boilerplate."""
+    import re
+
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    text = (lines[-1] if last else lines[0]) if lines else "unknown reason"
+    text = re.sub(r"\[\w*(Error|Exception)\]\s*", "", text)
+    text = re.sub(r"^Inference error\(s\):\s*", "", text)
+    return text.strip() or "unknown reason"
 
 
 def check_static(model: onnx.ModelProto) -> None:
@@ -88,13 +99,16 @@ def finalize(model: onnx.ModelProto, what: str = "model") -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"the {what} is not a valid ONNX model: {msg}") from None
+        raise ExportError(f"the {what} is not a valid ONNX model: {onnx_reason(e)}") from None
     model = infer_shapes(model, what)
     try:
         check_static(model)
-    except ExportError:
-        model = infer_shapes(fold_shape_arithmetic(model), what)
+    except ExportError as not_static:
+        try:
+            folded = fold_shape_arithmetic(model)
+        except Exception:  # nothing to fold (or it does not evaluate): the shape stays unknown
+            raise not_static from None
+        model = infer_shapes(folded, what)
         check_static(model)
     return model
 
@@ -239,6 +253,10 @@ def load(
     except Exception:
         raise ModelInputError(f"{path} is not an ONNX model (it does not parse as an ONNX ModelProto)") from None
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ModelInputError(f"{path} uses opset {opset}, newer than the newest this onnx package knows ({newest}); "
+                              f"re-export the model with an opset from {MIN_OPSET} to {newest}")
     if opset < MIN_OPSET:
         try:
             from onnx import version_converter
@@ -250,6 +268,9 @@ def load(
                 "re-export the model with a newer opset"
             ) from None
     _check_domains(model)
+    _load_external_data(model, path)
+    _lower_ir_version(model)
+    _unique_node_names(model)
     inits = {i.name for i in model.graph.initializer}
     graph_inputs = [vi for vi in model.graph.input if vi.name not in inits]
     if len(graph_inputs) < len(model.graph.input):  # old style: initializers listed as inputs
@@ -267,6 +288,10 @@ def load(
                 d.Clear()
     del model.graph.value_info[:]
     model = finalize(model, path)
+    from .resources import check_fits, onnx_activation_bytes
+
+    check_fits(onnx_activation_bytes(model), f"{path} at input shape(s) {', '.join(str(tuple(s)) for s in shapes.values())}",
+               "fix smaller input dimensions with --input-shape")
     rng = np.random.default_rng(seed)
     examples = []
     for vi in graph_inputs:
@@ -285,6 +310,85 @@ def load(
         name=name or stem,
         input_names=tuple(vi.name for vi in graph_inputs),
     )
+
+
+def _unique_node_names(model: onnx.ModelProto) -> None:
+    """Give repeated node names a suffix (``conv``, ``conv.1``), in place: ONNX allows repeats,
+    but ONNX Runtime and sliver's per-node reports need a name to mean one node."""
+    seen = {n.name for n in model.graph.node if n.name}
+    counts: dict = {}
+    for node in model.graph.node:
+        if not node.name or node.name not in counts:
+            counts.setdefault(node.name, 0)
+            continue
+        k = counts[node.name] + 1
+        while f"{node.name}.{k}" in seen:
+            k += 1
+        counts[node.name] = k
+        node.name = f"{node.name}.{k}"
+        seen.add(node.name)
+
+
+def _lower_ir_version(model: onnx.ModelProto) -> None:
+    """Set the IR version to the lowest one the model's opsets need, in place, when the file
+    claims a newer one (files saved by a newer onnx package say IR 11+, which the ONNX Runtime
+    sliver checks with may not read yet); kept when the model then fails the checker (it uses
+    newer IR features)."""
+    try:
+        needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except Exception:
+        return
+    if model.ir_version <= needed:
+        return
+    claimed = model.ir_version
+    model.ir_version = needed
+    try:
+        onnx.checker.check_model(model)
+    except Exception:
+        model.ir_version = claimed
+
+
+def _load_external_data(model: onnx.ModelProto, path: str) -> None:
+    """Read tensors stored in external files, in place; only files inside the model's folder.
+
+    Every location is checked before anything is read: a relative path that resolves (symbolic
+    links included) to a regular file inside the folder of ``path``, with the tensor's
+    offset and length inside that file. Anything else (an absolute path, ``..``, a link out of
+    the folder) is refused, so a hostile model cannot make sliver read other files."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    for tensor in external:
+        try:
+            info = ExternalDataInfo(tensor)
+        except Exception:
+            raise ModelInputError(f"tensor {tensor.name!r} of {path} has malformed external-data fields; re-export the model") from None
+        location = info.location or ""
+        target = os.path.realpath(os.path.join(folder, location))
+        inside = bool(location) and not os.path.isabs(location) and os.path.commonpath([folder, target]) == folder
+        if not inside:
+            raise ModelInputError(
+                f"tensor {tensor.name!r} of {path} keeps its data at {location!r}, outside the model's folder; "
+                "sliver reads external data only from the model's own folder: move the data file next to the model"
+            )
+        if not os.path.isfile(target):
+            raise ModelInputError(f"tensor {tensor.name!r} of {path} keeps its data in {location!r}, which does not exist "
+                                  "in the model's folder; copy the data file next to the model")
+        size = os.path.getsize(target)
+        offset = int(info.offset or 0)
+        length = info.length
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + int(length) > size)):
+            raise ModelInputError(f"tensor {tensor.name!r} of {path} points past the end of its data file {location!r}; "
+                                  "the data file is truncated or belongs to another model: re-export the model")
+    if not external:
+        return
+    from onnx.external_data_helper import load_external_data_for_model
+
+    try:
+        load_external_data_for_model(model, folder)
+    except Exception:
+        raise ModelInputError(f"the external data of {path} cannot be read; re-export the model") from None
 
 
 def _check_domains(model: onnx.ModelProto) -> None:
@@ -316,6 +420,11 @@ def _input_shapes(path, graph_inputs, given) -> dict:
                     f"input shape {shape} does not fit input {vi.name!r} of {path}, which is "
                     f"{tuple(d if d is not None else '?' for d in dims)}"
                 )
+        elif dims and all(d is not None for d in dims) and any(d <= 0 for d in dims):
+            raise ModelInputError(
+                f"input {vi.name!r} of {path} has shape {tuple(dims)} with a dimension <= 0; "
+                "give positive dimensions with --input-shape"
+            )
         elif any(d is None or d <= 0 for d in dims) or not dims:
             raise ModelInputError(
                 f"input {vi.name!r} of {path} has dynamic shape "

@@ -57,8 +57,30 @@ def onnxruntime_session(model, threads: int | None = None):
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedOpError(f"ONNX Runtime cannot load the model: {msg}") from None
+        raise UnsupportedOpError(f"ONNX Runtime cannot load the model: {ort_message(e)}") from None
+
+
+def ort_message(e: Exception) -> str:
+    """The reason in an ONNX Runtime exception, without its ``[ONNXRuntimeError] : 1 : FAIL :``
+    prefix and the C++ source location and function signature that follow it."""
+    import re
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else "unknown failure"
+    text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)
+    located = re.search(r"\S+\.(cc|h|cpp):\d+\s", text)
+    if located:  # "path.cc:256 ns::Func(args...) reason": drop up to the signature's last ')'
+        rest = text[located.end():]
+        depth, cut = 0, 0
+        for i, ch in enumerate(rest):
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+                if depth == 0:
+                    cut = i + 1
+                    break
+        text = rest[cut:].strip() or text
+    return text
 
 
 def run_onnxruntime(program: Program, inputs: Sequence) -> list:
@@ -67,7 +89,10 @@ def run_onnxruntime(program: Program, inputs: Sequence) -> list:
     sess = onnxruntime_session(program.module)
     arrays = as_numpy_inputs(inputs)
     feeds = {i.name: a for i, a in zip(sess.get_inputs(), arrays)}
-    return [np.asarray(o) for o in sess.run(None, feeds)]
+    try:
+        return [np.asarray(o) for o in sess.run(None, feeds)]
+    except Exception as e:
+        raise BackendError(f"ONNX Runtime failed to run {program.name}: {ort_message(e)}") from None
 
 
 def max_abs_diff(a: Sequence, b: Sequence) -> float:

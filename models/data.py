@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..ir.errors import DataError
 
 __all__ = [
-    "ImageSet", "digits", "digit_scenes", "more_digit_scenes", "photos", "load", "calibration", "check_split",
+    "ImageSet", "check_fits", "digits", "digit_scenes", "more_digit_scenes", "photos", "load", "calibration", "check_split",
     "SPLITS", "DATASETS", "PHOTO_NAMES", "BACKGROUND", "CALIB_SIZE", "DIGIT_MEAN", "DIGIT_STD",
     "IMAGENET_MEAN", "IMAGENET_STD", "Accuracy", "MeanIoU", "metric_for",
 ]
@@ -363,7 +363,8 @@ def photos(names=None, *, size: int = PHOTO_SIZE, path: str | os.PathLike | None
             try:
                 arrays.append(imread(f))
             except Exception as e:
-                raise DataError(f"cannot read image {f}: {type(e).__name__}") from None
+                raise DataError(f"cannot read image {f} (corrupt, truncated or not an image); "
+                                "give PNG, JPEG, BMP, TIFF or GIF files") from None
         labels = [os.path.basename(f) for f in files]
         name = f"photos/{os.path.basename(os.path.normpath(path))}"
     else:
@@ -384,15 +385,43 @@ def photos(names=None, *, size: int = PHOTO_SIZE, path: str | os.PathLike | None
 
 # -- one resolver for the command line --------------------------------------------------------
 def _from_npz(path: str) -> ImageSet:
-    with np.load(path) as f:
-        if "images" not in f:
-            raise DataError(f"{path} has no 'images' array; save images (N, C, H, W) and optional 'labels'")
-        images = torch.from_numpy(np.asarray(f["images"], np.float32))
-        labels = torch.from_numpy(np.asarray(f["labels"], np.int64)) if "labels" in f else None
-    if images.ndim != 4:
-        raise DataError(f"'images' in {path} has shape {tuple(images.shape)}; expected (N, C, H, W)")
-    if labels is not None and labels.shape[0] != images.shape[0]:
-        raise DataError(f"{path} has {images.shape[0]} images but {labels.shape[0]} labels")
+    """An ``.npz`` of ``images`` (N, C, H, W) and optional ``labels`` (N,) or (N, H, W), checked:
+    a readable archive without pickled objects, real-valued finite images, integer labels >= 0."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f:
+                raise DataError(f"{path} has no 'images' array; save images (N, C, H, W) and optional 'labels'")
+            images, labels = f["images"], (f["labels"] if "labels" in f else None)
+    except DataError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise DataError(f"{path} is not a numeric .npz archive (it is corrupt or holds pickled Python objects, "
+                            "which sliver does not load); save plain numeric arrays with np.savez") from None
+        raise DataError(f"{path} is not a readable .npz archive (corrupt or truncated); save it again with np.savez") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError):
+        raise DataError(f"{path} is not a readable .npz archive (corrupt or truncated); save it again with np.savez") from None
+    if images.dtype.kind not in "biuf":
+        raise DataError(f"'images' in {path} has dtype {images.dtype}; save real numbers (float32, N, C, H, W)")
+    if images.ndim != 4 or 0 in images.shape:
+        raise DataError(f"'images' in {path} has shape {tuple(images.shape)}; expected (N, C, H, W) with N, C, H, W > 0")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise DataError(f"'images' in {path} holds NaN or infinite values; save finite pixel values")
+    if labels is not None:
+        if labels.dtype.kind not in "biu":
+            raise DataError(f"'labels' in {path} has dtype {labels.dtype}; save integer class labels")
+        if labels.ndim not in (1, 3) or labels.shape[0] != images.shape[0]:
+            raise DataError(f"'labels' in {path} has shape {tuple(labels.shape)} for {images.shape[0]} images; "
+                            "expected (N,) class labels or (N, H, W) per-pixel labels")
+        if labels.ndim == 3 and tuple(labels.shape[1:]) != tuple(images.shape[2:]):
+            raise DataError(f"per-pixel 'labels' in {path} are {tuple(labels.shape[1:])} but the images are "
+                            f"{tuple(images.shape[2:])}; save one label per pixel")
+        if labels.size and int(labels.min()) < 0:
+            raise DataError(f"'labels' in {path} include {int(labels.min())}; class labels must be >= 0")
+    images = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    labels = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels, np.int64))
     if labels is None:
         task, classes = "images", 0
     elif labels.ndim == 1:
@@ -400,6 +429,19 @@ def _from_npz(path: str) -> ImageSet:
     else:
         task, classes = "segmentation", int(labels.max()) + 1
     return ImageSet(os.path.basename(path), task, images, labels, classes)
+
+
+def check_fits(dataset: ImageSet, input_shape, num_outputs: int | None = None) -> None:
+    """Refuse a data set whose images do not fit a model's input ``(N, C, H, W)`` or whose labels
+    are not classes of its ``num_outputs`` outputs (channels of a segmenter), before any work."""
+    want = tuple(int(d) for d in input_shape[1:])
+    if tuple(dataset.image_shape) != want:
+        raise DataError(f"the images of {dataset.name} are {tuple(dataset.image_shape)} but the model takes "
+                        f"{want}; give data of the model's input size (or --input-shape to match the data)")
+    if dataset.targets is not None and num_outputs and dataset.num_classes > num_outputs:
+        top = int(dataset.targets.max())
+        raise DataError(f"{dataset.name} has label {top} but the model has only {num_outputs} classes "
+                        f"(0..{num_outputs - 1}); give labels of the model's classes")
 
 
 def load(spec: str | os.PathLike, split: str = "test") -> ImageSet:

@@ -23,6 +23,7 @@ training code and config, trained when it is missing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -31,13 +32,15 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir.errors import DataError, ModelInputError
+from ..ir.errors import CheckpointError, DataError, ModelInputError
+from ..ir.fileio import sha256_file, write_atomic
 from . import data as datasets
 from .zoo import create, entry
 
@@ -350,18 +353,50 @@ def save_checkpoint(result: TrainResult, path: str | os.PathLike) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple:
-    """(model in eval mode, checkpoint dict) from a file written by :func:`save_checkpoint`."""
+    """(model in eval mode, checkpoint dict) from a file written by :func:`save_checkpoint`.
+
+    The file is read with ``torch.load(weights_only=True)``: only tensors and plain data are
+    unpickled, so a checkpoint that would run code when loaded is refused, never executed.
+    Anything that is not an intact sliver checkpoint whose weights fit its zoo model raises
+    :class:`~sliver.ir.errors.CheckpointError`."""
+    import pickle
+
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"no such checkpoint: {path}; write one with tools/train.py MODEL --out {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; give the .pt file tools/train.py wrote")
+    retrain = f"retrain it with tools/train.py MODEL --out {path}"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path} is not a readable torch checkpoint ({type(e).__name__})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain data; loading it could run code, "
+                f"so sliver refuses it (checkpoints are read with weights_only=True): {retrain}") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt, or a pickle of Python "
+                              f"objects); {retrain}") from None
+    except Exception:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated); {retrain}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path} is not a sliver checkpoint (format {CHECKPOINT_FORMAT}); retrain with tools/train.py")
+        raise CheckpointError(f"{path} is not a sliver checkpoint (format {CHECKPOINT_FORMAT}); retrain with tools/train.py")
+    state = checkpoint.get("state_dict")
+    if not isinstance(checkpoint.get("model"), str) or not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path} lacks the model name or its state_dict of tensors; {retrain}")
     net = create(checkpoint["model"])
-    net.load_state_dict(checkpoint["state_dict"])
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape)
+                   or state[k].dtype != expected[k].dtype)
+    if missing or unexpected or wrong:
+        what = (f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}" if unexpected
+                else f"{wrong[0]!r} has shape {tuple(state[wrong[0]].shape)} {state[wrong[0]].dtype}")
+        raise CheckpointError(f"the weights in {path} do not fit zoo model {checkpoint['model']!r} ({what}); {retrain}")
+    net.load_state_dict(state)
     return net.eval(), checkpoint
 
 
@@ -402,10 +437,53 @@ def cached(model: str, seed: int = 0, *, progress: bool = False, **overrides) ->
 
     The key is the model, the seed and :func:`code_hash` (config, training and data code, model
     source, torch version), so a change to any of them trains afresh and a stale checkpoint is
-    never used. Concurrent first calls may both train; the atomic write keeps the file whole.
+    never used. Processes that need the same entry at once take turns on a lock file: one trains,
+    the others wait and load its result. An entry is checked against the SHA-256 recorded beside
+    it (``<entry>.sha256``) and loaded with ``weights_only=True``; a corrupt entry is set aside as
+    ``<entry>.corrupt`` and trained again.
     """
     config = config_for(model, seed=seed, **overrides)
     path = cached_path(config)
-    if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _locked(path + ".lock"):
+        if os.path.exists(path):
+            try:
+                return _load_cache_entry(path)
+            except DataError as e:
+                import warnings
+
+                warnings.warn(f"sliver: the cached checkpoint {path} is corrupt ({e}); training it again",
+                              RuntimeWarning, stacklevel=2)
+                os.replace(path, path + ".corrupt")
         save_checkpoint(train(config, progress=progress), path)
-    return load_checkpoint(path)
+        write_atomic(path + ".sha256", (sha256_file(path) + "\n").encode())
+        return _load_cache_entry(path)
+
+
+def _load_cache_entry(path: str) -> tuple:
+    """Load a cache entry after checking it against its recorded SHA-256 (an entry from before
+    hashes were recorded gets one once it loads)."""
+    digest = path + ".sha256"
+    actual = sha256_file(path)
+    if os.path.exists(digest):
+        with open(digest) as f:
+            recorded = f.read().strip()
+        if recorded != actual:
+            raise CheckpointError(f"{path} does not match its recorded SHA-256 (altered or truncated)")
+        return load_checkpoint(path)
+    loaded = load_checkpoint(path)
+    write_atomic(digest, (actual + "\n").encode())
+    return loaded
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive advisory lock (flock) on ``path`` for the duration of the block."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

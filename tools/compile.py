@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -138,6 +137,9 @@ def load_model(args):
         torch.manual_seed(args.seed)
         net = models.create(args.model)
     shape = shape or models.input_shape(args.model)
+    from sliver.ir import resources
+
+    resources.check_input_shape(net, shape, args.model)  # before the example input is drawn
     example = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32))
     return ir.trace(net, example, name=args.model), net
 
@@ -180,36 +182,31 @@ def _show_progress(args) -> bool:
     return not args.quiet and (args.progress or sys.stderr.isatty())
 
 
-@contextlib.contextmanager
 def staged_output(out: str):
-    """Yield a staging directory beside ``out``; on success it replaces ``out`` whole."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        from sliver.ir.errors import ModelInputError
+    """A staging directory beside ``out`` that replaces it whole on success, atomically
+    (``sliver.ir.fileio.staged_dir``): a kill at any moment leaves ``out`` as it was or complete."""
+    from sliver.ir.errors import ModelInputError
+    from sliver.ir.fileio import staged_dir
 
-        raise ModelInputError(f"--out {out} exists and is not a directory")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    stage = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    os.makedirs(stage)
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}")
-    if os.path.exists(out):
-        os.replace(out, old)
-    os.replace(stage, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ModelInputError(f"--out {os.path.abspath(out)} exists and is not a directory")
+    return staged_dir(out)
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    from sliver.ir.fileio import write_atomic
+
+    write_atomic(path, data)
+
+
+def _check_data_fits(program, data, outputs) -> None:
+    """Before any work: ``--data`` fits the model (image size, labels among its classes)."""
+    from sliver.models import data as datasets
+
+    if data is not None and len(program.input_shapes) == 1:
+        classes = int(outputs[0].shape[1]) if outputs and outputs[0].ndim >= 2 else None
+        for split in ("train", "val"):
+            datasets.check_fits(data[split], program.input_shapes[0], classes)
 
 
 def compile_model(args) -> dict:
@@ -230,6 +227,7 @@ def compile_model(args) -> dict:
     if program.level == "onnx" and args.target != "fpga":
         tvm_level.check_importable(program)  # fail before any work, not after the passes
     reference_outputs = program.run()
+    _check_data_fits(program, data, reference_outputs)
     report = {"model": args.model, "target": args.target, "seed": args.seed, "pipeline": str(pipeline)}
     with staged_output(args.out) as stage:
         _say(args, f"running pipeline {str(pipeline) or '(empty)'}")
@@ -436,6 +434,16 @@ def summary(report: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: staged output is removed."""
+    import signal
+
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from sliver.ir.errors import SliverError
@@ -450,13 +458,21 @@ def main(argv=None) -> int:
             for name, desc in models.available().items():
                 print(f"{name:<20}{desc}")
             return 0
+        _interrupt_on_sigterm()
         report = compile_model(args)
     except SliverError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {args.out or 'the output directory'} was left as it was", file=sys.stderr)
+        return 130
     print(summary(report, args.out))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before main's own handler is in place
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)

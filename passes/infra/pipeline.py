@@ -214,6 +214,7 @@ class _Runner:
         self.program = program
         self.stats = _totals(program)
         self.report.before = self.stats
+        self.report.after = self.stats  # until a step changes it (an empty pipeline changes nothing)
         if self.check:
             self.outputs = run_program(program, program.example_inputs)
         if self.dump_ir is not None:
