@@ -130,6 +130,7 @@ def test_two_scale_model_shares_the_encoder_and_averages_logits(small_vit):
     assert notes["sacm"]["collected"] == [0, 1] and notes["sacm"]["grid"] == [8, 8]
 
 
+@pytest.mark.slow  # the TVM build of both passes: 154 s on the loaded 2-core machine
 def test_exports_static_and_builds_with_tvm_within_1e4(small_vit):
     _, prog = small_vit
     pipeline = "aftrans{epochs=0 with_region=true collect=last}"
@@ -185,3 +186,26 @@ def test_iou():
     a = np.array([[0, 0, 10, 10], [0, 0, 10, 10]])
     b = np.array([[0, 0, 10, 10], [5, 5, 15, 15]])
     np.testing.assert_allclose(iou(a, b), [1.0, 25 / 175])
+
+
+def test_compile_writes_regions(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "build"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "compile.py"), "tiny_deit", "--pipeline",
+         "aftrans{epochs=0 collect=last}", "--target", "fpga", "--regions", "--no-check", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "regions" in proc.stdout and (out / "regions.png").stat().st_size > 10_000
+    report = json.loads((out / "report.json").read_text())
+    boxes = np.array(report["regions"]["boxes"])
+    assert boxes.shape == (8, 4) and (boxes >= 0).all() and (boxes <= 32).all()
+    truth = data.small_digits("test").meta["boxes"][:8].numpy()
+    np.testing.assert_allclose(report["regions"]["iou"], iou(boxes, truth), atol=1e-4)
+    assert report["after"]["macs"] > 2 * report["before"]["macs"]  # both passes counted
