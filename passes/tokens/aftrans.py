@@ -107,6 +107,8 @@ class SACM(nn.Module):
         r, c = r.reshape(-1), c.reshape(-1)
         near = ((r[:, None] - r[None, :]).abs() <= 1) & ((c[:, None] - c[None, :]).abs() <= 1)
         self.register_buffer("adjacency", near.to(torch.float32), persistent=False)
+        # one identity for every rollout layer (built per layer it exports as one constant each)
+        self.register_buffer("eye", torch.eye(gh * gw + 1), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"collect={self.collect}, filter={self.filter}, ratio={self.ratio}, threshold={self.threshold}, "
@@ -125,8 +127,7 @@ class SACM(nn.Module):
         rollout = None
         for p in probs:
             a = self._layer(p)
-            eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-            a = a + eye
+            a = a + self.eye
             a = a / a.sum(dim=-1, keepdim=True)
             rollout = a if rollout is None else a @ rollout
         return rollout[:, 0, 1:]
