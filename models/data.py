@@ -9,6 +9,10 @@
   pixel is labelled with its digit (0-9) where the digit's thickened stroke is, and
   :data:`BACKGROUND` (10) elsewhere. A scene split only uses digits of the matching
   classification split, so no test digit is seen in training.
+- :func:`small_digits`: 32x32 canvases with one digit drawn small (8-14 pixels) at a random
+  position among clutter (halves of 1-3 other digits, pixel noise); the label is the whole
+  digit's class and ``meta["boxes"]`` keeps its true box for judging localisation. A split only
+  uses digits (target and clutter) of the matching classification split.
 - :func:`photos`: scikit-image's bundled sample photographs (or image files of your own),
   centre-cropped to a square, resized and normalised with the ImageNet statistics.
 
@@ -19,7 +23,7 @@ Every split is an :class:`ImageSet`: plain tensors (``images``, ``targets``) tha
 ``torch.utils.data.Dataset``; ``ImageSet.loader()`` gives a DataLoader. Split names are ``train``,
 ``val``, ``test`` and ``calib`` (the first :data:`CALIB_SIZE` training images, in a fixed random
 order, for passes that calibrate). :func:`load` resolves the names the command line uses
-(``digits``, ``digit-scenes``, ``photos`` or a path). Unknown names and missing paths raise
+(``digits``, ``digit-scenes``, ``small-digits``, ``photos`` or a path). Unknown names and missing paths raise
 :class:`~sliver.ir.errors.DataError` with a one-line message.
 
 The sets are built once per process and cached; an ``ImageSet`` shares its tensors with the cache,
@@ -40,13 +44,13 @@ import torch.nn.functional as F
 from ..ir.errors import DataError
 
 __all__ = [
-    "ImageSet", "check_fits", "digits", "digit_scenes", "more_digit_scenes", "photos", "load", "calibration", "check_split",
+    "ImageSet", "check_fits", "digits", "digit_scenes", "small_digits", "more_digit_scenes", "photos", "load", "calibration", "check_split",
     "SPLITS", "DATASETS", "PHOTO_NAMES", "BACKGROUND", "CALIB_SIZE", "DIGIT_MEAN", "DIGIT_STD",
     "IMAGENET_MEAN", "IMAGENET_STD", "Accuracy", "MeanIoU", "metric_for",
 ]
 
 SPLITS = ("train", "val", "test", "calib")
-DATASETS = ("digits", "digit-scenes", "photos")
+DATASETS = ("digits", "digit-scenes", "small-digits", "photos")
 
 #: seed of the digit split and of the scene layouts; a constant, so the test set never moves
 SPLIT_SEED = 20240601
@@ -67,6 +71,15 @@ SCENE_DIGIT_SIZES = (24, 32)  # side of a placed digit in pixels, inclusive
 MASK_SIGMA = 0.75
 MASK_THRESHOLD = 0.15
 BACKGROUND = 10  # label of background pixels; classes 0-9 are the digits
+
+#: the canvas is the tiny models' 32x32 input, so a model trained on :func:`digits` (where a digit
+#: fills the image) reads it as it is; a target covers 6-19% of the canvas's area
+SMALL_SIZE = 32
+SMALL_COUNTS = {"train": 2000, "val": 400, "test": 400}
+SMALL_DIGIT_SIZES = (8, 14)  # side of the target digit in pixels, inclusive
+SMALL_FRAGMENTS = (1, 3)  # clutter fragments per canvas, inclusive
+SMALL_FRAGMENT_SIZES = (8, 14)  # side of the digit a fragment is cut from, inclusive
+SMALL_NOISE = 0.08  # standard deviation of the pixel noise (0..1 units, before normalising)
 
 PHOTO_NAMES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field",
                "immunohistochemistry", "retina", "moon", "coins")
@@ -211,7 +224,7 @@ def digits(split: str = "train") -> ImageSet:
 
 
 def calibration(dataset: str = "digits", count: int = CALIB_SIZE) -> ImageSet:
-    """The calibration images of ``dataset`` (digits or digit-scenes): ``count`` training images."""
+    """The calibration images of ``dataset`` (digits, digit-scenes or small-digits): ``count`` training images."""
     return load(dataset, "calib").take(count)
 
 
@@ -310,6 +323,90 @@ def more_digit_scenes(split: str, count: int, seed: int) -> ImageSet:
         raise DataError(f"count must be a positive int, got {count!r}")
     x, y, layouts = _generate_scenes(split, count, [SPLIT_SEED, SPLITS.index(split), 1, int(seed)])
     return _scene_set(f"digit-scenes/{split}+seed{seed}", x, y, layouts)
+
+
+# -- small digits in clutter ------------------------------------------------------------------
+def _overlap(a, b) -> bool:
+    """Whether boxes (top, left, bottom, right), bottom/right exclusive, intersect."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _generate_small(split: str, count: int, seed) -> tuple:
+    """(images (N, 1, 32, 32) normalised, labels (N,), boxes (N, 4) int64, layouts) from ``seed``.
+
+    The target digit (side 8-14) goes anywhere on the canvas. Each clutter fragment is one half
+    (top, bottom, left or right, chosen at random) of another digit of the split, drawn at side
+    8-14 where it does not touch the target's box (up to 20 tries, else left out): a fragment
+    never covers or completes the target, and no fragment is a whole digit, so the label is
+    unambiguous. Pixel noise is Gaussian, drawn per canvas, and the canvas is clipped to 0..1."""
+    images, labels = _raw_digits()
+    pool = _split_indices()[split]
+    source = torch.from_numpy(images[pool])[:, None]
+    lo, hi = SMALL_DIGIT_SIZES
+    flo, fhi = SMALL_FRAGMENT_SIZES
+    ink = {side: F.interpolate(source, size=(side, side), mode="bilinear", align_corners=False)[:, 0].numpy()
+           for side in range(min(lo, flo), max(hi, fhi) + 1)}
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((count, SMALL_SIZE, SMALL_SIZE), np.float32)
+    targets = np.zeros(count, np.int64)
+    boxes = np.zeros((count, 4), np.int64)
+    layouts = []
+    for n in range(count):
+        side = int(rng.integers(lo, hi + 1))
+        top, left = (int(v) for v in rng.integers(0, SMALL_SIZE - side + 1, size=2))
+        j = int(rng.integers(len(pool)))
+        box = (top, left, top + side, left + side)
+        placed = [(int(pool[j]), int(labels[pool[j]]), top, left, side, "whole")]
+        for _ in range(int(rng.integers(SMALL_FRAGMENTS[0], SMALL_FRAGMENTS[1] + 1))):
+            fside = int(rng.integers(flo, fhi + 1))
+            k = int(rng.integers(len(pool)))
+            half = ("top", "bottom", "left", "right")[int(rng.integers(4))]
+            piece = ink[fside][k]
+            h = fside // 2
+            piece = {"top": piece[:h], "bottom": piece[fside - h:], "left": piece[:, :h],
+                     "right": piece[:, fside - h:]}[half]
+            for _try in range(20):
+                ft = int(rng.integers(0, SMALL_SIZE - piece.shape[0] + 1))
+                fl = int(rng.integers(0, SMALL_SIZE - piece.shape[1] + 1))
+                if not _overlap(box, (ft, fl, ft + piece.shape[0], fl + piece.shape[1])):
+                    window = canvas[n, ft:ft + piece.shape[0], fl:fl + piece.shape[1]]
+                    np.maximum(window, piece, out=window)
+                    placed.append((int(pool[k]), int(labels[pool[k]]), ft, fl, fside, half))
+                    break
+        canvas[n, top:top + side, left:left + side] = np.maximum(canvas[n, top:top + side, left:left + side],
+                                                                 ink[side][j])
+        canvas[n] += rng.standard_normal((SMALL_SIZE, SMALL_SIZE)).astype(np.float32) * SMALL_NOISE
+        targets[n] = labels[pool[j]]
+        boxes[n] = box
+        layouts.append(tuple(placed))
+    np.clip(canvas, 0.0, 1.0, out=canvas)
+    x = _normalise_digits(torch.from_numpy(canvas)[:, None]).contiguous()
+    return x, torch.from_numpy(targets), torch.from_numpy(boxes), tuple(layouts)
+
+
+@functools.lru_cache(maxsize=None)
+def _small_tensors(split: str) -> tuple:
+    if split == "calib":
+        x, y, boxes, layouts = _small_tensors("train")
+        return x[:CALIB_SIZE], y[:CALIB_SIZE], boxes[:CALIB_SIZE], layouts[:CALIB_SIZE]
+    return _generate_small(split, SMALL_COUNTS[split], [SPLIT_SEED, SPLITS.index(split), 2])
+
+
+def small_digits(split: str = "train") -> ImageSet:
+    """32x32 canvases, each with one small digit (side 8-14 pixels) at a random position among
+    clutter (halves of 1-3 other digits, Gaussian pixel noise); label = that digit (0-9).
+
+    Splits: train (2,000 canvases), val (400), test (400), calib (the first 256 training ones);
+    deterministic, and a split only uses the digits of the matching split of :func:`digits`.
+    ``meta["boxes"]`` is the target digit's box per canvas, (N, 4) int64 (top, left, bottom,
+    right) in pixels, bottom/right exclusive; ``meta["layouts"]`` lists what was drawn, per
+    canvas: (index into ``load_digits()``, label, top, left, side, part), target first.
+    Normalised like the digits (same mean and standard deviation constants)."""
+    check_split(split, "small-digits")
+    x, y, boxes, layouts = _small_tensors(split)
+    return ImageSet(f"small-digits/{split}", "classification", x.expand(-1, 3, -1, -1), y, 10,
+                    tuple(str(i) for i in range(10)),
+                    {"mean": DIGIT_MEAN, "std": DIGIT_STD, "boxes": boxes, "layouts": layouts})
 
 
 # -- photos -----------------------------------------------------------------------------------
@@ -445,7 +542,7 @@ def check_fits(dataset: ImageSet, input_shape, num_outputs: int | None = None) -
 
 
 def load(spec: str | os.PathLike, split: str = "test") -> ImageSet:
-    """A data set by name (``digits``, ``digit-scenes``, ``photos``) and split, or from a path.
+    """A data set by name (``digits``, ``digit-scenes``, ``small-digits``, ``photos``) and split, or from a path.
 
     A path may be an ``.npz`` file with ``images`` (N, C, H, W, already normalised) and optional
     ``labels`` (N,) or (N, H, W), an image file, or a directory of images (then: photos, no
@@ -458,6 +555,8 @@ def load(spec: str | os.PathLike, split: str = "test") -> ImageSet:
         return digits(split)
     if text in ("digit-scenes", "digit_scenes", "scenes"):
         return digit_scenes(split)
+    if text in ("small-digits", "small_digits"):
+        return small_digits(split)
     if text == "photos":
         return photos()
     looks_like_path = os.sep in text or "." in os.path.basename(text) or os.path.exists(text)
@@ -472,11 +571,11 @@ def load(spec: str | os.PathLike, split: str = "test") -> ImageSet:
 
 def context_data(spec: str | os.PathLike) -> dict:
     """The data a pipeline's passes get through the pass context for ``spec``:
-    ``{"train", "val", "calib"}`` of a named set (``digits``, ``digit-scenes``), or the one
+    ``{"train", "val", "calib"}`` of a named set (``digits``, ``digit-scenes``, ``small-digits``), or the one
     labelled set of an ``.npz`` file for all three."""
     text = os.fspath(spec)
     named = text.replace("_", "-")
-    if named in ("digits", "digit-scenes"):
+    if named in ("digits", "digit-scenes", "small-digits"):
         return {"train": load(named, "train"), "val": load(named, "val"), "calib": calibration(named)}
     one = load(text)
     if one.task not in ("classification", "segmentation"):

@@ -115,3 +115,11 @@ def residual_branch(block: nn.Module, scale_name: str, value: torch.Tensor) -> t
     """Apply a block's optional LayerScale (``ls1``/``ls2``) to a residual branch."""
     ls = _maybe(block, scale_name)
     return ls(value) if ls is not None else value
+
+
+def block_with_probs(block: nn.Module, x: torch.Tensor):
+    """One pre-norm block of timm's layout (norm1, attn, optional ls1; norm2, mlp, optional ls2)
+    on ``x``, returning (output, attention probabilities (B, heads, N, N))."""
+    attn_out, probs = attention_with_probs(block.attn, block.norm1(x))
+    x = x + residual_branch(block, "ls1", attn_out)
+    return x + residual_branch(block, "ls2", block.mlp(block.norm2(x))), probs

@@ -10,9 +10,11 @@ MODEL is a zoo name (``--list-models``) or the path of an ``.onnx`` file (never 
 receives ``model.onnx`` (the program after the pipeline), ``model.so`` + ``model.json`` (the TVM
 artifact), ``report.json`` and, with ``--dump-ir``, ``ir/NN-<step>.txt``. With ``--keep-maps``
 (after a token pass) it also receives ``keep_maps.png``: the patches each pruning stage kept, drawn
-over a digit (a digit scene for 64x64 models) and scikit-image's astronaut photo.
+over a digit (a digit scene for 64x64 models) and scikit-image's astronaut photo. With
+``--regions`` (after the aftrans pass) it receives ``regions.png``: the region SACM selected on
+eight small-digit test canvases, with the true digit boxes.
 
-With ``--data`` (``digits``, ``digit-scenes`` or an ``.npz`` path) the pipeline's passes receive
+With ``--data`` (``digits``, ``digit-scenes``, ``small-digits`` or an ``.npz`` path) the pipeline's passes receive
 that data (splits ``train``/``val``/``calib``) for calibration and fine-tuning, and the model is
 scored before and after the pipeline (and as the built x86 artifact) on ``--split``; the scores go
 into ``report.json`` under ``accuracy``, next to the MACs. A tiny zoo model is then used with its
@@ -69,9 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         help="draw the token keep maps of each pruning stage over a digit and a photo into OUT/keep_maps.png",
     )
     p.add_argument(
+        "--regions",
+        action="store_true",
+        help="draw the aftrans pass's selected regions (and the true boxes) on small-digit test images into OUT/regions.png",
+    )
+    p.add_argument(
         "--data",
         help="score before/after on this data and hand it to passes that calibrate or fine-tune: "
-        "digits, digit-scenes or an .npz path (tiny zoo models then use their trained weights)",
+        "digits, digit-scenes, small-digits or an .npz path (tiny zoo models then use their trained weights)",
     )
     p.add_argument("--split", default="test", help="split --data is scored on: train, val or test (default: test)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights of zoo models, example inputs and passes")
@@ -231,9 +238,8 @@ def compile_model(args) -> dict:
     report = {"model": args.model, "target": args.target, "seed": args.seed, "pipeline": str(pipeline)}
     with staged_output(args.out) as stage:
         _say(args, f"running pipeline {str(pipeline) or '(empty)'}")
-        result, keep_maps = _run_pipeline(args, pipeline, program, data, stage)
-        if keep_maps is not None:
-            report["keep_maps"] = keep_maps
+        result, pictures = _run_pipeline(args, pipeline, program, data, stage)
+        report.update(pictures)
         final = result.program
         _write_atomic(os.path.join(stage, "model.onnx"), final.module.SerializeToString())
         report.update(
@@ -259,16 +265,16 @@ def compile_model(args) -> dict:
 
 
 def _run_pipeline(args, pipeline, program, data, stage):
-    """(pipeline result at the onnx level, keep-map summary or None). With ``--keep-maps`` the
-    pipeline runs in two parts, its leading torch-level passes and the rest, so that the token keep
-    maps of the torch-level program in between are drawn into ``keep_maps.png``; the two reports
-    are joined into one."""
+    """(pipeline result at the onnx level, {picture: summary}). With ``--keep-maps`` or
+    ``--regions`` the pipeline runs in two parts, its leading torch-level passes and the rest, so
+    that the token keep maps (``keep_maps.png``) or the aftrans regions (``regions.png``) of the
+    torch-level program in between are drawn; the two reports are joined into one."""
     from sliver import passes
 
     options = dict(data=data, seed=args.seed, check=not args.no_check, progress=_show_progress(args))
     dump = os.path.join(stage, "ir") if args.dump_ir else None
-    if not args.keep_maps:
-        return pipeline.run(program, dump_ir=dump, lower_to="onnx", **options), None
+    if not (args.keep_maps or args.regions):
+        return pipeline.run(program, dump_ir=dump, lower_to="onnx", **options), {}
     from sliver.passes import keep_maps
 
     head = 0
@@ -278,15 +284,46 @@ def _run_pipeline(args, pipeline, program, data, stage):
     if first.program.level != "torch":
         from sliver.ir.errors import ModelInputError
 
-        raise ModelInputError("--keep-maps needs a torch-level model (a zoo name) and a token pass (evit, heatvit, asvit, lvtp)")
-    _say(args, "drawing token keep maps")
-    kept = keep_maps.draw(first.program, keep_maps.default_images(first.program), os.path.join(stage, "keep_maps.png"))
+        raise ModelInputError("--keep-maps and --regions need a torch-level model (a zoo name) and a token pass "
+                              "(evit, heatvit, asvit, lvtp; aftrans for --regions)")
+    pictures = {}
+    if args.keep_maps:
+        _say(args, "drawing token keep maps")
+        kept = keep_maps.draw(first.program, keep_maps.default_images(first.program), os.path.join(stage, "keep_maps.png"))
+        pictures["keep_maps"] = {"file": "keep_maps.png", "kept_per_stage": kept}
+    if args.regions:
+        pictures["regions"] = _draw_regions(args, first.program, stage)
     rest = passes.Pipeline(pipeline.passes[head:]).run(
         first.program, dump_ir=os.path.join(dump, "after-keep-maps") if dump else None, lower_to="onnx", **options
     )
     rest.report.pipeline, rest.report.before = str(pipeline), first.report.before
     rest.report.steps = first.report.steps + rest.report.steps
-    return rest, {"file": "keep_maps.png", "kept_per_stage": kept}
+    return rest, pictures
+
+
+def _draw_regions(args, program, stage) -> dict:
+    """``--regions``: the aftrans regions of eight small-digit test canvases (resized to the model's
+    input) drawn in red, their true digit boxes in green, into ``regions.png``."""
+    import torch
+    import torch.nn.functional as F
+
+    from sliver.ir.errors import ModelInputError
+    from sliver.models import data as datasets
+    from sliver.passes.tokens import aftrans
+
+    if "two-scale" not in program.facts:
+        raise ModelInputError("--regions needs the aftrans pass in the pipeline")
+    _say(args, "drawing aftrans regions")
+    canvases = datasets.small_digits("test").take(8)
+    _, _, h, w = (int(d) for d in program.example_inputs[0].shape)
+    images, truth = canvases.images, canvases.meta["boxes"][:len(canvases)].double()
+    if tuple(images.shape[-2:]) != (h, w):
+        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+        truth = truth * torch.tensor([h, w, h, w], dtype=torch.float64) / datasets.SMALL_SIZE
+    boxes = aftrans.draw(program, images.numpy(), os.path.join(stage, "regions.png"), truth=truth.numpy(),
+                         mean=datasets.DIGIT_MEAN, std=datasets.DIGIT_STD)
+    return {"file": "regions.png", "boxes": boxes,
+            "iou": [round(float(v), 4) for v in aftrans.iou(boxes, truth.numpy())]}
 
 
 def _build_with_tvm(args, final, stage, reference_outputs) -> dict:
@@ -428,6 +465,9 @@ def summary(report: dict, out: str) -> str:
             f"  check     {check}",
             f"  wrote     {os.path.join(out, 'model.onnx')}, model.so, model.json, report.json{ir_dir}",
         ]
+    if "regions" in report:
+        lines.append(f"  regions {os.path.join(out, 'regions.png')} (IoU with the true boxes: "
+                     f"{', '.join(f'{v:.2f}' for v in report['regions']['iou'])})")
     if "keep_maps" in report:
         kept = "; ".join(f"{name} {'/'.join(map(str, counts))}" for name, counts in report["keep_maps"]["kept_per_stage"].items())
         lines.append(f"  keep maps {os.path.join(out, 'keep_maps.png')} (patches kept per stage: {kept})")

@@ -423,6 +423,17 @@ def _move(node, ctx):
     return ctx.stream(node, "move", [("move", moved)])
 
 
+@_rule("GridSample")
+def _grid_sample(node, ctx):
+    """Bilinear sampling (aftrans's crop): per output element four reads of the input and three
+    interpolations (each a multiply-add on the vector unit); nearest mode reads one."""
+    n = ctx.elements(node.output[0])
+    mode = ctx.attr(node, "mode", b"linear")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    reads, lerps = (1, 0) if mode == "nearest" else (4, 3)
+    return ctx.stream(node, "vector", [("vector", lerps * n), ("move", reads * ctx.nbytes(node.output[0]))])
+
+
 @_rule("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape", "Size", "Constant",
        "ConstantOfShape", "Range", "EyeLike")
 def _free(node, ctx):

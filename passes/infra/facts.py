@@ -16,6 +16,8 @@ BLOCK_SPARSE = "block-sparse"
 CHANNEL_PRUNED = "channel-pruned"
 #: tokens removed inside the transformer (evit, heatvit, asvit, lvtp)
 TOKEN_PRUNED = "token-pruned"
+#: a second, local pass of the same encoder over an attention-selected crop (aftrans)
+TWO_SCALE = "two-scale"
 #: nonlinear functions replaced by polynomial / piecewise-linear approximations (poly-act)
 POLY_ACT = "poly-act"
 #: weights and activations quantised to power-of-two scales (rapq, pot-naive)

@@ -1,7 +1,8 @@
 """Token pruning for vision transformers: evit, heatvit, asvit, lvtp (and the keep maps that draw
-what they kept). Shared selection code is in :mod:`.common`."""
+what they kept); aftrans, the attention-guided second pass over a selected region. Shared selection code is in :mod:`.common`."""
 
-from . import asvit, evit, heatvit, keep_maps, lvtp  # noqa: F401  (registers the passes)
+from . import aftrans, asvit, evit, heatvit, keep_maps, lvtp  # noqa: F401  (registers the passes)
+from .aftrans import AFTrans
 from .asvit import ASViT
 from .evit import EViT
 from .heatvit import HeatViT
