@@ -203,10 +203,6 @@ def test_every_array_multiplier_table_is_bilinear_in_the_operand_bits():
         seen[factors is not None] += 1
         if m.is_exact and m.signed:
             assert np.array_equal(factors, opdefs.app_matmul_exact_factors(m.bits))
-        if factors is not None and m.signed and m.spec.family == "truncated":
-            # a truncated multiplier only drops partial products of low operand bits
-            error = factors - opdefs.app_matmul_exact_factors(m.bits)
-            assert not error[m.bits - 1].any()
     assert seen[True] > 100 and seen[False] > 10
 
 

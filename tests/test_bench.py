@@ -62,3 +62,41 @@ def test_wait_modes_order_the_runs():
     assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2 + ["a"] * 2 + ["b"] * 2
     assert [len(t) for t in times.values()] == [6, 6]
     assert bench._settle(limit_s=1.0) < 1.0  # an idle process settles at once
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bench_times_the_artifact_on_an_rpc_server_over_loopback(tmp_path):
+    """--rpc: the artifact is uploaded to TVM's RPC server (here a local one on loopback), runs
+    there with outputs equal to ONNX Runtime's, and is timed on the server's clock; an address
+    nobody serves is one line, exit 2."""
+    import time
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                               "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(3)  # the server binds its port
+        out = tmp_path / "remote.json"
+        proc = subprocess.run([sys.executable, BENCH, "tiny_resnet", "--rpc", f"127.0.0.1:{port}", "--repeat", "3",
+                               "--json", str(out)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        row = json.loads(out.read_text())["remote"][0]
+        assert row["address"] == f"127.0.0.1:{port}" and len(row["times_ms"]) == 3
+        assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["max_abs_diff"] < 1e-4
+    finally:
+        server.kill()
+        server.wait()
+    dead = subprocess.run([sys.executable, BENCH, "tiny_resnet", "--rpc", f"127.0.0.1:{_free_port()}"],
+                          capture_output=True, text=True, timeout=600)
+    assert dead.returncode == 2 and dead.stderr.startswith("error: cannot reach the RPC server at 127.0.0.1:")
+    assert len(dead.stderr.strip().splitlines()) == 1
+    bad = subprocess.run([sys.executable, BENCH, "tiny_resnet", "--rpc", "nohost"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not HOST:PORT" in bad.stderr

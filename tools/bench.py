@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         "pipeline's model and that speedup divided by its MAC reduction (PyTorch then runs the pruned model)",
     )
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--rpc", metavar="HOST:PORT",
+                   help="instead of the local engines: upload the TVM artifact to the device running TVM's RPC "
+                        "server at HOST:PORT (a tracker's address with --rpc-key) and time it there")
+    p.add_argument("--rpc-key", help="device key for --rpc when HOST:PORT is an RPC tracker")
+    p.add_argument("--target", default="x86",
+                   help="TVM target of the artifact for --rpc: x86 (this machine's CPU), arm, or a JSON target dict")
     p.add_argument("--appmul-selection", type=float, metavar="BUDGET",
                    help="instead of the engines: time the appmul selection (exact knapsack vs GA baseline) on "
                         "MODEL's trained sensitivity table at loss budget BUDGET (tiny zoo models)")
@@ -304,6 +310,38 @@ def _passive_threads() -> None:
     os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
+def _remote(args) -> int:
+    """``--rpc``: build MODEL for ``--target`` and time it on the device (``sliver.backends.rpc``);
+    outputs are compared with this machine's ONNX Runtime run of the same program."""
+    from sliver.backends import rpc
+    from sliver.backends import tvm as tvm_backend
+    from sliver.ir.errors import SliverError
+
+    try:
+        rpc.parse_address(args.rpc)  # a malformed address fails before any build
+        target = json.loads(args.target) if args.target.lstrip().startswith("{") else args.target
+        rows = []
+        for batch in args.batch:
+            program, _, _ = _load(args, batch)
+            artifact = tvm_backend.build(program, target=target, schedule=args.schedule)
+            inputs = [x for x in program.example_inputs]
+            timing = rpc.time_remote(artifact, args.rpc, inputs, key=args.rpc_key, repeat=args.repeat,
+                                     reference=program.run(inputs))
+            rows.append({"batch": batch, "target": artifact.target, **timing})
+    except (SliverError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in rows:
+        print(f"{args.model} batch {r['batch']} on {r['address']}{' key ' + r['key'] if r['key'] else ''} "
+              f"({r['target'].get('mcpu', 'generic')}): median {r['median_ms']:.3f} ms, min {r['min_ms']:.3f}, "
+              f"max {r['max_ms']:.3f} (device clock, {args.repeat} runs); max|device - ORT| {r['max_abs_diff']:.2e}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "pipeline": args.pipeline, "remote": rows}, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     # every engine gets the same threads; TVM reads its variable when its thread pool starts
@@ -322,6 +360,8 @@ def main(argv=None) -> int:
         return 2
     if args.appmul_selection is not None:
         return _appmul_selection(args)
+    if args.rpc:
+        return _remote(args)
     try:
         result = {
             "model": args.model,
