@@ -7,15 +7,14 @@ block from the traced shapes and fixes every keep count at compile time (``topk`
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 
 import torch
-import torch.nn.functional as F
 import torch.fx
 from torch import nn
 
 from ...ir.errors import OptionValueError, PassError, UnsupportedOpError
+from ...models.trainer import fit, frozen_copy, source  # noqa: F401  (frozen_copy: the teacher of every token pass)
 from ..transformer import (  # noqa: F401  (the layout helpers every token pass uses)
     attention_parts,
     attention_with_probs,
@@ -141,14 +140,6 @@ class PolicyBlock(nn.Module):
         return x + residual_branch(blk, "ls2", blk.mlp(blk.norm2(x)))
 
 
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """An eval-mode copy without gradients: the dense teacher for distillation."""
-    teacher = copy.deepcopy(module).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
 @contextlib.contextmanager
 def policy_mode(gm, first_target: str, stages):
     """Run ``gm`` with a token policy inside the ``with``: every block from ``first_target`` on
@@ -181,12 +172,13 @@ def policy_mode(gm, first_target: str, stages):
 def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extra_loss, train_set, ctx, *,
                       epochs: int, lr: float, batch_size: int, distill_weight: float, name: str,
                       stage_lr: float | None = None, stage_weight_decay: float = 0.01) -> list:
-    """Fine-tune ``gm`` with a token policy: every block from ``first_target`` on runs as a
-    :class:`PolicyBlock`, the pruning ``stages`` run in ``"train"`` mode sharing one
-    :class:`TokenPolicy`. Loss = cross-entropy + ``extra_loss(state)`` + ``distill_weight`` x
-    KL(student || teacher). The stages' own parameters learn at ``stage_lr`` (default ``lr``) with
-    ``stage_weight_decay``, the dense layers at ``lr``/10 (AdamW, weight decay 0.01). The blocks
-    are restored and the stages left in eval mode afterwards. Returns the mean loss per epoch."""
+    """Fine-tune ``gm`` with a token policy through the trainer (:func:`sliver.models.trainer.fit`):
+    every block from ``first_target`` on runs as a :class:`PolicyBlock`, the pruning ``stages``
+    run in ``"train"`` mode sharing one :class:`TokenPolicy`. Loss = cross-entropy +
+    ``extra_loss(state)`` + ``distill_weight`` x KL(student || teacher). The stages' own parameters
+    learn at ``stage_lr`` (default ``lr``) with ``stage_weight_decay``, the dense layers at
+    ``lr``/10 (AdamW, weight decay 0.01). The blocks are restored and the stages left in eval mode
+    afterwards. Returns the mean loss per epoch (also in the report's ``train_loss``)."""
     stage_ids = {id(p) for p in stage_params}
     dense_params = [p for p in gm.parameters() if id(p) not in stage_ids]
     opt = torch.optim.AdamW(
@@ -194,28 +186,21 @@ def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extr
          {"params": dense_params, "lr": lr / 10}],
         weight_decay=0.01,
     )
-    history = []
     with policy_mode(gm, first_target, stages) as state:
-        gm.train()
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + epoch)
-            for images, labels in ctx.progress(loader, f"epoch {epoch + 1}/{epochs}", total=len(loader)):
-                state.reset()
-                logits = gm(images)
-                with torch.no_grad():
-                    soft = teacher(images).softmax(dim=-1)
-                loss = (
-                    F.cross_entropy(logits, labels)
-                    + extra_loss(state)
-                    + distill_weight * F.kl_div(logits.log_softmax(dim=-1), soft, reduction="batchmean")
-                )
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(labels)
-                count += len(labels)
-            history.append(round(total / max(count, 1), 4))
-    if not all(math.isfinite(h) for h in history):
-        raise PassError(f"{name} fine-tuning diverged (losses {history}); lower lr")
-    return history
+        hook = _PolicyHook(state, extra_loss)
+        return fit(gm, source(train_set, batch_size, seed=ctx.seed), opt, epochs=epochs,
+                   what="fine-tuning", phase="fine-tune", hooks=[hook], teacher=teacher,
+                   distill=distill_weight, ctx=ctx)
+
+
+class _PolicyHook:
+    """Trainer hooks of a token-policy fine-tune: a fresh policy per batch, the pass's own loss."""
+
+    def __init__(self, state: TokenPolicy, extra_loss) -> None:
+        self.state, self._extra = state, extra_loss
+
+    def before_batch(self, batch) -> None:
+        self.state.reset()
+
+    def extra_loss(self):
+        return self._extra(self.state)
