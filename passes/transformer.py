@@ -70,7 +70,8 @@ def _maybe(module: nn.Module, name: str):
     return sub if isinstance(sub, nn.Module) else None
 
 
-def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | None = None):
+def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | None = None,
+                    connections: torch.Tensor | None = None):
     """Multi-head self-attention as timm computes it, returning (output, probabilities, context).
 
     probabilities: (B, heads, N, N); context: the per-head A.V before the output projection,
@@ -78,7 +79,9 @@ def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | Non
     module has that method (poly-act's PolyAttention does), else from softmax.
 
     ``policy`` (B, N), 1 = kept, is the training-time token mask of the pruning passes: pruned keys
-    get no weight and every token still attends to itself (DynamicViT's masked softmax)."""
+    get no weight and every token still attends to itself (DynamicViT's masked softmax).
+    ``connections`` (B, N, N), 0/1, masks query-key pairs the same way (Tri-Level E-ViT's
+    attention-level mask; the exponentials are multiplied by it before normalising)."""
     b, n, c = x.shape
     heads = attn.num_heads
     head_dim = c // heads
@@ -91,10 +94,13 @@ def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | Non
     if k_norm is not None:
         k = k_norm(k)
     scores = (q * scale) @ k.transpose(-2, -1)
-    if policy is not None:
-        allowed = policy.reshape(b, 1, 1, n)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(1, 1, n, n)
-        allowed = allowed + (1.0 - allowed) * eye
+    if policy is not None or connections is not None:
+        if connections is not None:
+            allowed = connections.unsqueeze(1)
+        else:
+            allowed = policy.reshape(b, 1, 1, n)
+            eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(1, 1, n, n)
+            allowed = allowed + (1.0 - allowed) * eye
         e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed
         probs = (e + 1e-6 / n) / (e.sum(dim=-1, keepdim=True) + 1e-6)
     elif hasattr(attn, "attention_probs"):
