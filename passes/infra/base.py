@@ -11,6 +11,9 @@ A pass is a class with:
   ``--list-passes``; an optional ``validate()`` method checks only what no bound can say (relations
   between options, the form of a string);
 - ``requires`` / ``provides`` / ``invalidates``: facts (strings) about the program;
+- ``conflicts``: facts that must not hold when the pass runs (it cannot work on such a program,
+  e.g. a float-only rewrite after a quantiser); the pipeline is then refused, naming the pass that
+  established the fact and the order that works;
 - ``check_tolerance``: the largest allowed change of the outputs, relative to their magnitude
   (``max|new - old| <= tol * max(1, max|old|)``), or ``None`` for passes that trade accuracy
   for cost (their change is reported, not enforced);
@@ -56,6 +59,7 @@ class Pass:
     requires: ClassVar[tuple] = ()
     provides: ClassVar[tuple] = ()
     invalidates: ClassVar[tuple] = ()
+    conflicts: ClassVar[tuple] = ()
     check_tolerance: ClassVar[float | None] = None
     Options: ClassVar[type] = NoOptions
 
