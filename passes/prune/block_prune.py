@@ -30,7 +30,7 @@ from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
-from ..infra.facts import BLOCK_SPARSE
+from ..infra.facts import APPMUL, BLOCK_SPARSE, QUANTIZED_POT
 
 
 @dataclasses.dataclass
@@ -71,6 +71,7 @@ class BlockPrune(Pass):
     level = "torch"
     summary = "block-structured weight sparsity (zero tiles) for conv/linear layers"
     provides = (BLOCK_SPARSE,)
+    conflicts = (QUANTIZED_POT, APPMUL)
     Options = BlockPruneOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -57,7 +57,7 @@ from ...ir.program import Program
 from ...ir.torch_level import is_attention, retrace
 from ..infra.base import Pass, option, register
 from ..fold_bn import fold_batchnorm
-from ..infra.facts import QUANTIZED_POT, ROUNDING_FACT
+from ..infra.facts import APPMUL, QUANTIZED_POT, ROUNDING_FACT
 from ..qlayers import (
     PoTQuantizer,
     QGELU,
@@ -378,6 +378,7 @@ class RAPQ(Pass):
     level = "torch"
     summary = "power-of-two post-training quantisation (RAPQ): integer exponents, learned rounding"
     provides = (QUANTIZED_POT, ROUNDING_FACT)
+    conflicts = (APPMUL,)
     check_tolerance = None
     Options = RAPQOptions
     method = "rapq"

@@ -44,7 +44,7 @@ from torch import nn
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
-from ..infra.facts import TOKEN_PRUNED
+from ..infra.facts import APPMUL, QUANTIZED_POT, TOKEN_PRUNED
 from .common import (
     attention_parts,
     check_blocks,
@@ -156,6 +156,7 @@ class ASViT(Pass):
     level = "torch"
     summary = "AS-ViT: learnable per-stage thresholds on head-weighted class attention, MAC-budget loss"
     provides = (TOKEN_PRUNED,)
+    conflicts = (QUANTIZED_POT, APPMUL)
     Options = ASViTOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -20,7 +20,7 @@ from torch import nn
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
-from ..infra.facts import TOKEN_PRUNED
+from ..infra.facts import APPMUL, QUANTIZED_POT, TOKEN_PRUNED
 from .common import (
     attention_with_probs,
     check_blocks,
@@ -70,6 +70,7 @@ class EViT(Pass):
     level = "torch"
     summary = "EViT: keep the top-k patch tokens by CLS attention, fuse the rest (training-free)"
     provides = (TOKEN_PRUNED,)
+    conflicts = (QUANTIZED_POT, APPMUL)
     Options = EViTOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -54,7 +54,7 @@ from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
-from ..infra.facts import TOKEN_PRUNED
+from ..infra.facts import APPMUL, QUANTIZED_POT, TOKEN_PRUNED
 from .common import (
     TokenPolicy,
     check_blocks,
@@ -168,6 +168,7 @@ class HeatViT(Pass):
     level = "torch"
     summary = "HeatViT: trained multi-head token selectors with a package token (static top-k)"
     provides = (TOKEN_PRUNED,)
+    conflicts = (QUANTIZED_POT, APPMUL)
     Options = HeatViTOptions
 
     def run(self, program: Program, ctx) -> Program:
