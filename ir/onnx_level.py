@@ -182,15 +182,33 @@ def _canonical_names(model: onnx.ModelProto) -> None:
 
 def export(program: Program, opset: int = DEFAULT_OPSET) -> Program:
     """Convert a torch-level Program to the onnx level (static shapes, constants folded)."""
-    import torch
-
     if program.level != "torch":
         raise ExportError(f"export() takes a torch-level program, got level {program.level}")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; sliver needs opset >= {MIN_OPSET}")
+    try:
+        model = _export_module(program, program.module, opset)
+    except ExportError as first:
+        # sizes computed inside kept-whole modules (window attention reshapes) can leave shapes
+        # the exporter cannot fold; torch.export's graph has every size as a constant
+        from .torch_level import static_graph
+
+        try:
+            static = static_graph(program.module, program.example_inputs)
+        except Exception:
+            raise first from None
+        try:
+            model = _export_module(program, static, opset)
+        except ExportError:
+            raise first from None
+    return program.replace(level="onnx", module=model)
+
+
+def _export_module(program: Program, gm, opset: int) -> onnx.ModelProto:
+    import torch
+
     from .torch_level import as_torch_inputs
 
-    gm = program.module
     inputs = as_torch_inputs(program.example_inputs)
     with torch.no_grad():
         outputs = gm(*inputs)
@@ -223,7 +241,7 @@ def export(program: Program, opset: int = DEFAULT_OPSET) -> Program:
     _unshare_initializers(model)
     _canonical_names(model)
     model = finalize(model, f"exported {program.name}")
-    return program.replace(level="onnx", module=model)
+    return model
 
 
 # -- user files -------------------------------------------------------------------------------

@@ -78,6 +78,18 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * m * n * (k + dv)
 
 
+def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim, num_head, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs (2 per MAC) of ``nn.MultiheadAttention``'s fused inference path
+    (``aten._native_multi_head_attention``), which torch's flop counter does not register:
+    the q/k/v input projections, Q.K^T, A.V and the output projection."""
+    b, m = query_shape[0], query_shape[-2]
+    n = key_shape[-2]
+    e = int(embed_dim)
+    projections = b * (m + 2 * n) * e * e + b * m * e * e
+    products = 2 * b * m * n * e
+    return 2 * (projections + products)
+
+
 def _flop_counter():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -88,6 +100,9 @@ def _flop_counter():
         op = getattr(aten, name, None)
         if op is not None:
             mapping[op] = _sdpa_cpu_flops
+    mha = getattr(aten, "_native_multi_head_attention", None)
+    if mha is not None:
+        mapping[mha] = _native_mha_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

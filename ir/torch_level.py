@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -78,32 +80,142 @@ def as_torch_inputs(arrays: Sequence) -> tuple:
     return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
 
 
+def _concrete_defaults(module: nn.Module, n_inputs: int) -> dict:
+    """The optional ``forward`` arguments past the example inputs, fixed at their defaults.
+
+    timm 1.0's ``forward(x, attn_mask=None, is_causal=False)`` is traced as ``forward(x)``: the
+    defaults become concrete arguments, so control flow on them (``if attn_mask is not None``)
+    takes the default path and they are not graph inputs."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    concrete = {}
+    for p in positional[n_inputs:]:
+        if p.default is inspect.Parameter.empty:
+            return {}  # a required argument without an example input: reported after tracing
+        concrete[p.name] = p.default
+    return concrete
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _fx_trace(root: nn.Module, leaf_modules, concrete: dict) -> torch.fx.GraphModule:
+    tracer = SliverTracer(leaf_modules)
+    graph = tracer.trace(root, concrete_args=concrete or None)
+    gm = torch.fx.GraphModule(root, graph, class_name=type(root).__name__)
+    if concrete:  # fx keeps a placeholder per fixed argument, guarded by asserts: drop both
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        fixed = placeholders[len(placeholders) - len(concrete):]
+        for node, value in zip(fixed, concrete.values()):
+            for user in _guard_users(node):
+                gm.graph.erase_node(user)
+            node.replace_all_uses_with(value) if node.users else None
+            gm.graph.erase_node(node)
+        gm.recompile()
+    return gm
+
+
+def _guard_users(node: torch.fx.Node) -> list:
+    """fx's specialisation guards on a concrete argument (``x == v`` then ``_assert``), users
+    first, so that erasing them in order is valid."""
+    guards = []
+    for user in list(node.users):
+        name = getattr(user.target, "__name__", "")
+        if name in ("_assert_is_none", "_assert"):
+            guards.append(user)
+        elif name == "eq" and all(getattr(u.target, "__name__", "") == "_assert" for u in user.users):
+            guards.extend(list(user.users) + [user])
+    return guards
+
+
+def _export_trace(root: nn.Module, arrays, concrete: dict) -> torch.fx.GraphModule:
+    """torch.export's graph (aten ops, every size static) as a GraphModule."""
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(root, as_torch_inputs(arrays), kwargs=concrete or None, strict=False)
+        gm = ep.module()
+    # an unlifted exported module flattens its inputs with pytree code; a plain fx graph with one
+    # placeholder per tensor input is what the rest of sliver expects
+    flat = torch.fx.GraphModule(gm, _plain_graph(gm), class_name=type(root).__name__)
+    return flat
+
+
+def _plain_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    """``gm``'s graph without the pytree in/out specs (positional tensor inputs, tensor output)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = copy.deepcopy(gm.graph)
+    graph._codegen = torch.fx.graph.CodeGen()
+    for node in list(graph.nodes):
+        if node.op == "call_module" and "_guards" in str(node.target):
+            graph.erase_node(node)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        if not node.users:
+            graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    value = output.args[0]
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        output.args = (value[0],)
+    graph.lint()
+    return graph
+
+
 def trace(
     module: nn.Module,
     example_inputs,
     *,
     name: str | None = None,
     leaf_modules: Iterable[type] = (),
+    method: str = "auto",
 ) -> Program:
     """Trace ``module`` into a torch-level :class:`Program`.
 
     The module is copied and put in eval mode; the caller's module is never modified.
     ``example_inputs`` (a tensor, an array or a sequence of them) fixes the static shapes.
+    Optional ``forward`` arguments past the example inputs keep their defaults.
+
+    ``method``: ``"fx"`` (torch.fx symbolic tracing, which keeps transformer blocks and attention
+    whole for the passes that rewrite them), ``"export"`` (``torch.export``: an aten-level graph in
+    which every size is a constant, for models torch.fx cannot trace, such as window attention
+    with size-dependent control flow) or ``"auto"``: fx, and export where fx fails. The path taken
+    is ``program.trace_method``.
     """
     if not isinstance(module, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(module).__name__}")
+    if method not in ("auto", "fx", "export"):
+        raise TraceError(f"trace method {method!r} is not one of auto, fx, export")
     arrays = as_numpy_inputs(example_inputs)
     root = copy.deepcopy(module).eval()
-    tracer = SliverTracer(leaf_modules)
-    try:
-        graph = tracer.trace(root)
-    except Exception as e:  # torch.fx raises many types; the user needs one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(
-            f"torch.fx cannot trace {type(module).__name__}: {first}; make forward() free of "
-            "data-dependent control flow, or pass leaf_modules=[TheClass] to keep that module whole"
-        ) from None
-    gm = torch.fx.GraphModule(root, graph, class_name=type(module).__name__)
+    concrete = _concrete_defaults(root, len(arrays))
+    gm, used, fx_error = None, None, None
+    if method in ("auto", "fx"):
+        try:
+            gm, used = _fx_trace(root, leaf_modules, concrete), "fx"
+        except Exception as e:  # torch.fx raises many types; the user needs one line
+            fx_error = _first_line(e)
+            if method == "fx":
+                raise TraceError(
+                    f"torch.fx cannot trace {type(module).__name__}: {fx_error}; make forward() free of "
+                    "data-dependent control flow, pass leaf_modules=[TheClass] to keep that module "
+                    "whole, or trace with method='export'"
+                ) from None
+    if gm is None:
+        try:
+            gm, used = _export_trace(root, arrays, concrete), "export"
+        except Exception as e:
+            export_error = _first_line(e)
+            why = f"torch.fx: {fx_error}; torch.export: {export_error}" if fx_error else f"torch.export: {export_error}"
+            raise TraceError(
+                f"neither torch.fx nor torch.export can trace {type(module).__name__} ({why}); "
+                "make forward() free of data-dependent control flow, or export the model to ONNX "
+                "yourself and compile the .onnx file"
+            ) from None
     input_names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
     if len(input_names) != len(arrays):
         raise TraceError(
@@ -111,6 +223,9 @@ def trace(
             f"({', '.join(input_names)}) but {len(arrays)} example input(s) were given"
         )
     propagate_shapes(gm, arrays)
+    gm.meta["trace_method"] = used
+    if fx_error:
+        gm.meta["trace_fallback_reason"] = fx_error
     return Program(
         level="torch",
         module=gm,
@@ -118,6 +233,17 @@ def trace(
         name=name or type(module).__name__.lower(),
         input_names=input_names,
     )
+
+
+def static_graph(gm: torch.fx.GraphModule, arrays) -> torch.fx.GraphModule:
+    """``gm`` re-traced by torch.export: the same computation with every size a constant (the
+    ONNX exporter's fallback when sizes computed in the graph leave shapes unknown)."""
+    return _export_trace(gm, arrays, {})
+
+
+def trace_method(program: Program) -> str:
+    """How a torch-level program was traced: ``"fx"`` or ``"export"`` (torch.export fallback)."""
+    return getattr(program.module, "meta", {}).get("trace_method", "fx")
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, arrays: Sequence) -> None:

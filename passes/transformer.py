@@ -1,21 +1,229 @@
 """Transformer-block layouts, shared by every family that rewrites ViTs (token passes, poly-act,
-the quantisers): finding the blocks of a torch-level Program, checking a block's layout, and
-multi-head attention that also returns its probabilities.
+the quantisers): finding the blocks of a torch-level Program, reading a block's parts through the
+adapter of its layout, and multi-head attention that also returns its probabilities.
 
 Blocks are the ``call_module`` nodes that :func:`sliver.ir.is_transformer_block` recognises
-(tracing keeps them whole). A block must have timm's layout: ``norm1``, ``attn`` (with ``qkv``,
-``proj`` and ``num_heads``), ``norm2`` and ``mlp``; optional ``ls1``/``ls2`` (LayerScale) and
-``q_norm``/``k_norm`` are honoured.
+(tracing keeps them whole). A pass never reads a block's attributes itself: it asks the block's
+:class:`BlockLayout` (``layout_of(block)``), chosen by structure (the names and types of the
+children), never by class name. Each layout is one small adapter:
+
+- :class:`TimmLayout`: timm's ``Block`` (sliver's zoo, timm 0.x and 1.0): ``norm1``, ``attn``
+  (``qkv``, ``proj``, ``num_heads``; optional ``q_norm``/``k_norm`` and a scale ``norm`` before
+  ``proj``), ``norm2``, ``mlp``, optional LayerScale ``ls1``/``ls2``. timm 1.0's attention is
+  called with ``attn_mask``/``is_causal`` keywords and may take the fused path
+  (``F.scaled_dot_product_attention``); the adapter computes the same attention step by step.
+- :class:`TorchvisionLayout`: torchvision's ``EncoderBlock``: ``ln_1``, ``self_attention`` (an
+  ``nn.MultiheadAttention`` with packed in-projection, batch first), ``dropout``, ``ln_2``,
+  ``mlp``.
+
+A block that no layout fits gets a one-line error naming its children. Modules a pass builds
+around a block own the block's children under the same names, so the adapter of the original
+block also reads them (and checkpoints of the dense model still load).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..ir.errors import OptionValueError, UnsupportedOpError
 from ..ir.torch_level import is_transformer_block
+
+
+def _maybe(module: nn.Module, name: str):
+    sub = getattr(module, name, None)
+    return sub if isinstance(sub, nn.Module) else None
+
+
+def _apply(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    sub = _maybe(module, name)
+    return sub(value) if sub is not None else value
+
+
+# -- attention modules ----------------------------------------------------------------------------
+class AttentionLayout:
+    """How one kind of multi-head attention module projects its inputs and output."""
+
+    name = ""
+
+    def fits(self, attn: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def num_heads(self, attn: nn.Module) -> int:
+        return int(attn.num_heads)
+
+    def qkv(self, attn: nn.Module, x: torch.Tensor):
+        """(q, k, v), each (B, heads, N, head_dim), q not yet scaled."""
+        raise NotImplementedError
+
+    def scale(self, attn: nn.Module, head_dim: int) -> float:
+        return head_dim ** -0.5
+
+    def out(self, attn: nn.Module, context: torch.Tensor) -> torch.Tensor:
+        """The output projection of the merged heads (B, N, C)."""
+        raise NotImplementedError
+
+    def call(self, module: nn.Module, compute, args: tuple, kwargs: dict):
+        """Run ``compute(x, mask)`` with the arguments and return value of this module kind's
+        ``forward`` (so a replacement attention drops into the unchanged block)."""
+        raise NotImplementedError
+
+
+class FusedQKVAttention(AttentionLayout):
+    """timm's ``Attention`` (and sliver's zoo): ``qkv`` Linear (C -> 3C), ``proj``, ``num_heads``;
+    ``forward(x, attn_mask=None, is_causal=False) -> out``."""
+
+    name = "qkv"
+
+    def fits(self, attn):
+        return (isinstance(getattr(attn, "num_heads", None), int) and isinstance(_maybe(attn, "qkv"), nn.Linear)
+                and isinstance(_maybe(attn, "proj"), nn.Linear))
+
+    def qkv(self, attn, x):
+        b, n, c = x.shape
+        heads = attn.num_heads
+        qkv = attn.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return _apply(attn, "q_norm", q), _apply(attn, "k_norm", k), v
+
+    def scale(self, attn, head_dim):
+        return getattr(attn, "scale", None) or head_dim ** -0.5
+
+    def out(self, attn, context):
+        return attn.proj(_apply(attn, "norm", context))
+
+    def call(self, module, compute, args, kwargs):
+        x = args[0]
+        mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+        if kwargs.get("is_causal", False):
+            raise UnsupportedOpError(f"{type(module).__name__} is called with is_causal=True; vision models attend to every token")
+        return compute(x, mask)
+
+
+class PackedMultiheadAttention(AttentionLayout):
+    """``nn.MultiheadAttention`` with one packed ``in_proj_weight`` (3C x C), batch first:
+    ``forward(query, key, value, ..., need_weights=True, attn_mask=None) -> (out, weights)``.
+    Self-attention only (query, key and value are the same tensor)."""
+
+    name = "nn.MultiheadAttention"
+
+    def fits(self, attn):
+        return (isinstance(getattr(attn, "num_heads", None), int)
+                and isinstance(getattr(attn, "in_proj_weight", None), torch.Tensor)
+                and isinstance(_maybe(attn, "out_proj"), nn.Linear)
+                and getattr(attn, "batch_first", False) is True
+                and getattr(attn, "bias_k", None) is None and not getattr(attn, "add_zero_attn", False))
+
+    def qkv(self, attn, x):
+        b, n, c = x.shape
+        heads = attn.num_heads
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        qkv = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def out(self, attn, context):
+        return attn.out_proj(context)
+
+    def call(self, module, compute, args, kwargs):
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+        given = dict(zip(names, args), **kwargs)
+        query = given["query"]
+        if given.get("key") is not query or given.get("value") is not query:
+            raise UnsupportedOpError(f"{type(module).__name__} is called with different query/key/value; "
+                                     "sliver rewrites self-attention only")
+        if given.get("key_padding_mask") is not None:
+            raise UnsupportedOpError(f"{type(module).__name__} is called with a key_padding_mask; "
+                                     "vision models attend to every token")
+        return compute(query, given.get("attn_mask")), None
+
+
+ATTENTION_LAYOUTS: tuple = (FusedQKVAttention(), PackedMultiheadAttention())
+
+
+def attention_layout(attn: nn.Module) -> AttentionLayout:
+    for layout in ATTENTION_LAYOUTS:
+        if layout.fits(attn):
+            return layout
+    children = ", ".join(f"{n}: {type(c).__name__}" for n, c in attn.named_children()) or "none"
+    raise UnsupportedOpError(
+        f"sliver does not know the attention layout of {type(attn).__name__} (children {children}); it reads "
+        "timm's Attention (qkv, proj, num_heads) and nn.MultiheadAttention (packed in_proj, batch_first=True)"
+    )
+
+
+# -- blocks ---------------------------------------------------------------------------------------
+class BlockLayout:
+    """Where a pre-norm transformer block keeps its parts: the names of the first norm, the
+    attention, the second norm, the MLP, and how the attention branch ends before the residual."""
+
+    name = ""
+    norm1 = attn = norm2 = mlp = ""
+
+    def fits(self, block: nn.Module) -> bool:
+        parts = (_maybe(block, self.norm1), _maybe(block, self.attn), _maybe(block, self.norm2), _maybe(block, self.mlp))
+        if any(p is None for p in parts):
+            return False
+        return any(a.fits(parts[1]) for a in ATTENTION_LAYOUTS)
+
+    def attention(self, block):
+        return getattr(block, self.attn)
+
+    def attn_branch_end(self, block, out):
+        """What the block applies to the attention output before adding the residual."""
+        return out
+
+    def mlp_branch(self, block, x):
+        """The MLP branch before the residual: mlp(norm2(x)) and whatever the block applies after."""
+        return getattr(block, self.mlp)(getattr(block, self.norm2)(x))
+
+    def dim(self, block) -> int:
+        norm = getattr(block, self.norm1)
+        shape = getattr(norm, "normalized_shape", None)
+        if shape:
+            return int(shape[0])
+        return int(getattr(block, self.norm1).weight.shape[0])
+
+    def mlp_hidden(self, block) -> int:
+        first = next((m for m in getattr(block, self.mlp).modules() if isinstance(m, nn.Linear)), None)
+        return int(first.out_features) if first is not None else 4 * self.dim(block)
+
+
+class TimmLayout(BlockLayout):
+    name = "timm Block"
+    norm1, attn, norm2, mlp = "norm1", "attn", "norm2", "mlp"
+
+    def attn_branch_end(self, block, out):
+        return _apply(block, "ls1", out)
+
+    def mlp_branch(self, block, x):
+        return _apply(block, "ls2", block.mlp(block.norm2(x)))
+
+
+class TorchvisionLayout(BlockLayout):
+    name = "torchvision EncoderBlock"
+    norm1, attn, norm2, mlp = "ln_1", "self_attention", "ln_2", "mlp"
+
+    def attn_branch_end(self, block, out):
+        return _apply(block, "dropout", out)
+
+
+BLOCK_LAYOUTS: tuple = (TimmLayout(), TorchvisionLayout())
+
+
+def layout_of(block: nn.Module, pass_name: str | None = None) -> BlockLayout:
+    """The adapter whose layout ``block`` has; a one-line error naming what was found otherwise."""
+    for layout in BLOCK_LAYOUTS:
+        if layout.fits(block):
+            return layout
+    children = ", ".join(f"{n}: {type(c).__name__}" for n, c in block.named_children()) or "none"
+    who = f"pass {pass_name!r}" if pass_name else "sliver"
+    known = "; ".join(f"{l.name} ({l.norm1}, {l.attn}, {l.norm2}, {l.mlp})" for l in BLOCK_LAYOUTS)
+    raise UnsupportedOpError(
+        f"{who} does not know the block layout of {type(block).__name__} (children {children}); "
+        f"known layouts: {known}"
+    )
 
 
 def transformer_blocks(gm: torch.fx.GraphModule) -> list:
@@ -27,8 +235,8 @@ def transformer_blocks(gm: torch.fx.GraphModule) -> list:
 
 
 def check_blocks(pass_name: str, gm: torch.fx.GraphModule, indices) -> list:
-    """The block nodes at ``indices``; one-line errors for a model without blocks or an index
-    past the depth."""
+    """The block nodes at ``indices``; one-line errors for a model without blocks, an index
+    past the depth, or a block whose layout no adapter fits."""
     blocks = transformer_blocks(gm)
     if not blocks:
         raise UnsupportedOpError(
@@ -43,20 +251,8 @@ def check_blocks(pass_name: str, gm: torch.fx.GraphModule, indices) -> list:
     if len(set(indices)) != len(indices):
         raise OptionValueError(f"pass {pass_name!r}: block indices {list(indices)} repeat")
     for block in blocks:
-        _check_layout(pass_name, gm.get_submodule(block.target))
+        layout_of(gm.get_submodule(block.target), pass_name)
     return [blocks[i] for i in sorted(indices)]
-
-
-def _check_layout(pass_name: str, block: nn.Module) -> None:
-    missing = [name for name in ("norm1", "attn", "norm2", "mlp") if not hasattr(block, name)]
-    attn = getattr(block, "attn", None)
-    if attn is not None:
-        missing += [f"attn.{name}" for name in ("qkv", "proj", "num_heads") if not hasattr(attn, name)]
-    if missing:
-        raise UnsupportedOpError(
-            f"pass {pass_name!r} does not know the block layout of {type(block).__name__} "
-            f"(missing {', '.join(missing)}); it needs timm's Block layout"
-        )
 
 
 def tokens_in(node: torch.fx.Node) -> int:
@@ -65,32 +261,33 @@ def tokens_in(node: torch.fx.Node) -> int:
     return int(meta.shape[1])
 
 
-def _maybe(module: nn.Module, name: str):
-    sub = getattr(module, name, None)
-    return sub if isinstance(sub, nn.Module) else None
+def block_dims(block: nn.Module) -> tuple:
+    """(embedding dim, heads, MLP ratio) of a block."""
+    layout = layout_of(block)
+    dim = layout.dim(block)
+    attn = layout.attention(block)
+    return dim, attention_layout(attn).num_heads(attn), layout.mlp_hidden(block) / dim
 
 
-def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | None = None):
-    """Multi-head self-attention as timm computes it, returning (output, probabilities, context).
+# -- attention with probabilities -----------------------------------------------------------------
+def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None):
+    """Multi-head self-attention computed step by step, returning (output, probabilities, context).
 
     probabilities: (B, heads, N, N); context: the per-head A.V before the output projection,
     (B, heads, N, head_dim). The probabilities come from ``attn.attention_probs(scores)`` when the
-    module has that method (poly-act's PolyAttention does), else from softmax.
+    module has that method (poly-act's attention does), else from softmax. ``mask``: an additive
+    (float) or boolean (True = attend) attention mask, as ``F.scaled_dot_product_attention`` takes.
 
     ``policy`` (B, N), 1 = kept, is the training-time token mask of the pruning passes: pruned keys
     get no weight and every token still attends to itself (DynamicViT's masked softmax)."""
+    layout = attention_layout(attn)
     b, n, c = x.shape
-    heads = attn.num_heads
-    head_dim = c // heads
-    scale = getattr(attn, "scale", None) or head_dim ** -0.5
-    qkv = attn.qkv(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    q_norm, k_norm = _maybe(attn, "q_norm"), _maybe(attn, "k_norm")
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
+    q, k, v = layout.qkv(attn, x)
+    scale = layout.scale(attn, q.shape[-1])
     scores = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     if policy is not None:
         allowed = policy.reshape(b, 1, 1, n)
         eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(1, 1, n, n)
@@ -102,13 +299,55 @@ def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | Non
     else:
         probs = scores.softmax(dim=-1)
     context = probs @ v
-    return attn.proj(context.transpose(1, 2).reshape(b, n, c)), probs, context
+    return layout.out(attn, context.transpose(1, 2).reshape(b, n, c)), probs, context
 
 
 def attention_with_probs(attn: nn.Module, x: torch.Tensor):
     """(output, probabilities) of :func:`attention_parts`."""
     out, probs, _ = attention_parts(attn, x)
     return out, probs
+
+
+def attention_step(block: nn.Module, x: torch.Tensor, policy: torch.Tensor | None = None):
+    """The attention half of a block: ``x + branch(attn(norm1(x)))``, with the attention's
+    probabilities and context. Returns (x, probabilities, context)."""
+    layout = layout_of(block)
+    out, probs, context = attention_parts(layout.attention(block), getattr(block, layout.norm1)(x), policy)
+    return x + layout.attn_branch_end(block, out), probs, context
+
+
+def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP half of a block: ``x + branch(mlp(norm2(x)))``."""
+    return x + layout_of(block).mlp_branch(block, x)
+
+
+class ProbsAttention(nn.Module):
+    """An attention module computed by :func:`attention_parts` with its probabilities from
+    its :meth:`attention_probs` (softmax here; poly-act's subclass uses its polynomial softmax). It owns the original module's parameters and
+    children under the same names and answers the original's call convention, so it replaces
+    the attention inside an unchanged block (timm 1.0 calls it with ``attn_mask=``, torchvision's
+    block as ``self_attention(x, x, x, need_weights=False)``)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.layout = attention_layout(attn)
+        for name, p in attn.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, child in attn.named_children():
+            self.add_module(name, child)
+        for name in ("num_heads", "head_dim", "scale", "batch_first", "embed_dim", "bias_k", "bias_v",
+                     "add_zero_attn", "_qkv_same_embed_dim"):
+            if name in attn.__dict__:
+                setattr(self, name, attn.__dict__[name])
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, layout={self.layout.name}"
+
+    def attention_probs(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.softmax(dim=-1)
+
+    def forward(self, *args, **kwargs):
+        return self.layout.call(self, lambda x, mask: attention_parts(self, x, mask=mask)[0], args, kwargs)
 
 
 def residual_branch(block: nn.Module, scale_name: str, value: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from ...ir.torch_level import is_attention, retrace
 from ..infra.base import Pass, option, register
 from ...ir import opdefs
 from ..infra.facts import POLY_ACT, ROUNDING_FACT
-from ..transformer import attention_with_probs
+from ..transformer import ATTENTION_LAYOUTS, ProbsAttention
 
 # I-BERT's constants (second-order erf and exp polynomials): one definition, in sliver.ir.opdefs
 GELU_A, GELU_B = opdefs.IERF_A, opdefs.IERF_B
@@ -128,15 +128,14 @@ class PolySoftmax(nn.Module):
         return poly_softmax(x, self.dim, self.bits, self.d2)
 
 
-class PolyAttention(nn.Module):
-    """An attention module whose softmax is :func:`poly_softmax`; owns the original layers."""
+class PolyAttention(ProbsAttention):
+    """An attention module whose softmax is :func:`poly_softmax`. It owns the original module's
+    parameters under their names and answers its call convention (timm's ``attn(x,
+    attn_mask=...)``, ``nn.MultiheadAttention``'s ``(q, k, v, need_weights=...)``), so it drops
+    into the unchanged block of any layout :mod:`sliver.passes.transformer` knows."""
 
     def __init__(self, attn: nn.Module, bits: int, d2: float):
-        super().__init__()
-        for name, child in attn.named_children():
-            self.add_module(name, child)
-        self.num_heads = attn.num_heads
-        self.scale = getattr(attn, "scale", None)
+        super().__init__(attn)
         self.bits, self.d2 = bits, d2
 
     def extra_repr(self) -> str:
@@ -144,9 +143,6 @@ class PolyAttention(nn.Module):
 
     def attention_probs(self, scores: torch.Tensor) -> torch.Tensor:
         return poly_softmax(scores, -1, self.bits, self.d2)
-
-    def forward(self, x):
-        return attention_with_probs(self, x)[0]
 
 
 def approximation_errors(bits: int, d1: float = 1.0, points: int = 20001) -> dict:
@@ -197,7 +193,8 @@ class PolyAct(Pass):
             elif isinstance(module, nn.Softmax):
                 gm.set_submodule(name, PolySoftmax(module.dim if module.dim is not None else -1, o.bits))
                 replaced["softmax"] += 1
-            elif is_attention(module) and not isinstance(module, PolyAttention) and hasattr(module, "qkv"):
+            elif (is_attention(module) and not isinstance(module, PolyAttention)
+                  and any(layout.fits(module) for layout in ATTENTION_LAYOUTS)):
                 gm.set_submodule(name, PolyAttention(module, o.bits, o.d2))
                 replaced["softmax"] += 1
         for node in list(gm.graph.nodes):

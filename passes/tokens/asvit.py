@@ -46,13 +46,14 @@ from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
 from ..infra.facts import TOKEN_PRUNED
 from .common import (
-    attention_parts,
+    attention_step,
+    block_dims,
     check_blocks,
     distill_fine_tune,
     frozen_copy,
     policy_mode,
+    mlp_step,
     record_selection,
-    residual_branch,
     select_tokens,
     tokens_in,
     transformer_blocks,
@@ -88,8 +89,8 @@ class ThresholdBlock(nn.Module):
         return f"keep_tokens={self.keep_tokens}"
 
     def scores(self, x: torch.Tensor, policy=None):
-        out, probs, context = attention_parts(self.attn, self.norm1(x), policy)
-        return x + residual_branch(self, "ls1", out), class_attention_score(probs, context)
+        x, probs, context = attention_step(self, x, policy)
+        return x, class_attention_score(probs, context)
 
     def cut(self, x: torch.Tensor, policy=None) -> torch.Tensor:
         """The threshold on the raw score scale: theta / N with N the patch tokens present (in
@@ -115,7 +116,7 @@ class ThresholdBlock(nn.Module):
         else:
             kept = select_tokens(patches, score, self.keep_tokens)[0]
         x = torch.cat([x[:, :1], kept], dim=1)
-        return x + residual_branch(self, "ls2", self.mlp(self.norm2(x)))
+        return mlp_step(self, x)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -129,7 +130,7 @@ class ThresholdBlock(nn.Module):
         keep = prev[:, 1:] * (hard + soft - soft.detach())
         state.policy = torch.cat([prev[:, :1], keep], dim=1)
         state.stage_kept.append(keep.sum(dim=1))
-        return x + residual_branch(self, "ls2", self.mlp(self.norm2(x)))  # masked tokens stay in place
+        return mlp_step(self, x)  # masked tokens stay in place
 
 
 @dataclasses.dataclass
@@ -167,8 +168,7 @@ class ASViT(Pass):
         all_blocks = transformer_blocks(gm)
         n0 = tokens_in(all_blocks[0])
         first = gm.get_submodule(all_blocks[0].target)
-        dim = first.norm1.normalized_shape[0]
-        mlp_ratio = first.mlp.fc1.out_features / dim if hasattr(first.mlp, "fc1") else 4.0
+        dim, _, mlp_ratio = block_dims(first)
         depth = len(all_blocks)
         teacher = frozen_copy(gm)
         stages = []

@@ -18,8 +18,12 @@ from torch import nn
 from ...ir.errors import OptionValueError, PassError, UnsupportedOpError
 from ..transformer import (  # noqa: F401  (the layout helpers every token pass uses)
     attention_parts,
+    attention_step,
     attention_with_probs,
+    block_dims,
     check_blocks,
+    layout_of,
+    mlp_step,
     residual_branch,
     tokens_in,
     transformer_blocks,
@@ -135,10 +139,8 @@ class PolicyBlock(nn.Module):
         if policy is None:
             return self.block(x)
         self.state.block_tokens.append(policy.sum(dim=1))
-        blk = self.block
-        out, _, _ = attention_parts(blk.attn, blk.norm1(x), policy)
-        x = x + residual_branch(blk, "ls1", out)
-        return x + residual_branch(blk, "ls2", blk.mlp(blk.norm2(x)))
+        x, _, _ = attention_step(self.block, x, policy)
+        return mlp_step(self.block, x)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -22,10 +22,10 @@ from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
 from ..infra.facts import TOKEN_PRUNED
 from .common import (
-    attention_with_probs,
+    attention_step,
     check_blocks,
     keep_count,
-    residual_branch,
+    mlp_step,
     select_tokens,
     tokens_in,
     weighted_rest,
@@ -36,7 +36,8 @@ class EViTBlock(nn.Module):
     """A transformer block that keeps its top-k attentive patch tokens and fuses the rest.
 
     It owns the original block's layers under the same names (``norm1``, ``attn``, ``norm2``,
-    ``mlp``, ...), so checkpoints of the dense model still load into it."""
+    ``mlp``, ... or torchvision's ``ln_1``, ``self_attention``, ...), so checkpoints of the dense
+    model still load into it and the block's layout adapter reads it."""
 
     def __init__(self, block: nn.Module, keep_tokens: int):
         super().__init__()
@@ -48,14 +49,13 @@ class EViTBlock(nn.Module):
         return f"keep_tokens={self.keep_tokens}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn_out, probs = attention_with_probs(self.attn, self.norm1(x))
-        x = x + residual_branch(self, "ls1", attn_out)
+        x, probs, _ = attention_step(self, x)
         cls_attn = probs[:, :, 0, 1:].mean(dim=1)  # (B, N): attention of CLS to each patch
         patches = x[:, 1:]
         kept, _, kept_scores = select_tokens(patches, cls_attn, self.keep_tokens)
         fused = weighted_rest(patches, cls_attn, kept, kept_scores)
         x = torch.cat([x[:, :1], kept, fused], dim=1)
-        return x + residual_branch(self, "ls2", self.mlp(self.norm2(x)))
+        return mlp_step(self, x)
 
 
 @dataclasses.dataclass

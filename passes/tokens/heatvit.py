@@ -57,8 +57,9 @@ from ..infra.base import Pass, option, register
 from ..infra.facts import TOKEN_PRUNED
 from .common import (
     TokenPolicy,
+    attention_step,
+    block_dims,
     check_blocks,
-    attention_parts,
     distill_fine_tune,
     frozen_copy,
     record_selection,
@@ -183,7 +184,7 @@ class HeatViT(Pass):
         first = nodes[0]
         n0 = tokens_in(first) - 1
         dim = int(first.args[0].meta["tensor_meta"].shape[-1])
-        heads = gm.get_submodule(first.target).attn.num_heads
+        heads = block_dims(gm.get_submodule(first.target))[1]
         teacher = None if train_set is None else frozen_copy(gm)
         selectors, schedule = [], []
         for stage, (index, node) in enumerate(zip(sorted(blocks), nodes), start=1):
@@ -220,10 +221,9 @@ class HeatViT(Pass):
             )
         all_blocks = transformer_blocks(gm)
         first = gm.get_submodule(all_blocks[0].target)
-        dim = first.norm1.normalized_shape[0]
-        mlp_ratio = first.mlp.fc1.out_features / dim if hasattr(first.mlp, "fc1") else 4.0
+        dim, heads, mlp_ratio = block_dims(first)
         n0 = tokens_in(all_blocks[0]) - 1
-        table = model.block_latency_table(dim, first.attn.num_heads, mlp_ratio, token_counts=range(2, n0 + 3))
+        table = model.block_latency_table(dim, heads, mlp_ratio, token_counts=range(2, n0 + 3))
         choice = latency_aware_schedule(table, len(all_blocks), n0, sorted(o.blocks), o.latency)
         if choice is None:
             raise PassError(
@@ -311,7 +311,7 @@ def _warm_start(teacher, selectors, targets, n0, o, train_set, ctx) -> dict:
 
         def hook(module, args):
             x = args[0]
-            _, probs, _ = attention_parts(block.attn, block.norm1(x))
+            _, probs, _ = attention_step(block, x)
             cls_attn = probs[:, :, 0, 1:].mean(dim=1)
             top = cls_attn.topk(keep_tokens, dim=1).indices
             feats[target].append(x[:, 1:].detach())

@@ -78,11 +78,11 @@ from ..infra.base import Pass, option, register
 from ..infra.facts import TOKEN_PRUNED
 from .common import (
     OnnxTopK,
-    attention_parts,
+    attention_step,
     check_blocks,
     keep_count,
+    mlp_step,
     record_selection,
-    residual_branch,
     tokens_in,
     transformer_blocks,
 )
@@ -207,9 +207,8 @@ class LVTPStage(nn.Module):
         return torch.gather(near, 1, index) > 0
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None, edges: torch.Tensor):
-        out, probs, _ = attention_parts(self.attn, self.norm1(x))
-        x = x + residual_branch(self, "ls1", out)
-        x = x + residual_branch(self, "ls2", self.mlp(self.norm2(x)))
+        x, probs, _ = attention_step(self, x)
+        x = mlp_step(self, x)
         if index is None:
             index = self.grid_index.expand(x.shape[0], -1)
         patch_edges = torch.gather(edges, 1, index)
