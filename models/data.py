@@ -545,8 +545,9 @@ def load(spec: str | os.PathLike, split: str = "test") -> ImageSet:
     """A data set by name (``digits``, ``digit-scenes``, ``small-digits``, ``photos``) and split, or from a path.
 
     A path may be an ``.npz`` file with ``images`` (N, C, H, W, already normalised) and optional
-    ``labels`` (N,) or (N, H, W), an image file, or a directory of images (then: photos, no
-    targets, and ``split`` is ignored).
+    ``labels`` (N,) or (N, H, W), an image-folder tree (one subfolder per class, streamed from
+    disk with ImageNet's 224 evaluation transform, see :mod:`sliver.models.image_folder`), an
+    image file, or a directory of images (then: photos, no targets, and ``split`` is ignored).
     """
     text = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
     if not isinstance(text, str):
@@ -566,6 +567,10 @@ def load(spec: str | os.PathLike, split: str = "test") -> ImageSet:
         raise DataError(f"no such data file or directory: {text}")
     if text.endswith(".npz"):
         return _from_npz(text)
+    from .image_folder import image_folder, is_image_folder
+
+    if is_image_folder(text):
+        return image_folder(text, split)
     return photos(path=text)
 
 
@@ -577,6 +582,11 @@ def context_data(spec: str | os.PathLike) -> dict:
     named = text.replace("_", "-")
     if named in ("digits", "digit-scenes", "small-digits"):
         return {"train": load(named, "train"), "val": load(named, "val"), "calib": calibration(named)}
+    from .image_folder import folder_splits, is_image_folder
+
+    if is_image_folder(text):
+        sets = folder_splits(text)
+        return {k: sets[k] for k in ("train", "val", "calib")}
     one = load(text)
     if one.task not in ("classification", "segmentation"):
         raise DataError(f"{text} has no labels to train or score with; save 'labels' next to 'images'")

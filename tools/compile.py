@@ -45,7 +45,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="compile.py", description="Compile a model through a sliver pipeline.")
-    p.add_argument("model", nargs="?", help="zoo model name or path of an .onnx file")
+    p.add_argument("model", nargs="?",
+                   help="zoo model name, path of an .onnx file, path/to/file.py:factory (a function returning an "
+                        "nn.Module) or an exported program (.pt2)")
+    p.add_argument("--weights", help="checkpoint loaded strictly into the model: a .pt/.pth state dict or .safetensors")
     p.add_argument("--pipeline", default="", help='pass pipeline, e.g. "fold-bn,cleanup" (default: empty)')
     p.add_argument(
         "--target",
@@ -80,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         help="score before/after on this data and hand it to passes that calibrate or fine-tune: "
         "digits, digit-scenes, small-digits or an .npz path (tiny zoo models then use their trained weights)",
     )
+    p.add_argument("--resize", type=int, help="image-folder --data: shorter side after resizing (default: crop / 0.875)")
+    p.add_argument("--crop", type=int, help="image-folder --data: centre-crop size (default: the model's input size)")
+    p.add_argument("--mean", help="image-folder --data: per-channel mean, e.g. 0.485,0.456,0.406 (ImageNet's by default)")
+    p.add_argument("--std", help="image-folder --data: per-channel std, e.g. 0.229,0.224,0.225 (ImageNet's by default)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where passes that train or calibrate run (cuda needs a GPU torch can see; default: cpu)")
     p.add_argument("--split", default="test", help="split --data is scored on: train, val or test (default: test)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights of zoo models, example inputs and passes")
     p.add_argument("--no-check", action="store_true", help="skip the per-pass numerical checks")
@@ -130,25 +139,196 @@ def load_model(args):
     from sliver.ir.errors import ModelInputError
 
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    looks_like_path = args.model.endswith(".onnx") or os.sep in args.model or os.path.exists(args.model)
-    if looks_like_path:
+    kind = model_kind(args.model)
+    if kind == "onnx":
         if not os.path.exists(args.model):
             raise ModelInputError(f"no such file: {args.model}")
+        if getattr(args, "weights", None):
+            raise ModelInputError("--weights loads into a torch model; an .onnx file carries its own weights")
         program = ir.load_onnx(args.model, input_shapes=shape, seed=args.seed)
         return program, None
-    if args.model not in models.available():
-        models.create(args.model)  # raises the zoo's error naming the models there are
-    if args.data:
-        net = _trained(args)
+    name = args.model
+    if kind == "factory":
+        net = user_module(args.model, seed=args.seed)
+        name = args.model.rpartition(":")[2]
+        shape = shape or user_input_shape(args)
+    elif kind == "pt2":
+        net, exported_shape = exported_module(args.model)
+        name = os.path.splitext(os.path.basename(args.model))[0]
+        shape = shape or exported_shape
     else:
-        torch.manual_seed(args.seed)
-        net = models.create(args.model)
-    shape = shape or models.input_shape(args.model)
+        if args.model not in models.available():
+            models.create(args.model)  # raises the zoo's error naming the models there are
+        if args.data and _named_data(args) and not getattr(args, "weights", None):
+            net = _trained(args)
+        else:
+            torch.manual_seed(args.seed)
+            net = models.create(args.model)
+        shape = shape or models.input_shape(args.model)
+    if getattr(args, "weights", None):
+        if kind == "pt2":
+            raise ModelInputError("--weights loads into a torch model; an exported program (.pt2) carries its own weights")
+        load_weights(net, args.weights)
+        _say(args, f"loaded weights from {args.weights}")
     from sliver.ir import resources
 
-    resources.check_input_shape(net, shape, args.model)  # before the example input is drawn
+    resources.check_input_shape(net, shape, name)  # before the example input is drawn
     example = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32))
-    return ir.trace(net, example, name=args.model), net
+    program = ir.trace(net, example, name=name)
+    from sliver.ir.torch_level import trace_method
+
+    if trace_method(program) == "export":
+        reason = program.module.meta.get("trace_fallback_reason", "")
+        _say(args, f"traced {name} with torch.export (torch.fx could not: {reason}); "
+                   "token passes need the fx path's whole transformer blocks")
+    else:
+        _say(args, f"traced {name} with torch.fx")
+    return program, net
+
+
+# -- models of the user's own (kept apart from the rest of compile.py) ----------------------------
+def model_kind(spec: str) -> str:
+    """``"onnx"``, ``"factory"`` (``file.py:function``), ``"pt2"`` or ``"zoo"``."""
+    if spec.endswith(".pt2"):
+        return "pt2"
+    path, sep, func = spec.rpartition(":")
+    if sep and path.endswith(".py") and func.isidentifier():
+        return "factory"
+    if spec.endswith(".py"):
+        from sliver.ir.errors import ModelInputError
+
+        raise ModelInputError(f"{spec} names a file but no factory; write it as {spec}:function_name")
+    if spec.endswith(".onnx") or os.sep in spec or os.path.exists(spec):
+        return "onnx"
+    return "zoo"
+
+
+def user_module(spec: str, seed: int = 0):
+    """Call the factory ``function`` of ``path/to/file.py:function`` (with torch seeded) and return
+    the ``nn.Module`` it builds."""
+    import importlib.util
+
+    import torch
+
+    from sliver.ir.errors import ModelInputError
+
+    path, _, func = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise ModelInputError(f"no such file: {path} (from {spec}); give path/to/file.py:factory")
+    module_name = f"sliver_user_{abs(hash(os.path.abspath(path)))}"
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)  # the file may import its neighbours
+    try:
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    except Exception as e:
+        raise ModelInputError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        sys.path.remove(folder)
+    factory = getattr(module, func, None)
+    if not callable(factory):
+        found = ", ".join(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                          and getattr(v, "__module__", None) == module_name) or "none"
+        raise ModelInputError(f"{path} has no function {func!r}; functions defined there: {found}")
+    torch.manual_seed(seed)
+    try:
+        net = factory()
+    except Exception as e:
+        raise ModelInputError(f"{spec}() failed: {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(net, torch.nn.Module):
+        raise ModelInputError(f"{spec}() returned a {type(net).__name__}, not a torch.nn.Module")
+    return net.eval()
+
+
+def user_input_shape(args) -> tuple:
+    """A user model's input shape: --input-shape, else 1x3 x --crop (default 224)."""
+    side = int(args.crop) if getattr(args, "crop", None) else 224
+    return (1, 3, side, side)
+
+
+def exported_module(path: str):
+    """(module, input shape) of an exported program (``torch.export.save``)."""
+    import torch
+
+    from sliver.ir.errors import ModelInputError
+
+    if not os.path.isfile(path):
+        raise ModelInputError(f"no such file: {path}")
+    try:
+        ep = torch.export.load(path)
+    except Exception as e:
+        raise ModelInputError(f"{path} is not an exported program (torch.export.save): {_first_line(e)}") from None
+    shapes = [tuple(n.meta["val"].shape) for n in ep.graph.nodes
+              if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs and "val" in n.meta]
+    if len(shapes) != 1:
+        raise ModelInputError(f"{path} takes {len(shapes)} tensor inputs; compile.py compiles models with one image input")
+    return ep.module(), tuple(int(d) for d in shapes[0])
+
+
+def load_weights(net, path: str) -> None:
+    """Load a checkpoint into ``net`` strictly. ``.pt``/``.pth``: a state dict saved with
+    ``torch.save`` (read with ``weights_only=True``; a dict holding it under ``state_dict`` or
+    ``model`` is unwrapped, and a ``module.`` prefix on every key, as DistributedDataParallel
+    saves, is dropped); ``.safetensors`` needs the ``safetensors`` package."""
+    import torch
+
+    from sliver.ir.errors import ModelInputError
+
+    if not os.path.isfile(path):
+        raise ModelInputError(f"no such checkpoint: {path}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ModelInputError(f"{path} is a .safetensors file; install the safetensors package "
+                                  "(pip install safetensors) or save the state dict with torch.save") from None
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as e:
+            raise ModelInputError(f"{path} is not a readable .safetensors file: {_first_line(e)}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelInputError(f"{path} is not a state dict torch.load can read safely (weights_only=True): "
+                                  f"{_first_line(e)}; save model.state_dict() with torch.save") from None
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelInputError(f"{path} does not hold a state dict (name -> tensor); save model.state_dict()")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        def few(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {few(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es) (checkpoint vs model): {few(mismatched)}")
+        raise ModelInputError(f"{path} does not fit {type(net).__name__}: {'; '.join(parts)}; "
+                              "load the checkpoint of this architecture")
+    net.load_state_dict(state, strict=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _named_data(args) -> bool:
+    return args.data.replace("_", "-") in ("digits", "digit-scenes")
 
 
 def _trained(args):
@@ -171,8 +351,9 @@ def _trained(args):
 
 
 def load_data(args):
-    """The pass context's data for ``--data``: ``{"train", "val", "calib"}`` (a named set) or the
-    one set in an ``.npz`` file for all three; the split to score is checked here, before any work."""
+    """The pass context's data for ``--data``: ``{"train", "val", "calib"}`` (a named set), the
+    splits of an image-folder tree, or the one set in an ``.npz`` file for all three; the split to
+    score is checked here, before any work."""
     from sliver.models import data as datasets
 
     if not args.data:
@@ -182,7 +363,76 @@ def load_data(args):
         from sliver.ir.errors import DataError
 
         raise DataError("--split calib is the calibration subset of train; score on train, val or test")
+    from sliver.models.image_folder import is_image_folder
+
+    if is_image_folder(args.data):
+        return load_folder_data(args)
     return datasets.context_data(args.data)
+
+
+# -- data of the user's own (kept apart from the rest of compile.py) ------------------------------
+def load_folder_data(args) -> dict:
+    """The splits of an image-folder tree under ``--seed`` with the --resize/--crop/--mean/--std
+    transform, each image read once now (so a bad file fails before any work) and streamed later.
+    The split scored (``--split``) is kept on ``args.score_data``."""
+    from sliver.models.image_folder import Transform, folder_splits, verify
+
+    crop = args.crop or _model_input_side(args)
+    transform = Transform(crop=crop, resize=args.resize, mean=_triple(args.mean, "--mean") or Transform.mean,
+                          std=_triple(args.std, "--std") or Transform.std)
+    sets = folder_splits(args.data, transform=transform, seed=args.seed)
+    total = sum(len(sets[s]) for s in ("train", "val", "test"))
+    _say(args, f"{args.data}: {sets['test'].num_classes} classes, {total} images "
+               f"(train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])}), "
+               f"resize {transform.resize_to}, crop {crop}; checking every image")
+    for split in ("train", "val", "test"):
+        verify(sets[split], _progress_of(args, f"check {split}"))
+    args.score_data = sets[args.split]
+    return {k: sets[k] for k in ("train", "val", "calib")}
+
+
+def _model_input_side(args) -> int:
+    if args.input_shape:
+        return int(parse_shape(args.input_shape)[-1])
+    if model_kind(args.model or "") == "zoo":
+        from sliver import models
+
+        if args.model in models.available():
+            return int(models.input_shape(args.model)[-1])
+    return 224
+
+
+def _triple(text, option):
+    if not text:
+        return None
+    from sliver.ir.errors import DataError
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise DataError(f"{option} {text!r} needs three comma-separated numbers, e.g. 0.485,0.456,0.406")
+    return values
+
+
+def _progress_of(args, desc):
+    if not _show_progress(args):
+        return None
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, leave=False)
+
+
+def check_device(args) -> str:
+    """``--device``: cuda only where torch sees a GPU."""
+    import torch
+
+    from sliver.ir.errors import ModelInputError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ModelInputError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); use --device cpu")
+    return args.device
 
 
 def _show_progress(args) -> bool:
@@ -226,6 +476,7 @@ def compile_model(args) -> dict:
     if not args.out:
         raise ModelInputError("no --out directory given")
     pipeline = passes.parse(args.pipeline)
+    check_device(args)
     data = load_data(args)
     t0 = time.perf_counter()
     _say(args, f"loading {args.model}")
@@ -271,7 +522,10 @@ def _run_pipeline(args, pipeline, program, data, stage):
     torch-level program in between are drawn; the two reports are joined into one."""
     from sliver import passes
 
-    options = dict(data=data, seed=args.seed, check=not args.no_check, progress=_show_progress(args))
+    from sliver.passes.infra.context import PassContext
+
+    options = dict(ctx=PassContext(data=data, seed=args.seed, progress=_show_progress(args), device=args.device),
+                   check=not args.no_check)
     dump = os.path.join(stage, "ir") if args.dump_ir else None
     if not (args.keep_maps or args.regions):
         return pipeline.run(program, dump_ir=dump, lower_to="onnx", **options), {}
@@ -390,7 +644,8 @@ def _score(args, before, after, artifact) -> dict:
 
     _say(args, f"scoring on {args.data} {args.split} before and after the pipeline")
     host = artifact if artifact is not None and backends.tvm.is_host(artifact.target) else None
-    return {"split": args.split, **evaluate_before_after(before, after, data=args.data, split=args.split, artifact=host)}
+    data = getattr(args, "score_data", None) or args.data
+    return {"split": args.split, **evaluate_before_after(before, after, data=data, split=args.split, artifact=host)}
 
 
 def _cost_on_fpga(args, final, stage) -> dict:

@@ -56,6 +56,7 @@ from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import is_attention, retrace
 from ..infra.base import Pass, option, register
+from ..infra.context import as_pass_data
 from ..fold_bn import fold_batchnorm
 from ..infra.facts import QUANTIZED_POT, ROUNDING_FACT
 from ..qlayers import (
@@ -391,7 +392,11 @@ class RAPQ(Pass):
         if data is None:
             raise PassError(f"pass {self.name!r} calibrates and needs data: run the pipeline with "
                             "data=sliver.models.data.calibration('digits') (or --data digits)")
-        x = data.take(min(o.calib_images, len(data))).images if hasattr(data, "take") else torch.as_tensor(data)
+        if isinstance(data, torch.Tensor) or hasattr(data, "__array__"):
+            x = torch.as_tensor(data)
+        else:  # sliver's sets and any torch Dataset; [:] reads images streamed from disk
+            data = as_pass_data(data)
+            x = data.take(min(o.calib_images, len(data))).images[:]
         x = torch.as_tensor(x).float()
         shape = tuple(program.example_inputs[0].shape[1:])
         if tuple(x.shape[1:]) != shape:
