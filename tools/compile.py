@@ -221,8 +221,10 @@ def user_module(spec: str, seed: int = 0):
     try:
         loader = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module  # its classes pickle and deep-copy like any module's
         loader.loader.exec_module(module)
     except Exception as e:
+        sys.modules.pop(module_name, None)
         raise ModelInputError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}") from None
     finally:
         sys.path.remove(folder)

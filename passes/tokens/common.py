@@ -188,7 +188,12 @@ def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extr
     :class:`TokenPolicy`. Loss = cross-entropy + ``extra_loss(state)`` + ``distill_weight`` x
     KL(student || teacher). The stages' own parameters learn at ``stage_lr`` (default ``lr``) with
     ``stage_weight_decay``, the dense layers at ``lr``/10 (AdamW, weight decay 0.01). The blocks
-    are restored and the stages left in eval mode afterwards. Returns the mean loss per epoch."""
+    are restored and the stages left in eval mode afterwards. Runs on ``ctx.device`` (the student,
+    the teacher and each batch are moved there) and leaves both modules on the CPU. Returns the
+    mean loss per epoch."""
+    device = getattr(ctx, "device", torch.device("cpu"))
+    gm.to(device)
+    teacher.to(device)
     stage_ids = {id(p) for p in stage_params}
     dense_params = [p for p in gm.parameters() if id(p) not in stage_ids]
     opt = torch.optim.AdamW(
@@ -197,12 +202,27 @@ def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extr
         weight_decay=0.01,
     )
     history = []
+    try:
+        history = _distill_epochs(gm, teacher, first_target, stages, extra_loss, train_set, ctx, opt, device,
+                                  epochs, batch_size, distill_weight)
+    finally:
+        gm.to("cpu")
+        teacher.to("cpu")
+    if not all(math.isfinite(h) for h in history):
+        raise PassError(f"{name} fine-tuning diverged (losses {history}); lower lr")
+    return history
+
+
+def _distill_epochs(gm, teacher, first_target, stages, extra_loss, train_set, ctx, opt, device, epochs,
+                    batch_size, distill_weight) -> list:
+    history = []
     with policy_mode(gm, first_target, stages) as state:
         gm.train()
         for epoch in range(epochs):
             total, count = 0.0, 0
             loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + epoch)
             for images, labels in ctx.progress(loader, f"epoch {epoch + 1}/{epochs}", total=len(loader)):
+                images, labels = images.to(device), labels.to(device)
                 state.reset()
                 logits = gm(images)
                 with torch.no_grad():
@@ -218,6 +238,4 @@ def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extr
                 total += loss.item() * len(labels)
                 count += len(labels)
             history.append(round(total / max(count, 1), 4))
-    if not all(math.isfinite(h) for h in history):
-        raise PassError(f"{name} fine-tuning diverged (losses {history}); lower lr")
     return history
