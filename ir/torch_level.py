@@ -213,8 +213,8 @@ def trace(
             why = f"torch.fx: {fx_error}; torch.export: {export_error}" if fx_error else f"torch.export: {export_error}"
             raise TraceError(
                 f"neither torch.fx nor torch.export can trace {type(module).__name__} ({why}); "
-                "make forward() free of data-dependent control flow, or export the model to ONNX "
-                "yourself and compile the .onnx file"
+                "make forward() free of data-dependent control flow, pass leaf_modules=[TheClass] to "
+                "keep that module whole, or export the model to ONNX yourself and compile the .onnx file"
             ) from None
     input_names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
     if len(input_names) != len(arrays):

@@ -169,3 +169,12 @@ def test_compile_takes_an_exported_program(tmp_path, capsys):
     assert report["input_shapes"] == [[1, 3, 24, 24]] and report["max_abs_diff"]["tvm_vs_input_model"] < 1e-4
     assert cli.main([str(tmp_path / "m.pt2"), "--weights", "x.pt", "--out", str(tmp_path / "o2")]) == 2
     assert "carries its own weights" in capsys.readouterr().err
+
+
+def test_cuda_without_gpu_is_refused_before_any_work(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert cli.main(["tiny_resnet", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda: torch sees no GPU" in err
+    assert not (tmp_path / "o").exists()

@@ -6,7 +6,10 @@
     python tools/compile.py tiny_deit --data digits --pipeline "evit{blocks=1,2 keep=0.7}" --out build/t
     python tools/compile.py --list-passes
 
-MODEL is a zoo name (``--list-models``) or the path of an ``.onnx`` file (never modified). OUT
+MODEL is a zoo name (``--list-models``), the path of an ``.onnx`` file (never modified),
+``path/to/file.py:factory`` (a function returning an ``nn.Module``) or an exported program
+(``.pt2``); ``--weights FILE`` loads a ``.pt``/``.pth`` state dict or a ``.safetensors`` file into a
+zoo or factory model, strictly. OUT
 receives ``model.onnx`` (the program after the pipeline), ``model.so`` + ``model.json`` (the TVM
 artifact), ``report.json`` and, with ``--dump-ir``, ``ir/NN-<step>.txt``. With ``--keep-maps``
 (after a token pass) it also receives ``keep_maps.png``: the patches each pruning stage kept, drawn
@@ -14,12 +17,14 @@ over a digit (a digit scene for 64x64 models) and scikit-image's astronaut photo
 ``--regions`` (after the aftrans pass) it receives ``regions.png``: the region SACM selected on
 eight small-digit test canvases, with the true digit boxes.
 
-With ``--data`` (``digits``, ``digit-scenes``, ``small-digits`` or an ``.npz`` path) the pipeline's passes receive
+With ``--data`` (``digits``, ``digit-scenes``, ``small-digits``, an ``.npz`` path or an image-folder
+tree, one subfolder per class, read with ``--resize``/``--crop``/``--mean``/``--std``) the pipeline's passes receive
 that data (splits ``train``/``val``/``calib``) for calibration and fine-tuning, and the model is
 scored before and after the pipeline (and as the built x86 artifact) on ``--split``; the scores go
 into ``report.json`` under ``accuracy``, next to the MACs. A tiny zoo model is then used with its
-trained weights (trained once per machine under ``--seed`` and cached, see
-``sliver.models.training.cached``); full-size zoo models have only random weights and are refused. OUT is written
+trained weights with ``digits``/``digit-scenes`` (trained once per machine under ``--seed`` and cached, see
+``sliver.models.training.cached``); with data of the user's own, any model is taken with the
+weights it has (``--weights``). Passes that train run on ``--device``. OUT is written
 atomically: it holds either the complete result or, on failure, whatever it held before.
 
 Errors exit with code 2 and one line ``error: ...``.
@@ -159,7 +164,7 @@ def load_model(args):
     else:
         if args.model not in models.available():
             models.create(args.model)  # raises the zoo's error naming the models there are
-        if args.data and _named_data(args) and not getattr(args, "weights", None):
+        if args.data and not getattr(args, "weights", None) and (_named_data(args) or _has_trained(args.model)):
             net = _trained(args)
         else:
             torch.manual_seed(args.seed)
@@ -329,8 +334,14 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _has_trained(name: str) -> bool:
+    from sliver.models import training
+
+    return name in training.DEFAULTS
+
+
 def _named_data(args) -> bool:
-    return args.data.replace("_", "-") in ("digits", "digit-scenes")
+    return args.data.replace("_", "-") in ("digits", "digit-scenes", "small-digits")
 
 
 def _trained(args):
