@@ -212,7 +212,7 @@ def trace(
             export_error = _first_line(e)
             why = f"torch.fx: {fx_error}; torch.export: {export_error}" if fx_error else f"torch.export: {export_error}"
             raise TraceError(
-                f"neither torch.fx nor torch.export can trace {type(module).__name__} ({why}); "
+                f"cannot trace {type(module).__name__} with torch.fx nor with torch.export ({why}); "
                 "make forward() free of data-dependent control flow, pass leaf_modules=[TheClass] to "
                 "keep that module whole, or export the model to ONNX yourself and compile the .onnx file"
             ) from None
@@ -246,8 +246,10 @@ def trace_method(program: Program) -> str:
     return getattr(program.module, "meta", {}).get("trace_method", "fx")
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, arrays: Sequence) -> None:
-    """Run ``gm`` once on ``arrays`` and store each node's output shape/dtype in its meta."""
+def propagate_shapes(gm: torch.fx.GraphModule, arrays: Sequence, rewritten: bool = False) -> None:
+    """Run ``gm`` once on ``arrays`` and store each node's output shape/dtype in its meta.
+    ``rewritten``: ``gm`` is a pass's rewrite of a program that ran on ``arrays``, so a failure is
+    the rewrite's fault, not the input shape's."""
     try:
         # ShapeProp prints a traceback before re-raising; the user gets one line instead
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
@@ -256,6 +258,11 @@ def propagate_shapes(gm: torch.fx.GraphModule, arrays: Sequence) -> None:
         cause = e.__cause__ if e.__cause__ is not None else e
         msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         shapes = ", ".join(str(tuple(a.shape)) for a in arrays)
+        if rewritten:
+            raise TraceError(
+                f"the rewritten model no longer runs on its example input(s) of shape {shapes}: {msg}; "
+                "the pass does not fit a module of this model (report it with the model's layout)"
+            ) from None
         raise TraceError(
             f"the model does not run on example input(s) of shape {shapes}: {msg}; "
             "pass the input shape the model expects (--input-shape)"
@@ -266,5 +273,5 @@ def retrace(program: Program, gm: torch.fx.GraphModule) -> Program:
     """A torch-level Program for an edited GraphModule: recompiles, lints and re-runs shapes."""
     gm.graph.lint()
     gm.recompile()
-    propagate_shapes(gm, program.example_inputs)
+    propagate_shapes(gm, program.example_inputs, rewritten=True)
     return program.replace(module=gm)

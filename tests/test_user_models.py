@@ -96,7 +96,7 @@ def test_untraceable_model_is_one_line():
                 return x * 2
             return x
 
-    with pytest.raises(errors.TraceError, match="neither torch.fx nor torch.export can trace Branchy") as e:
+    with pytest.raises(errors.TraceError, match="cannot trace Branchy with torch.fx nor with torch.export") as e:
         ir.trace(Branchy(), torch.randn(1, 4))
     assert "\n" not in str(e.value)
 
