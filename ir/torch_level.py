@@ -111,11 +111,11 @@ def _fx_trace(root: nn.Module, leaf_modules, concrete: dict) -> torch.fx.GraphMo
     if concrete:  # fx keeps a placeholder per fixed argument, guarded by asserts: drop both
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         fixed = placeholders[len(placeholders) - len(concrete):]
-        for node, value in zip(fixed, concrete.values()):
+        for node in fixed:  # fx substituted the value itself; the placeholder only feeds guards
             for user in _guard_users(node):
                 gm.graph.erase_node(user)
-            node.replace_all_uses_with(value) if node.users else None
-            gm.graph.erase_node(node)
+            if not node.users:
+                gm.graph.erase_node(node)
         gm.recompile()
     return gm
 
@@ -184,7 +184,7 @@ def trace(
     whole for the passes that rewrite them), ``"export"`` (``torch.export``: an aten-level graph in
     which every size is a constant, for models torch.fx cannot trace, such as window attention
     with size-dependent control flow) or ``"auto"``: fx, and export where fx fails. The path taken
-    is ``program.trace_method``.
+    is :func:`trace_method` of the result (and ``module.meta["trace_fallback_reason"]`` why).
     """
     if not isinstance(module, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(module).__name__}")
