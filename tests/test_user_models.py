@@ -128,7 +128,7 @@ def test_every_token_pass_runs_on_each_layout(cls, pipe):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", [Timm1ViT, TorchvisionViT])
 def test_layouts_build_with_tvm_after_token_passes(cls):
-    """~40 s per layout (one TVM build each)."""
+    """One TVM build per layout: 130-170 s each on the loaded 2-core machine (about 40 s when quiet)."""
     prog = _program(cls)
     out = passes.parse("poly-act,evit{blocks=1,2 keep=0.5}").run(prog).program
     onnx_prog = ir.to_onnx(out)
