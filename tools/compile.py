@@ -175,9 +175,10 @@ def load_model(args):
             raise ModelInputError("--weights loads into a torch model; an exported program (.pt2) carries its own weights")
         load_weights(net, args.weights)
         _say(args, f"loaded weights from {args.weights}")
-    from sliver.ir import resources
+    if kind != "pt2":  # an exported program's shape is fixed by its export (and it refuses .eval())
+        from sliver.ir import resources
 
-    resources.check_input_shape(net, shape, name)  # before the example input is drawn
+        resources.check_input_shape(net, shape, name)  # before the example input is drawn
     example = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32))
     program = ir.trace(net, example, name=name)
     from sliver.ir.torch_level import trace_method
