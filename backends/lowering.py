@@ -381,3 +381,45 @@ def lower_int_layernorm(bb, inputs, attrs):
     if shift > 0:
         acc = op.right_shift(op.add(acc, _i64(1 << (shift - 1))), _i64(shift))
     return op.astype(op.clip(acc, lo, hi), "int32")
+
+
+# ------------------------------------------------------------------------------------------------
+# integer pooling and dyadic requantisation (issue #18; keep this block together). Each rule
+# computes exactly its numpy reference in ``ir.opdefs``.
+
+
+@register("DyadicRequant")
+def lower_dyadic_requant(bb, inputs, attrs):
+    """``clip(floor((x * m + 2^(s-1)) / 2^s), lo, hi)`` in int64 (``x * m`` < 2^62; ``right_shift``
+    on int64 is arithmetic, i.e. floor)."""
+    from onnx import helper
+    from tvm import relax
+
+    op = relax.op
+    lo, hi = int(attrs.get("lo", opdefs.INT8_RANGE[0])), int(attrs.get("hi", opdefs.INT8_RANGE[1]))
+    to = str(np.dtype(helper.tensor_dtype_to_np_dtype(int(attrs.get("to", 3)))))
+    x = op.astype(inputs[0], "int64")
+    m = op.astype(inputs[1], "int64")
+    s = op.astype(inputs[2], "int64")
+    one = relax.const(1, "int64")
+    half = op.left_shift(one, op.subtract(s, one))
+    y = op.right_shift(op.add(op.multiply(x, m), half), s)
+    return op.astype(op.clip(y, lo, hi), to)
+
+
+@register("IntMaxPool")
+def lower_int_max_pool(bb, inputs, attrs):
+    """Integer max pooling: ``relax.op.nn.max_pool2d`` on the integers (TVM pads a max pool with
+    the dtype's minimum, so padding never wins, as in the reference)."""
+    from tvm import relax
+
+    from ..ir.errors import UnsupportedOpError
+
+    kernel = [int(k) for k in attrs["kernel_shape"]]
+    if len(kernel) != 2:
+        raise UnsupportedOpError(f"IntMaxPool with {len(kernel)}-D windows has no TVM lowering; only 2-D")
+    if int(attrs.get("ceil_mode", 0)):
+        raise UnsupportedOpError("IntMaxPool with ceil_mode=1 has no TVM lowering; export with ceil_mode=False")
+    pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
+    return relax.op.nn.max_pool2d(inputs[0], pool_size=kernel, strides=[int(s) for s in attrs.get("strides", [1, 1])],
+                                  padding=pads, dilation=[int(d) for d in attrs.get("dilations", [1, 1])])

@@ -651,3 +651,158 @@ INT_LAYERNORM = define(CustomOp(
         "integer gamma/beta, rounding shift); inputs x, gamma, beta; attributes from "
         "ir.opdefs.int_layernorm_constants",
     reference=int_layernorm_reference, function=int_layernorm_function))
+
+
+# ------------------------------------------------------------------------------------------------
+# integer pooling and dyadic requantisation (issue #18: full-size CNNs integer-only; keep this
+# block together)
+
+#: the multiplier of DyadicRequant is below 2^31, so ``x * m`` of an int32 x stays within int64
+DYADIC_MULTIPLIER_BITS = 31
+#: largest right shift of DyadicRequant (its standard-op body offsets the product by 2^62)
+DYADIC_MAX_SHIFT = 62
+
+
+def dyadic_constants(factor, max_bits: int = DYADIC_MULTIPLIER_BITS) -> tuple:
+    """``(m, s)`` with ``m / 2^s`` the dyadic number nearest a positive real ``factor`` (array:
+    per element) among those with ``2^(max_bits - 1) <= m < 2^max_bits`` (HAWQ-V3, Yao et al.,
+    ICML 2021, Sec. 3.3: every real rescale as an integer multiply and a right shift). A relative
+    error of at most 2^-max_bits: an averaged value differs from its exact rounding only when it
+    lies within that of a rounding boundary."""
+    import numpy as np
+
+    f = np.asarray(factor, np.float64)
+    if np.any(f <= 0) or not np.all(np.isfinite(f)):
+        raise ValueError("dyadic_constants: the factor must be positive and finite")
+    # 2^(b-1) <= f 2^s < 2^b  ->  s = b - 1 - floor(log2 f)
+    s = (max_bits - 1 - np.floor(np.log2(f))).astype(np.int64)
+    m = np.round(f * np.power(2.0, s)).astype(np.int64)
+    big = m >= (1 << max_bits)  # rounding reached 2^b: one bit less
+    m = np.where(big, m >> 1, m)
+    s = np.where(big, s - 1, s)
+    if np.any(s < 1) or np.any(s > DYADIC_MAX_SHIFT):
+        raise ValueError(f"dyadic_constants: factor {float(f.max()):g} needs a shift outside 1..{DYADIC_MAX_SHIFT}")
+    return m, s
+
+
+def dyadic_requant_reference(inputs, attrs):
+    """int32 x, int64 multiplier m, int64 shift s (both broadcast against x) ->
+    ``clip(floor((x * m + 2^(s-1)) / 2^s), lo, hi)`` cast to ``to`` (default INT8).
+
+    HAWQ-V3's dyadic requantisation (round half up, as ShiftRequant); ``0 < m < 2^31`` and
+    ``1 <= s <= 62``, so every intermediate fits in int64."""
+    import numpy as np
+    from onnx import helper
+
+    x = np.asarray(inputs[0]).astype(np.int64)
+    m = np.asarray(inputs[1]).astype(np.int64)
+    s = np.asarray(inputs[2]).astype(np.int64)
+    if (m <= 0).any() or (m >= 1 << DYADIC_MULTIPLIER_BITS).any():
+        raise ValueError(f"DyadicRequant multipliers must be in 1..2^{DYADIC_MULTIPLIER_BITS} - 1")
+    if (s < 1).any() or (s > DYADIC_MAX_SHIFT).any():
+        raise ValueError(f"DyadicRequant shifts must be 1..{DYADIC_MAX_SHIFT}")
+    y = (x * m + np.left_shift(np.int64(1), s - 1)) >> s
+    lo, hi = int(attrs.get("lo", INT8_RANGE[0])), int(attrs.get("hi", INT8_RANGE[1]))
+    to = helper.tensor_dtype_to_np_dtype(int(attrs.get("to", 3)))
+    return [np.clip(y, lo, hi).astype(to)]
+
+
+def dyadic_requant_function(opset: int = 17):
+    """``sliver.DyadicRequant`` as exact standard integer ops: ``p = x * m`` in int64 (|p| < 2^62),
+    then the floor shift of ShiftRequant's body with the offset ``B = 2^62`` (a multiple of every
+    2^s, s <= 62): ``floor((p + r) / 2^s) = ((p + B + r) >> s) - (B >> s)`` in uint64."""
+    from onnx import TensorProto, helper
+
+    f = _Body(opset)
+    x = f.op("Mul", f.op("Cast", "x", to=TensorProto.INT64), f.op("Cast", "multiplier", to=TensorProto.INT64))
+    s = f.op("Cast", "shift", to=TensorProto.UINT64)
+    one = f.const(1, "uint64")
+    offset = f.const(1 << DYADIC_MAX_SHIFT, "uint64")
+    half = f.op("BitShift", f.op("BitShift", one, s, direction="LEFT"), one, direction="RIGHT")
+    positive = f.op("Cast", f.op("Add", x, f.op("Cast", offset, to=TensorProto.INT64)), to=TensorProto.UINT64)
+    shifted = f.op("BitShift", f.op("Add", positive, half), s, direction="RIGHT")
+    value = f.op("Sub", f.op("Cast", shifted, to=TensorProto.INT64),
+                 f.op("Cast", f.op("BitShift", offset, s, direction="RIGHT"), to=TensorProto.INT64))
+    lo, hi = f.attr("lo"), f.attr("hi")
+    # Where/Less, not Clip or Max/Min: ONNX Runtime 1.31's int64 Clip, Max and Min let -2247827625
+    # through a lower bound of -128 (measured); its Less is right
+    value = f.op("Where", f.op("Less", hi, value), hi, value)
+    cast = helper.make_node("Cast", [f.op("Where", f.op("Less", value, lo), lo, value)], ["y"])
+    ref = onnx_attribute_ref("to", "to")
+    cast.attribute.append(ref)
+    f.nodes.append(cast)
+    return f.function("DyadicRequant", ["x", "multiplier", "shift"], ["y"], ["lo", "hi", "to"])
+
+
+def onnx_attribute_ref(node_attr: str, attr: str):
+    import onnx
+
+    a = onnx.AttributeProto()
+    a.name, a.ref_attr_name, a.type = node_attr, attr, onnx.AttributeProto.INT
+    return a
+
+
+def _pool_geometry(shape, attrs):
+    kernel = [int(k) for k in attrs["kernel_shape"]]
+    nd = len(kernel)
+    strides = [int(s) for s in attrs.get("strides", [1] * nd)]
+    pads = [int(p) for p in attrs.get("pads", [0] * (2 * nd))]
+    dil = [int(d) for d in attrs.get("dilations", [1] * nd)]
+    if int(attrs.get("ceil_mode", 0)):
+        raise ValueError("IntMaxPool: ceil_mode=1 is not supported; export with ceil_mode=False")
+    out = [(shape[2 + a] + pads[a] + pads[a + nd] - dil[a] * (kernel[a] - 1) - 1) // strides[a] + 1 for a in range(nd)]
+    return kernel, strides, pads, dil, out
+
+
+def int_max_pool_reference(inputs, attrs):
+    """Max pooling of integers (NCHW, any rank of spatial axes; attributes of ONNX MaxPool:
+    kernel_shape, strides, pads, dilations; ceil_mode 0): padding never wins (it is the type's
+    minimum), so the result is the maximum over the window's positions inside the input. Exact."""
+    import itertools
+
+    import numpy as np
+
+    x = np.asarray(inputs[0])
+    kernel, strides, pads, dil, out = _pool_geometry(x.shape, attrs)
+    nd = len(kernel)
+    lowest = np.iinfo(x.dtype).min
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[a], pads[a + nd]) for a in range(nd)], constant_values=lowest)
+    y = np.full(x.shape[:2] + tuple(out), lowest, x.dtype)
+    for offs in itertools.product(*[range(k) for k in kernel]):
+        idx = tuple(slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in zip(offs, dil, out, strides))
+        y = np.maximum(y, padded[(slice(None), slice(None)) + idx])
+    return [y]
+
+
+def int_max_pool_function(opset: int = 17):
+    """``sliver.IntMaxPool`` for ONNX Runtime, whose MaxPool takes int8/uint8 but not int32:
+    ``Cast`` to double, ``MaxPool``, ``Cast`` back. Exact: every int32 is a double, and a
+    maximum selects one of its inputs (no arithmetic). The op's meaning is the integer maximum
+    of :func:`int_max_pool_reference`; TVM lowers it to an int32 max-pool directly."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    f = _Body(opset)
+    wide = f.op("Cast", "x", to=TensorProto.DOUBLE)
+    pool = helper.make_node("MaxPool", [wide], ["pooled"])
+    for name in ("kernel_shape", "strides", "pads", "dilations"):
+        a = onnx.AttributeProto()
+        a.name, a.ref_attr_name, a.type = name, name, onnx.AttributeProto.INTS
+        pool.attribute.append(a)
+    f.nodes.append(pool)
+    f.nodes.append(helper.make_node("Cast", ["pooled"], ["y"], to=TensorProto.INT32))
+    return f.function("IntMaxPool", ["x"], ["y"], ["kernel_shape", "strides", "pads", "dilations"])
+
+
+DYADIC_REQUANT = define(CustomOp(
+    op_type="DyadicRequant",
+    doc="requantise an int32 value by a dyadic number: clip(floor((x * m + 2^(s-1)) / 2^s), lo, hi) cast to "
+        "`to` (default INT8), with int64 inputs multiplier m (1..2^31-1) and shift s (1..62), per channel; "
+        "an average over n positions is its sum times m / 2^s ~ 2^k / n (HAWQ-V3); constants from "
+        "ir.opdefs.dyadic_constants",
+    reference=dyadic_requant_reference, function=dyadic_requant_function))
+INT_MAX_POOL = define(CustomOp(
+    op_type="IntMaxPool",
+    doc="max pooling of int32 values (ONNX MaxPool's attributes kernel_shape, strides, pads, dilations; "
+        "ceil_mode 0), exact; int8/uint8 values use ONNX MaxPool itself",
+    reference=int_max_pool_reference, function=int_max_pool_function))

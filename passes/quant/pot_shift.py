@@ -71,6 +71,10 @@ class IntValue:
     dtype: int  # TensorProto elem type of ``name``
     bits: int = 32
     signed: bool = True
+    #: the tensor stands for ``value * 2^-exponent / divisor``: a sum over ``divisor`` positions
+    #: (an average pool over a window that is not a power of two) waiting for the quantiser after
+    #: it, which divides by a dyadic multiplier (``sliver.DyadicRequant``) in the same rounding
+    divisor: int = 1
 
 
 @dataclasses.dataclass
@@ -247,11 +251,17 @@ class _Builder:
                     self.weights[node.output[0]] = WeightValue(w.integers, w.exponent, w.bits, transposed=True)
             elif any(i in self.weights for i in node.input) and node.op_type not in ("Conv", "Gemm", "MatMul"):
                 self._no_integer_form(node)
+            elif any(self.ints[i].divisor != 1 for i in node.input if i in self.ints) and node.op_type not in self.DIVIDED_OPS:
+                self._no_integer_form(node)
             elif handler is not None and self._can(node):
                 handler(node)
             else:
                 self._no_integer_form(node)
         return self._finish()
+
+    #: ops that take a value still to be divided (an average's sum): layout ops and ReLU commute
+    #: with the division; the quantiser after them divides
+    DIVIDED_OPS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Relu", "Shape"}
 
     def _can(self, node) -> bool:
         return all(i in self.ints or i in self.weights or i in self.consts or i in self.shape_values or not i
@@ -302,6 +312,12 @@ class _Builder:
     def _materialize(self, v: IntValue, base: str) -> str:
         e = _compress(v.exponent)
         src = v.name
+        if v.divisor != 1:  # an average's sum: the float op gets the average
+            scale = self.const(f"{base}/scale", (np.power(2.0, -e.astype(np.float64)) / v.divisor).astype(np.float32))
+            real = self.emit("Cast", [v.name], f"{base}/to_float", to=TensorProto.FLOAT)
+            out = self.emit("Mul", [real, scale], base)
+            self.dequantizers.update({real, out})
+            return out
         if e.ndim == 0:
             scale = self.const(f"{base}/scale", np.array(2.0 ** -float(e), np.float32))
             out = self.emit("DequantizeLinear", [src, scale], base)
@@ -370,16 +386,7 @@ class _Builder:
         source = q.input[0]
         label = q.name or out
         if source in self.ints:
-            v = self.ints[source]
-            acc = self.to_int32(v, label)
-            shift = v.exponent - exponent  # >0: right shift; <0: exact left shift first
-            left = np.maximum(-shift, 0)
-            rank = len(self.shape(source))
-            acc = self.scale_by_pow2(acc, left, label, rank)
-            right = self.const(f"{label}/shift", _ranked(np.maximum(shift, 0), rank).astype(np.int64))
-            name = self.emit("ShiftRequant", [acc, right], f"{label}/requant", domain=SLIVER_DOMAIN,
-                             lo=lo, hi=hi, to=dtype)
-            self.requant_count += 1
+            name = self._requant(self.ints[source], exponent, lo, hi, dtype, label, len(self.shape(source)))
         else:
             # entry quantiser: float input (the graph input, or a float region) -> integers
             for n in chain[:-1]:
@@ -391,6 +398,24 @@ class _Builder:
             zero_name = self.const(f"{label}/output_zero", np.array(0, np.int8 if signed else np.uint8))
             self.nodes.append(helper.make_node("DequantizeLinear", [name, scale, zero_name], [dq.output[0]],
                                                name=dq.name or dq.output[0]))
+
+    def _requant(self, v: IntValue, exponent: int, lo: int, hi: int, dtype: int, label: str, rank: int) -> str:
+        """``v`` at the exponent ``exponent``, rounded half up and saturated to [lo, hi]:
+        ``sliver.ShiftRequant`` (after an exact left shift where the exponent grows), or, for a
+        value still to be divided (an average's sum), ``sliver.DyadicRequant`` by the dyadic
+        number nearest ``2^(exponent - e) / divisor`` per channel (HAWQ-V3)."""
+        self.requant_count += 1
+        acc = self.to_int32(v, label)
+        shift = np.asarray(v.exponent) - exponent  # >0: right shift; <0: exact left shift first
+        if v.divisor != 1:
+            m, s = opdefs.dyadic_constants(np.power(2.0, -shift.astype(np.float64)) / v.divisor)
+            mult = self.const(f"{label}/multiplier", _ranked(m, rank).astype(np.int64))
+            right = self.const(f"{label}/shift", _ranked(s, rank).astype(np.int64))
+            return self.emit("DyadicRequant", [acc, mult, right], f"{label}/requant", domain=SLIVER_DOMAIN,
+                             lo=lo, hi=hi, to=dtype)
+        acc = self.scale_by_pow2(acc, np.maximum(-shift, 0), label, rank)
+        right = self.const(f"{label}/shift", _ranked(np.maximum(shift, 0), rank).astype(np.int64))
+        return self.emit("ShiftRequant", [acc, right], f"{label}/requant", domain=SLIVER_DOMAIN, lo=lo, hi=hi, to=dtype)
 
     def _dequantize(self, node) -> None:
         """A DequantizeLinear without a QuantizeLinear before it: integer weights."""
@@ -423,15 +448,8 @@ class _Builder:
         exponent, lo, hi = int(attrs["exponent"]), int(attrs["lo"]), int(attrs["hi"])
         source, label = node.input[0], node.name or node.output[0]
         if source in self.ints:
-            v = self.ints[source]
             rank = len(self.shape(source))
-            shift = np.asarray(v.exponent) - exponent
-            acc = self.scale_by_pow2(self.to_int32(v, label), np.maximum(-shift, 0), label, rank)
-            right = self.const(f"{label}/shift", _ranked(np.maximum(shift, 0), rank).astype(np.int64))
-            name = self.emit("ShiftRequant", [acc, right], f"{label}/requant", domain=SLIVER_DOMAIN,
-                             lo=lo, hi=hi, to=TensorProto.INT32)
-            self.requant_count += 1
-            self.raw[node.output[0]] = name
+            self.raw[node.output[0]] = self._requant(self.ints[source], exponent, lo, hi, TensorProto.INT32, label, rank)
         elif source in self.weights:
             self._no_integer_form(node)
         else:  # entry from a float value
@@ -477,7 +495,7 @@ class _Builder:
         if c.size != 1 or k != round(k):
             return self._no_integer_form(node)
         v = self.ints[next(i for i in node.input if i not in consts)]
-        self.ints[node.output[0]] = IntValue(v.name, np.asarray(v.exponent) - int(round(k)), v.dtype, v.bits, v.signed)
+        self.ints[node.output[0]] = dataclasses.replace(v, exponent=np.asarray(v.exponent) - int(round(k)))
 
     def _Gather(self, node) -> None:
         """Gather of an integer value at constant indices (attention's q/k/v, the class token)."""
@@ -549,7 +567,7 @@ class _Builder:
             self.ints[node.output[0]] = v
             return
         out = self.emit("Relu", [self.to_int32(v, label)], f"{label}/relu")
-        self.ints[node.output[0]] = IntValue(out, v.exponent, TensorProto.INT32)
+        self.ints[node.output[0]] = IntValue(out, v.exponent, TensorProto.INT32, divisor=v.divisor)
 
     def _Clip(self, node) -> None:
         """Clip(lo, hi) on an integer value with per-channel exponents: the bounds become the
@@ -606,15 +624,35 @@ class _Builder:
         label = node.name or node.output[0]
         shape = self.shape(node.input[0])
         count = int(np.prod([shape[a] for a in axes]))
-        if count & (count - 1):
-            return self._no_integer_form(node) if self.allow_float else self._raise_pool(node, count)
         axes_name = self.const(f"{label}/axes", np.array(axes, np.int64))
         out = self.emit("ReduceSum", [self.to_int32(v, label), axes_name], f"{label}/sum", keepdims=1)
-        self.ints[node.output[0]] = IntValue(out, _compress(v.exponent + int(math.log2(count))), TensorProto.INT32)
+        if count & (count - 1):  # the sum, divided by the next quantiser (DyadicRequant)
+            self.ints[node.output[0]] = IntValue(out, _compress(v.exponent), TensorProto.INT32, divisor=count)
+        else:  # a power of two: only the exponent changes
+            self.ints[node.output[0]] = IntValue(out, _compress(v.exponent + int(math.log2(count))), TensorProto.INT32)
 
-    def _raise_pool(self, node, count):
-        raise UnsupportedOpError(f"pot-shift: node {node.name!r} averages over {count} positions, not a power of two; "
-                                 "an integer mean needs a power-of-two window (or allow_float=true)")
+    def _MaxPool(self, node) -> None:
+        """Max pooling commutes with the per-channel scales ``2^-e[c] > 0``: the same pooling on
+        the integers, exact. int8/uint8 values use ONNX ``MaxPool``; int32 ones (a ReLU'd
+        accumulator, ResNet's stem) ``sliver.IntMaxPool`` (ONNX Runtime's MaxPool has no int32)."""
+        v = self.ints[node.input[0]]
+        label = node.name or node.output[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        e = np.asarray(v.exponent)
+        rank = len(self.shape(node.input[0]))
+        full = e.reshape((1,) * (rank - e.ndim) + e.shape)
+        if rank < 3 or any(d > 1 for d in full.shape[2:]) or full.shape[0] > 1 or attrs.get("ceil_mode", 0) \
+                or attrs.get("storage_order", 0) or len(node.output) > 1 and node.output[1]:
+            return self._no_integer_form(node)
+        nd = rank - 2
+        if v.dtype in _INT_TYPES:
+            out = self.emit("MaxPool", [v.name], f"{label}/max_pool", **attrs)
+        else:
+            full_attrs = {"kernel_shape": list(attrs["kernel_shape"]), "strides": list(attrs.get("strides", [1] * nd)),
+                          "pads": list(attrs.get("pads", [0] * 2 * nd)), "dilations": list(attrs.get("dilations", [1] * nd))}
+            out = self.emit("IntMaxPool", [self.to_int32(v, label)], f"{label}/max_pool", domain=SLIVER_DOMAIN,
+                            **full_attrs)
+        self.ints[node.output[0]] = dataclasses.replace(v, name=out)
 
     def _GlobalAveragePool(self, node) -> None:
         self._pool(node, list(range(2, len(self.shape(node.input[0])))))
@@ -645,7 +683,7 @@ class _Builder:
         copy.output.append(out)
         copy.name = out
         self.nodes.append(copy)
-        self.ints[node.output[0]] = IntValue(out, _compress(e), v.dtype, v.bits, v.signed)
+        self.ints[node.output[0]] = dataclasses.replace(v, name=out, exponent=_compress(e))
 
     def _shape_op(self, node) -> None:
         """A layout op on integers: its exponent (per element, broadcast to the full shape) goes
@@ -704,8 +742,9 @@ class _Builder:
         version = max(o.version for o in opsets if o.domain in ("", "ai.onnx"))
         functions = []
         if any(n.op_type == "ShiftRequant" for n in self.nodes):
-            opsets.append(helper.make_opsetid(SLIVER_DOMAIN, 1))
             functions.append(opdefs.shift_requant_function(version))
+        if any(n.domain == SLIVER_DOMAIN for n in self.nodes):
+            opsets.append(helper.make_opsetid(SLIVER_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, functions=functions,
                                   producer_name=self.model.producer_name, ir_version=min(self.model.ir_version, 9) or 8)
         opdefs.attach_functions(model)  # bodies of the integer non-linearities (sliver.IntSoftmax, ...)
