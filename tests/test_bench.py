@@ -100,3 +100,27 @@ def test_bench_times_the_artifact_on_an_rpc_server_over_loopback(tmp_path):
     assert len(dead.stderr.strip().splitlines()) == 1
     bad = subprocess.run([sys.executable, BENCH, "tiny_resnet", "--rpc", "nohost"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "is not HOST:PORT" in bad.stderr
+
+
+def test_bench_integer_mode_runs_sliver_integer_and_ort_int8(tmp_path):
+    """--integer: sliver's integer artifact and ONNX Runtime's int8 QDQ path beside the float
+    engines, the integer artifact bit-exact against ONNX Runtime, the CPU and its ISA recorded."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, BENCH, "tiny_resnet", "--integer", "--engines", "onnxruntime", "tvm", "--threads", "1",
+         "--repeat", "2", "--warmup", "1", "--calib", "8", "--json", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    cpu = result["cpu_info"]
+    assert cpu["model"] and cpu["cores"] >= 1 and isinstance(cpu["isa"], list)
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    assert ("AVX-512 VNNI" in cpu["isa"]) == (" avx512_vnni" in flags)
+    b = result["batches"][0]
+    assert set(b["engines"]) == {"onnxruntime", "tvm", "tvm:int", "onnxruntime:int8"}
+    assert b["integer"]["integer_only"] and b["integer"]["max_abs_diff_tvm_vs_onnxruntime"] == 0
+    e = b["engines"]["tvm:int"]
+    assert math.isclose(e["ratio_to_tvm"], e["median_ms"] / b["engines"]["tvm"]["median_ms"])
+    assert math.isclose(e["ratio_to_onnxruntime:int8"], e["median_ms"] / b["engines"]["onnxruntime:int8"]["median_ms"])
+    assert "tvm:int is" in proc.stdout and "isa:" in proc.stdout

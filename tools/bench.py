@@ -5,6 +5,7 @@
     python tools/bench.py resnet18 --pipeline fold-bn,cleanup --batch 1
     python tools/bench.py model.onnx --input-shape 1,3,224,224 --engines onnxruntime tvm
     python tools/bench.py deit_small --pipeline "evit{blocks=3,6,9 keep=0.7}" --compare-dense
+    python tools/bench.py resnet18 --pipeline fold-bn,cleanup --integer --engines onnxruntime tvm
 
 For each batch size the model goes through the pipeline to the onnx level and TVM builds it for
 the host CPU; then the engines run the same input on the same number of threads after a warm-up.
@@ -20,6 +21,15 @@ With ``--compare-dense`` the model without the pipeline runs too, interleaved wi
 model (PyTorch eager then runs the pipeline's torch-level model), and each engine reports the
 speedup, the MAC reduction and their ratio (1.0: the engine turns every MAC saved into time).
 
+``--integer [PIPELINE]`` (default ``pot-naive{wbits=8 abits=8},pot-shift``) adds, in the same
+interleaved rounds, sliver's integer artifact (``tvm:int``: the model through that pipeline, built by
+TVM) and ONNX Runtime's own int8 path (``onnxruntime:int8``: ``quantize_static`` of the same float
+ONNX, QDQ, u8 activations, s8 per-channel weights), both calibrated on the same ``--calib`` images
+(random normal ones by default: timing does not depend on them); the integer artifact's outputs
+are checked against ONNX Runtime running the same integer graph (``max|TVM - ORT|`` must be 0).
+Every result records the CPU: its model name and the ISA extensions that matter for integer
+kernels (AVX-512 VNNI, AMX, AVX-512, aarch64 dotprod / i8mm).
+
 Prints a table; ``--json OUT`` also writes every number. Errors exit with code 2.
 """
 
@@ -33,6 +43,34 @@ import sys
 import time
 
 ENGINES = ("torch", "onnxruntime", "tvm")
+#: the integer pipeline of ``--integer``
+INTEGER_PIPELINE = "pot-naive{wbits=8 abits=8},pot-shift"
+#: ISA extensions recorded with every result: /proc/cpuinfo flag -> name
+ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512bw": "AVX-512BW", "avx512_vnni": "AVX-512 VNNI",
+             "avx_vnni": "AVX-VNNI", "amx_tile": "AMX", "amx_int8": "AMX-INT8", "asimd": "NEON",
+             "asimddp": "dotprod", "i8mm": "i8mm", "sve": "SVE"}
+
+
+def cpu_info() -> dict:
+    """The host CPU: model name, core count, LLVM's CPU name and the ISA extensions of
+    :data:`ISA_FLAGS` it has (read from /proc/cpuinfo; empty where that file does not exist)."""
+    from sliver.backends import tvm as tvm_backend
+
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model") and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model or os.uname().machine, "cores": os.cpu_count(),
+            "llvm_cpu": tvm_backend.host_target().get("mcpu", "generic"),
+            "isa": [name for flag, name in ISA_FLAGS.items() if flag in flags]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the model without the pipeline, interleaved, and report per engine the speedup of the "
         "pipeline's model and that speedup divided by its MAC reduction (PyTorch then runs the pruned model)",
     )
+    p.add_argument("--integer", nargs="?", const=INTEGER_PIPELINE, default=None, metavar="PIPELINE",
+                   help="also run sliver's integer artifact (PIPELINE, default: %(const)s) and ONNX Runtime's int8 "
+                        "QDQ path of the same float model, interleaved with the other engines")
+    p.add_argument("--calib", type=int, default=16, help="calibration images for --integer (default: 16)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--rpc", metavar="HOST:PORT",
                    help="instead of the local engines: upload the TVM artifact to the device running TVM's RPC "
@@ -70,6 +112,17 @@ def _parser() -> argparse.ArgumentParser:
                         "MODEL's trained sensitivity table at loss budget BUDGET (tiny zoo models)")
     p.add_argument("--appmul-bits", type=int, default=5, help="operand width for --appmul-selection (default: 5)")
     return p
+
+
+def _calibration(args, shape):
+    """The ``--calib`` images the quantisers of ``--integer`` calibrate on (random normal, fixed seed)."""
+    import numpy as np
+    import torch
+
+    from sliver.models import data
+
+    x = np.random.default_rng(args.seed + 1).standard_normal((args.calib,) + tuple(shape[1:])).astype(np.float32)
+    return data.ImageSet("bench/random", "images", torch.from_numpy(x))
 
 
 def _load(args, batch: int, pipeline: str | None = None):
@@ -93,7 +146,8 @@ def _load(args, batch: int, pipeline: str | None = None):
         x = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32))
         program = ir.trace(net, x, name=args.model)
     pipeline = args.pipeline if pipeline is None else pipeline
-    result = passes.parse(pipeline).run(program, seed=args.seed, check=False)
+    calib = _calibration(args, program.example_inputs[0].shape) if args.integer else None
+    result = passes.parse(pipeline).run(program, seed=args.seed, check=False, data=calib)
     eager = result.program.module if result.program.level == "torch" else None
     lowered = passes.parse("").run(result.program, seed=args.seed, check=False, lower_to="onnx")
     return lowered.program, net, eager
@@ -205,10 +259,67 @@ def _summaries(times: dict) -> dict:
             "runs": len(ts),
         }
     for name, e in engines.items():
-        for ref in ("onnxruntime", "torch"):
+        for ref in ("onnxruntime", "torch", "tvm", "onnxruntime:int8"):
             if ref in engines and ref != name:
                 e[f"ratio_to_{ref}"] = e["median_ms"] / engines[ref]["median_ms"]
     return engines
+
+
+def _ort_int8(args, program):
+    """ONNX Runtime's own int8 path for the float ``program``: ``quantize_static`` (QDQ, u8
+    activations, s8 per-channel weights) calibrated on the ``--calib`` images."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+    from onnxruntime import quantization as q
+
+    calib = _calibration(args, program.example_inputs[0].shape).images.numpy()
+    name = program.input_names[0]
+    batch = program.example_inputs[0].shape[0]
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{name: np.ascontiguousarray(calib[i:i + batch])}
+                               for i in range(0, len(calib) - batch + 1, batch)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
+        onnx.save(program.module, src)
+        q.quantize_static(src, dst, Reader(), quant_format=q.QuantFormat.QDQ, activation_type=q.QuantType.QUInt8,
+                          weight_type=q.QuantType.QInt8, per_channel=True)
+        return onnx.load(dst)
+
+
+def _integer_runners(args, batch: int, float_program) -> tuple:
+    """({"tvm:int", "onnxruntime:int8"}: run()) and facts of the integer artifact."""
+    import numpy as np
+
+    from sliver import backends
+
+    int_program, _, _ = _load(args, batch, pipeline=args.integer)
+    x = int_program.example_inputs
+    runners, info = {}, {"pipeline": args.integer, "integer_only": "integer-only" in int_program.facts}
+    sess = _ort_session(int_program.module, args.threads, spin=args.wait == "spin")
+    feeds = {i.name: a for i, a in zip(sess.get_inputs(), x)}
+    ort_out = [np.asarray(o) for o in sess.run(None, feeds)]
+    if "tvm" in args.engines:
+        t0 = time.perf_counter()
+        artifact = backends.tvm.build(int_program, target="x86", schedule=args.schedule)
+        info["tvm_build_seconds"] = time.perf_counter() - t0
+        out = artifact.run(x)
+        info["max_abs_diff_tvm_vs_onnxruntime"] = float(max(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()
+                                                            for a, b in zip(out, ort_out)))
+        run_tvm = artifact.runner()
+        runners["tvm:int"] = lambda: run_tvm(x)
+    if "onnxruntime" in args.engines:
+        int8 = _ort_session(_ort_int8(args, float_program), args.threads, spin=args.wait == "spin")
+        feeds8 = {i.name: a for i, a in zip(int8.get_inputs(), float_program.example_inputs)}
+        runners["onnxruntime:int8"] = lambda: int8.run(None, feeds8)
+    return runners, info
 
 
 def bench_batch(args, batch: int) -> dict:
@@ -216,6 +327,10 @@ def bench_batch(args, batch: int) -> dict:
     program, net, eager = _load(args, batch)
     runners, build_seconds, diff = _runners(args, program, eager if compare else net)
     every = dict(runners)
+    integer = None
+    if args.integer:
+        int_runners, integer = _integer_runners(args, batch, program)
+        every.update(int_runners)
     if compare:  # the dense model's engines run interleaved with the pruned model's
         dense_program, dense_net, _ = _load(args, batch, pipeline="")
         dense_runners, _, _ = _runners(args, dense_program, dense_net)
@@ -232,6 +347,8 @@ def bench_batch(args, batch: int) -> dict:
         "tvm_build_seconds": build_seconds,
         "max_abs_diff_tvm_vs_onnxruntime": diff,
     }
+    if integer is not None:
+        out["integer"] = integer
     if compare:
         dense_engines = _summaries({k[6:]: v for k, v in times.items() if k.startswith("dense:")})
         dense_macs = int(dense_program.stats().macs)
@@ -252,7 +369,9 @@ def table(result: dict) -> str:
     lines = [
         f"{result['model']}  pipeline: {result['pipeline'] or '(none)'}  threads: {result['threads']}  "
         f"cpu: {result['cpu']}  schedule: {result['schedule']}  wait: {result.get('wait', 'passive')}",
-        f"{'batch':>5} {'engine':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'/ORT':>6} {'/torch':>7} {'GMAC/s':>7}",
+        f"cpu model: {result['cpu_info']['model']} ({result['cpu_info']['cores']} cores)  "
+        f"isa: {', '.join(result['cpu_info']['isa']) or '-'}",
+        f"{'batch':>5} {'engine':<16} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'/ORT':>6} {'/torch':>7} {'GMAC/s':>7}",
     ]
     for b in result["batches"]:
         for name, e in b["engines"].items():
@@ -260,13 +379,23 @@ def table(result: dict) -> str:
             r_t = f"{e['ratio_to_torch']:.2f}" if "ratio_to_torch" in e else "1.00" if name == "torch" else "-"
             gmacs = b["macs"] / e["median_ms"] / 1e6 if e["median_ms"] else 0.0
             lines.append(
-                f"{b['batch']:>5} {name:<12} {e['median_ms']:>10.2f} {e['min_ms']:>9.2f} {e['max_ms']:>9.2f} "
+                f"{b['batch']:>5} {name:<16} {e['median_ms']:>10.2f} {e['min_ms']:>9.2f} {e['max_ms']:>9.2f} "
                 f"{r_ort:>6} {r_t:>7} {gmacs:>7.1f}"
             )
         extra = f"  MACs {b['macs'] / 1e9:.3f} G"
         if b["tvm_build_seconds"] is not None:
             extra += f", TVM build {b['tvm_build_seconds']:.1f} s, max|TVM - ORT| {b['max_abs_diff_tvm_vs_onnxruntime']:.2e}"
         lines.append(extra)
+        if "integer" in b:
+            i, e = b["integer"], b["engines"]
+            text = f"  integer ({i['pipeline']}): integer-only {i['integer_only']}"
+            if "tvm_build_seconds" in i:
+                text += f", TVM build {i['tvm_build_seconds']:.1f} s, max|TVM - ORT| {i['max_abs_diff_tvm_vs_onnxruntime']:.0f}"
+            lines.append(text)
+            if "tvm:int" in e and "tvm" in e:
+                lines.append(f"  tvm:int is {e['tvm']['median_ms'] / e['tvm:int']['median_ms']:.2f}x as fast as tvm (float)"
+                             + (f"; tvm:int / onnxruntime:int8 = {e['tvm:int']['ratio_to_onnxruntime:int8']:.2f}"
+                                if "ratio_to_onnxruntime:int8" in e["tvm:int"] else ""))
         if "speedup" in b:
             lines.append(f"{'':>5} {'engine':<12} {'dense ms':>10} {'pruned ms':>10} {'speedup':>8} {'MACs /':>7} {'ratio':>6}")
             for name, sp in b["speedup"].items():
@@ -371,6 +500,7 @@ def main(argv=None) -> int:
             "schedule": args.schedule,
             "wait": args.wait,
             "cpu": tvm_backend.host_target().get("mcpu", "generic"),
+            "cpu_info": cpu_info(),
             "batches": [bench_batch(args, b) for b in args.batch],
         }
     except SliverError as e:

@@ -447,6 +447,18 @@ def _shift_requant(node, ctx):
     return _elementwise(node, ctx)
 
 
+@_rule("DyadicRequant", domain=SLIVER_DOMAIN, elementwise=True)
+def _dyadic_requant(node, ctx):
+    """Dyadic requantise (multiply by m, shift by s, round, clip): a multiplier and a shifter in
+    the producer's output stage, like ShiftRequant's."""
+    return _elementwise(node, ctx)
+
+
+@_rule("IntMaxPool", domain=SLIVER_DOMAIN)
+def _int_max_pool(node, ctx):
+    return _pool(node, ctx)
+
+
 @_rule("AppMatMul", domain=SLIVER_DOMAIN)
 def _app_matmul(node, ctx):
     """A matmul on approximate multipliers: LUT-built, so it runs on the LUT engine. The node may
