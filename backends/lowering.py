@@ -423,3 +423,27 @@ def lower_int_max_pool(bb, inputs, attrs):
     pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
     return relax.op.nn.max_pool2d(inputs[0], pool_size=kernel, strides=[int(s) for s in attrs.get("strides", [1, 1])],
                                   padding=pads, dilation=[int(d) for d in attrs.get("dilations", [1, 1])])
+
+
+class MatMulIntegerAsRelaxOp:
+    """ONNX ``MatMulInteger`` without zero-points -> ``relax.op.matmul(a, b, out_dtype="int32")`` on
+    the int8/uint8 operands themselves (TVM's importer casts both to int32 first, which no integer
+    dot-product instruction can match). The CPU build then legalises a product with constant
+    int8 weights into sliver's packed dot-product kernel (``schedules.int8_matmul_legalizer``).
+    With zero-points it keeps TVM's conversion. Exact either way."""
+
+    @classmethod
+    def get_converter(cls, opset):
+        return cls._impl
+
+    @classmethod
+    def _impl(cls, bb, inputs, attr, params):
+        from tvm import relax
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        if len(inputs) > 2 and any(i is not None for i in inputs[2:]):
+            return onnx_frontend.MatMulInteger.get_converter(10)(bb, inputs, attr, params)
+        return relax.op.matmul(inputs[0], inputs[1], out_dtype="int32")
+
+
+BUILD_IMPORTERS["MatMulInteger"] = MatMulIntegerAsRelaxOp

@@ -522,7 +522,7 @@ def _schedule_rest(sch, params: CpuParams, skip=frozenset()) -> None:
             pass
 
 
-def schedule_func(func: tirx.PrimFunc, params: CpuParams):
+def schedule_func(func: tirx.PrimFunc, params: CpuParams, intrin: str | None = None):
     """A scheduled copy of ``func`` (or None when no rule applies)."""
     sch = s_tir.Schedule(func)
     try:
@@ -535,6 +535,9 @@ def schedule_func(func: tirx.PrimFunc, params: CpuParams):
     # the rules that apply, most specific first; each is tried on a fresh schedule and the first
     # that succeeds wins (a rule that raises leaves nothing behind)
     rules = []
+    int8 = [b for b in blocks if _is_int8_dot(sch, b)]
+    if len(int8) == 1 and intrin is not None:
+        rules.append(lambda t: _schedule_int8_dot(t, t.get_sblock("int8_dot"), params, intrin))
     if len(mains) == 1 and _loops_match_iters(sch, mains[0]):
         name = sch.get(mains[0]).name_hint
         rules.append(lambda t, n=name: _schedule_gemm(t, t.get_sblock(n), params))
@@ -1066,12 +1069,17 @@ def _static_shape(expr):
 def packed_legalizers(target: dict) -> dict:
     """LegalizeOps overrides that pack constant weights at build time (conv2d, matmul)."""
     params = cpu_params(target)
-    return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul_legalizer(params)}
+    matmul = matmul_legalizer(params)
+    intrin = int8_dot_intrinsic(target)
+    if intrin is not None:
+        matmul = int8_matmul_legalizer(params, intrin, matmul)
+    return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul}
 
 
 def schedule_module(target: dict):
     """A Relax module pass that schedules every unscheduled PrimFunc with sliver's CPU rules."""
     params = cpu_params(target)
+    intrin = int8_dot_intrinsic(target)
 
     @tvm.transform.module_pass(opt_level=0, name="SliverCpuSchedule")
     def _pass(mod, _ctx):
@@ -1081,7 +1089,7 @@ def schedule_module(target: dict):
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
                 continue
-            new = schedule_func(func, params)
+            new = schedule_func(func, params, intrin)
             if new is not None:
                 updates[gv] = new.with_attr("tirx.is_scheduled", True)
         if not updates:
@@ -1092,3 +1100,216 @@ def schedule_module(target: dict):
         return out
 
     return _pass
+
+
+# ------------------------------------------------------------------------------------------------
+# integer matmuls on dot-product instructions (issue #18)
+#
+# ``x @ W`` with int8/uint8 activations and constant int8 weights W [K, N] (pot-shift's
+# MatMulInteger, imported by ``lowering.MatMulIntegerAsRelaxOp``) is legalised into
+#
+#   Xu[m, k]  = x[m, k] + 128 as uint8 (uint8 x: itself), rows padded to the register tile, K to 4
+#   C[m, n]   = sum_k Xu[m, k] * Wp[n / 16, k / 4, n % 16, k % 4]        (int32)
+#   out[m, n] = C[m, n] + corr[n],  corr = -128 * sum_k W[k, n] (0 for uint8 x)
+#
+# with Wp (weights packed in the layout of the 16x4 dot-product intrinsic: 16 output columns by 4
+# consecutive k, 64 bytes per instruction) and corr computed at build time (FoldConstant). The
+# ``C`` block is tensorised with AVX-512 VNNI ``vpdpbusd`` (u8 x s8 -> s32, 64 MACs per
+# instruction; CPUs without VNNI keep the generic integer rule: TVM's ``dot_16x4_avx512``
+# (vpmaddubsw + vpmaddwd) saturates a pair of u8 * s8 products at 32767, so it is not exact for
+# 8-bit operands). The epilogue
+# (offset correction, bias, requantisation shift, clip, narrowing: the elementwise ops FuseOps
+# put after the product) runs per register tile while the accumulators are hot, so the int32
+# product never goes to memory.
+
+#: register tile of the integer kernel: rows x (vectors of 16 int32 columns)
+INT8_ROWS, INT8_VECTORS = 4, 4
+VNNI_INTRIN = "sliver_dot_16x4_vnni"
+AVX512_INTRIN = "dot_16x4_avx512"
+
+
+def _load_tvm_intrinsics(arch: str):
+    """TVM's ``tvm.s_tir.tensor_intrin.<arch>`` module, loaded on its own: importing the package
+    runs its CUDA intrinsics too, which took 54 s on this machine (TVM_NOTES); the module is
+    registered under its own name, so a later import of the package reuses it."""
+    import importlib.util
+    import os
+    import sys
+
+    name = f"tvm.s_tir.tensor_intrin.{arch}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin", f"{arch}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _register_vnni() -> None:
+    """TVM 0.27's ``dot_16x4_vnni`` passes ``vpdpbusd`` int32x16 operands, which the LLVM it links
+    rejects ("Call parameter type does not match function signature": the intrinsic now takes
+    <64 x i8>); sliver registers the same description with the operands as int8x64."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    x86 = _load_tvm_intrinsics("x86")
+    try:
+        TensorIntrin.get(VNNI_INTRIN)
+        return
+    except Exception:
+        pass
+
+    @T.prim_func(s_tir=True)
+    def vnni_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+                  C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"), T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
+                B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+
+    TensorIntrin.register(VNNI_INTRIN, x86.dot_product_16x4_u8i8i32_desc, vnni_impl)
+
+
+def int8_dot_intrinsic(target: dict) -> str | None:
+    """The 16x4 u8 x s8 dot-product intrinsic for an x86 target: VNNI where the CPU has it, else
+    None. (``dot_16x4_avx512``'s vpmaddubsw saturates a pair of u8 * s8 products at 32767, so it
+    is not exact for 8-bit weights: not used.)"""
+    triple = target.get("mtriple", "")
+    if triple and not triple.startswith("x86_64"):
+        return None
+    mcpu = str(target.get("mcpu", ""))
+    attrs = [str(a) for a in (target.get("mattr", []) or [])]
+    if "+avx512vnni" in attrs:
+        has = True
+    elif not mcpu:
+        has = False
+    else:
+        try:
+            from tvm.target import codegen
+
+            has = bool(codegen.llvm_cpu_has_features(["avx512vnni"], tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+        except Exception:
+            has = False
+    if not has:
+        return None
+    _register_vnni()
+    return VNNI_INTRIN
+
+
+def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
+    """``relax.matmul`` of int8/uint8 activations and constant int8 weights [K, N] with int32 out
+    -> the packed dot-product kernel described above; anything else -> ``fallback``."""
+    import tvm
+    from tvm import te
+
+    def legalize(bb, call):
+        a, b = call.args
+        a_shape, b_shape = _static_shape(a), _static_shape(b)
+        if (intrin is None or a_shape is None or b_shape is None or len(b_shape) != 2 or len(a_shape) < 2
+                or a_shape[-1] != b_shape[0] or str(a.ty.dtype) not in ("int8", "uint8") or str(b.ty.dtype) != "int8"
+                or str(call.ty.dtype) != "int32" or not _is_constant(bb, b)):
+            return fallback(bb, call)
+        k, n = b_shape
+        signed = str(a.ty.dtype) == "int8"
+        kp = -(-k // 4) * 4
+        panels = -(-n // 16)
+        vectors = _divisor(panels, [INT8_VECTORS, 3, 2, 1])
+        lead = a_shape[:-1]
+        rows = int(np.prod(lead))
+        rows_p = -(-rows // INT8_ROWS) * INT8_ROWS
+        zero8 = tvm.tirx.const(0, "int8")
+
+        def pack(w):
+            return te.compute((panels, kp // 4, 16, 4), lambda o, r, c, q: tvm.tirx.if_then_else(
+                tvm.tirx.all(o * 16 + c < n, r * 4 + q < k),
+                w[tvm.tirx.min(r * 4 + q, k - 1), tvm.tirx.min(o * 16 + c, n - 1)], zero8), name="int8_weight_pack")
+
+        def correction(w):
+            r = te.reduce_axis((0, k), name="k")
+            return te.compute((n,), lambda j: te.sum(w[r, j].astype("int32") * (-128 if signed else 0), axis=r),
+                              name="int8_offset_correction")
+
+        packed = bb.emit(bb.call_te(pack, b, primfunc_name_hint="int8_weight_pack"))
+        corr = bb.emit(bb.call_te(correction, b, primfunc_name_hint="int8_offset_correction"))
+
+        def matmul(x, wp, cr):
+            def unflat(m):  # flat row -> leading indices (extents of 1 get a plain 0)
+                idx, rest = [], m
+                for pos, d in enumerate(reversed(lead)):
+                    last = all(e == 1 for e in lead[: len(lead) - 1 - pos])
+                    idx.append(0 if d == 1 else rest if last else tvm.tirx.floormod(rest, d))
+                    rest = tvm.tirx.floordiv(rest, d)
+                return list(reversed(idx))
+
+            def load(m, q):
+                v = x[(*unflat(tvm.tirx.min(m, rows - 1)), tvm.tirx.min(q, k - 1))]
+                v = (v.astype("int32") + 128).astype("uint8") if signed else v
+                return tvm.tirx.if_then_else(tvm.tirx.all(m < rows, q < k), v, tvm.tirx.const(0, "uint8"))
+
+            xu = te.compute((rows_p, kp), load, name="int8_activation_u8")
+            r = te.reduce_axis((0, kp), name="k")
+            acc = te.compute((rows_p, panels * 16), lambda m, j: te.sum(
+                xu[m, r].astype("int32") * wp[j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r), name="int8_dot")
+
+            def out(*idx):
+                m = None
+                for d, i in zip(lead, idx[:-1]):
+                    if d != 1:  # (an index of extent 1 is 0)
+                        m = i if m is None else m * d + i
+                m = 0 if m is None else m
+                return acc[m, idx[-1]] + cr[idx[-1]]
+
+            return te.compute((*lead, n), out, name="int8_dot_out")
+
+        return bb.call_te(matmul, a, packed, corr, primfunc_name_hint="int8_matmul")
+
+    return legalize
+
+
+def _is_int8_dot(sch, block) -> bool:
+    return sch.get(block).name_hint == "int8_dot"
+
+
+def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
+    """Register-tile and tensorise the ``int8_dot`` block; the epilogue per tile (see above)."""
+    root = sch.get_sblock("root")
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+    pos = names.index("int8_dot")
+    for name in names[pos + 1 : -1]:  # elementwise epilogue: into the last block
+        sch.compute_inline(sch.get_sblock(name))
+    last = sch.get_sblock(names[-1]) if pos + 1 < len(names) else None
+    i, j, k = sch.get_loops(main)
+    cols = _extent(sch, j)
+    vectors = _divisor(cols // 16, [INT8_VECTORS, 3, 2, 1])
+    io, ii = sch.split(i, [None, INT8_ROWS])
+    jo, jv, ji = sch.split(j, [None, vectors, 16])
+    ko, ki = sch.split(k, [None, 4])
+    sch.reorder(jo, io, ko, ii, jv, ji, ki)
+    outer = sch.fuse(jo, io)
+    if last is not None:
+        sch.reverse_compute_at(last, outer)
+        loops = sch.get_loops(last)
+        inner = loops[-1]
+        if (_extent(sch, inner) or 0) % 16 == 0:
+            _, v = sch.split(inner, [None, 16])
+            sch.vectorize(v)
+    if params.threads > 1:
+        sch.parallel(outer)
+    init = sch.decompose_reduction(main, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ji, intrin)
+    xu = sch.get_sblock("int8_activation_u8")
+    xl = sch.get_loops(xu)
+    if (_extent(sch, xl[-1]) or 0) % 16 == 0:
+        _, v = sch.split(xl[-1], [None, 16])
+        sch.vectorize(v)
