@@ -108,3 +108,53 @@ def test_max_pooled_resnet_with_a_9_position_average_is_integer_only_and_bit_exa
     assert np.array_equal(got_ort, got_tvm)
     assert np.array_equal(got_ort, want)
     assert len(np.unique(want)) > 4  # not a constant output
+
+
+@pytest.mark.slow  # pot-naive on two 224x224 CNNs: ~90 s on a loaded 2-core machine
+def test_full_size_cnns_become_integer_only_with_defaults():
+    """ResNet-18 (int32 max-pooled stem, 7x7 = 49-position average) and MobileNetV2 (ReLU6, 49-position
+    average) at 224x224: pot-shift with its defaults leaves no float op. Graph structure only (no run
+    of the full-size models)."""
+    for name in ("resnet18", "mobilenet_v2"):
+        torch.manual_seed(0)
+        net = models.create(name).eval()
+        x = torch.randn(2, 3, 224, 224)
+        prog = ir.trace(net, x[:1], name=name)
+        ref = passes.parse("pot-naive{wbits=8 abits=8 calib_images=2}").run(
+            prog, data=data.ImageSet("random", "images", x), check=False).program
+        res = passes.parse("pot-shift").run(ref, check=False)
+        ops = [n.op_type for n in res.program.module.graph.node]
+        assert "integer-only" in res.program.facts and res.report.steps[-1].notes["float_nodes"] == [], name
+        assert ops.count("DyadicRequant") == 1 and ops.count("IntMaxPool") == (1 if name == "resnet18" else 0), name
+
+
+def test_average_pool_windows_of_the_zoo():
+    """VGG's AdaptiveAvgPool2d(7) on a 7x7 map exports as a 1x1 AveragePool (the identity); a window
+    over the whole map is the global average; other windows are named as having no integer form."""
+    from sliver.ir.errors import UnsupportedOpError
+    from sliver.passes.quant.pot_shift import _Builder
+
+    def graph(kernel, spatial):
+        c = 4
+        w = numpy_helper.from_array(np.ones((c, c, 1, 1), np.int8), "w")
+        scale = numpy_helper.from_array(np.array(0.25, np.float32), "s")
+        wscale = numpy_helper.from_array(np.full(c, 0.5, np.float32), "ws")
+        zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+                 helper.make_node("DequantizeLinear", ["w", "ws"], ["wf"], axis=0),
+                 helper.make_node("Conv", ["dq", "wf"], ["c"]),
+                 helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=kernel, strides=[1, 1], name="pool"),
+                 helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q2"]),
+                 helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"])]
+        shape = [1, c, spatial, spatial]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, scale, wscale, zero])
+        return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+    ops = [n.op_type for n in _Builder(graph([1, 1], 7), False).build().graph.node]
+    assert "ShiftRequant" in ops and "ReduceSum" not in ops and "AveragePool" not in ops
+    ops = [n.op_type for n in _Builder(graph([7, 7], 7), False).build().graph.node]
+    assert "ReduceSum" in ops and "DyadicRequant" in ops
+    with pytest.raises(UnsupportedOpError, match="'pool' \\(AveragePool\\) has no integer form"):
+        _Builder(graph([3, 3], 7), False).build()

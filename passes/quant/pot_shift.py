@@ -654,6 +654,26 @@ class _Builder:
                             **full_attrs)
         self.ints[node.output[0]] = dataclasses.replace(v, name=out)
 
+    def _AveragePool(self, node) -> None:
+        """AveragePool as the zoo exports it: a 1x1 window with stride 1 (AdaptiveAvgPool2d(7) on a
+        7x7 map, VGG) is the identity; a window over the whole map without padding is the global
+        average (integer sum, then the quantiser after it divides). Other windows have no
+        integer form yet."""
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        shape = self.shape(node.input[0])
+        kernel = list(attrs.get("kernel_shape", []))
+        nd = len(kernel)
+        strides = list(attrs.get("strides", [1] * nd))
+        pads = list(attrs.get("pads", [0] * 2 * nd))
+        if any(pads) or attrs.get("ceil_mode", 0) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return self._no_integer_form(node)
+        if all(k == 1 for k in kernel) and all(st == 1 for st in strides):
+            self.ints[node.output[0]] = self.ints[node.input[0]]
+            return
+        if list(shape[2:]) == kernel:
+            return self._pool(node, list(range(2, len(shape))))
+        self._no_integer_form(node)
+
     def _GlobalAveragePool(self, node) -> None:
         self._pool(node, list(range(2, len(self.shape(node.input[0])))))
 
