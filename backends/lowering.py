@@ -99,7 +99,12 @@ def lower_shift_requant(bb, inputs, attrs):
 
 class ConvIntegerAsRelaxOp:
     """ONNX ``ConvInteger`` (TVM 0.27's importer has none): int32 convolution of the operands
-    minus their zero-points, ``relax.op.nn.conv2d(..., out_dtype="int32")``; exact."""
+    minus their zero-points, ``relax.op.nn.conv2d(..., out_dtype="int32")``; exact. Within the CPU
+    build (:func:`build_importers` sets ``on_int8``) a convolution without zero-points and groups
+    stays on the int8/uint8 operands, for the dot-product kernel."""
+
+    #: set while the CPU build imports (see build_importers)
+    on_int8 = False
 
     @classmethod
     def get_converter(cls, opset):
@@ -110,6 +115,14 @@ class ConvIntegerAsRelaxOp:
         from tvm import relax
 
         x, w = inputs[0], inputs[1]
+        kernel = list(attr.get("kernel_shape", []))
+        no_zero_points = not any(i is not None for i in inputs[2:])
+        if no_zero_points and int(attr.get("group", 1)) == 1 and len(kernel) in (0, 2) and cls.on_int8:
+            # on the int8/uint8 operands themselves: the CPU build's dot-product kernel matches
+            # (schedules.int8_conv2d_legalizer); TVM's conv2d accumulates in out_dtype, exact
+            pads = list(attr.get("pads", [0, 0, 0, 0]))
+            return relax.op.nn.conv2d(x, w, strides=list(attr.get("strides", [1, 1])), padding=pads,
+                                      dilation=list(attr.get("dilations", [1, 1])), groups=1, out_dtype="int32")
         x = relax.op.astype(x, "int32")
         w = relax.op.astype(w, "int32")
         if len(inputs) > 2 and inputs[2] is not None:
@@ -199,9 +212,11 @@ def build_importers():
     """
     saved = {op: CUSTOM_IMPORTERS.get(op) for op in BUILD_IMPORTERS}
     CUSTOM_IMPORTERS.update(BUILD_IMPORTERS)
+    ConvIntegerAsRelaxOp.on_int8 = True
     try:
         yield
     finally:
+        ConvIntegerAsRelaxOp.on_int8 = False
         for op, previous in saved.items():
             if previous is None:
                 CUSTOM_IMPORTERS.pop(op, None)

@@ -538,6 +538,8 @@ def schedule_func(func: tirx.PrimFunc, params: CpuParams, intrin: str | None = N
     int8 = [b for b in blocks if _is_int8_dot(sch, b)]
     if len(int8) == 1 and intrin is not None:
         rules.append(lambda t: _schedule_int8_dot(t, t.get_sblock("int8_dot"), params, intrin))
+    if any(sch.get(b).name_hint == "int8_conv" for b in blocks) and intrin is not None:
+        rules.append(lambda t: _schedule_int8_conv(t, t.get_sblock("int8_conv"), params, intrin))
     if len(mains) == 1 and _loops_match_iters(sch, mains[0]):
         name = sch.get(mains[0]).name_hint
         rules.append(lambda t, n=name: _schedule_gemm(t, t.get_sblock(n), params))
@@ -1071,9 +1073,11 @@ def packed_legalizers(target: dict) -> dict:
     params = cpu_params(target)
     matmul = matmul_legalizer(params)
     intrin = int8_dot_intrinsic(target)
+    conv = conv2d_legalizer(params)
     if intrin is not None:
         matmul = int8_matmul_legalizer(params, intrin, matmul)
-    return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul}
+        conv = int8_conv2d_legalizer(params, intrin, conv)
+    return {"relax.nn.conv2d": conv, "relax.matmul": matmul}
 
 
 def schedule_module(target: dict):
@@ -1313,3 +1317,108 @@ def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
     if (_extent(sch, xl[-1]) or 0) % 16 == 0:
         _, v = sch.split(xl[-1], [None, 16])
         sch.vectorize(v)
+
+
+def int8_conv2d_legalizer(params: CpuParams, intrin: str | None, fallback):
+    """``relax.nn.conv2d`` (groups 1, HWIO weights, NHWC out) of int8/uint8 data and constant int8
+    weights with int32 out -> the dot-product kernel as an implicit GEMM:
+
+        Xu[n, y, x, c]  = data + 128 as uint8, spatially padded with 128 (the signed 0: every
+                          window then carries the same offset) and channels padded to 4
+        C[n, oy, ox, f] = sum_{ry, rx, rc} Xu[n, oy s + ry d, ox s + rx d, rc] * Wp[f/16, ry, rx, rc/4, f%16, rc%4]
+        out             = C + corr[f],  corr = -128 * sum W[:, :, :, f]   (0 for uint8 data)
+
+    the weights packed and the correction computed at build time; anything else -> ``fallback``."""
+    import tvm
+    from tvm import te
+
+    def legalize(bb, call):
+        attrs = call.attrs
+        data, weight = call.args
+        wshape = _static_shape(weight)
+        dshape = _static_shape(data)
+        out_dtype = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
+        if (intrin is None or wshape is None or dshape is None or attrs.kernel_layout != "HWIO"
+                or attrs.out_layout != "NHWC" or attrs.data_layout not in ("NHWC", "NCHW") or int(attrs.groups) != 1
+                or str(data.ty.dtype) not in ("int8", "uint8") or str(weight.ty.dtype) != "int8" or out_dtype != "int32"
+                or not _is_constant(bb, weight)):
+            return fallback(bb, call)
+        kh, kw, ic, oc = wshape
+        nchw = attrs.data_layout == "NCHW"
+        n, h, w = (dshape[0], dshape[2], dshape[3]) if nchw else dshape[:3]
+        signed = str(data.ty.dtype) == "int8"
+        icp, panels = -(-ic // 4) * 4, -(-oc // 16)
+        strides = [int(s) for s in attrs.strides]
+        dil = [int(d) for d in attrs.dilation]
+        top, left, bottom, right = [int(p) for p in attrs.padding]
+        oh = (h + top + bottom - dil[0] * (kh - 1) - 1) // strides[0] + 1
+        ow = (w + left + right - dil[1] * (kw - 1) - 1) // strides[1] + 1
+        zero8 = tvm.tirx.const(0, "int8")
+
+        def pack(wt):
+            return te.compute((panels, kh, kw, icp // 4, 16, 4), lambda o, y, x, r, c, q: tvm.tirx.if_then_else(
+                tvm.tirx.all(o * 16 + c < oc, r * 4 + q < ic),
+                wt[y, x, tvm.tirx.min(r * 4 + q, ic - 1), tvm.tirx.min(o * 16 + c, oc - 1)], zero8), name="int8_weight_pack")
+
+        def correction(wt):
+            ry, rx, rc = (te.reduce_axis((0, e), name=nm) for e, nm in ((kh, "ry"), (kw, "rx"), (ic, "rc")))
+            return te.compute((oc,), lambda f: te.sum(wt[ry, rx, rc, f].astype("int32") * (-128 if signed else 0),
+                                                      axis=[ry, rx, rc]), name="int8_offset_correction")
+
+        packed = bb.emit(bb.call_te(pack, weight, primfunc_name_hint="int8_weight_pack"))
+        corr = bb.emit(bb.call_te(correction, weight, primfunc_name_hint="int8_offset_correction"))
+        pad_value = tvm.tirx.const(128 if signed else 0, "uint8")
+
+        def conv(x, wp, cr):
+            def load(b, y, x_, c):
+                yy, xx = y - top, x_ - left
+                inside = tvm.tirx.all(yy >= 0, yy < h, xx >= 0, xx < w, c < ic)
+                yc, xc, cc = (tvm.tirx.max(tvm.tirx.min(v, e - 1), 0) for v, e in ((yy, h), (xx, w), (c, ic)))
+                v = x[b, cc, yc, xc] if nchw else x[b, yc, xc, cc]
+                v = (v.astype("int32") + 128).astype("uint8") if signed else v
+                return tvm.tirx.if_then_else(inside, v, tvm.tirx.if_then_else(c < ic, pad_value, tvm.tirx.const(0, "uint8")))
+
+            xu = te.compute((n, h + top + bottom, w + left + right, icp), load, name="int8_activation_u8")
+            ry, rx, rc = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx"), te.reduce_axis((0, icp), name="rc")
+            acc = te.compute((n, oh, ow, panels * 16), lambda b, y, x_, f: te.sum(
+                xu[b, y * strides[0] + ry * dil[0], x_ * strides[1] + rx * dil[1], rc].astype("int32")
+                * wp[f // 16, ry, rx, rc // 4, f % 16, rc % 4].astype("int32"), axis=[ry, rx, rc]), name="int8_conv")
+            return te.compute((n, oh, ow, oc), lambda b, y, x_, f: acc[b, y, x_, f] + cr[f], name="int8_conv_out")
+
+        return bb.call_te(conv, data, packed, corr, primfunc_name_hint="int8_conv2d")
+
+    return legalize
+
+
+def _schedule_int8_conv(sch, main, params: CpuParams, intrin: str) -> None:
+    """Register-tile (output pixels of a row x vectors of 16 channels) and tensorise ``int8_conv``;
+    the epilogue per tile, as for the integer matmul."""
+    root = sch.get_sblock("root")
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+    pos = names.index("int8_conv")
+    for name in names[pos + 1 : -1]:
+        sch.compute_inline(sch.get_sblock(name))
+    last = sch.get_sblock(names[-1]) if pos + 1 < len(names) else None
+    b, y, x, f, ry, rx, rc = sch.get_loops(main)
+    rows = _divisor(_extent(sch, x), [4, 7, 2, 1])
+    vectors = _divisor(_extent(sch, f) // 16, [INT8_VECTORS, 3, 2, 1])
+    xo, xi = sch.split(x, [None, rows])
+    fo, fv, fi = sch.split(f, [None, vectors, 16])
+    rco, rci = sch.split(rc, [None, 4])
+    sch.reorder(b, fo, y, xo, ry, rx, rco, xi, fv, fi, rci)
+    outer = sch.fuse(b, fo, y, xo)
+    if last is not None:
+        sch.reverse_compute_at(last, outer)
+        inner = sch.get_loops(last)[-1]
+        if (_extent(sch, inner) or 0) % 16 == 0:
+            _, v = sch.split(inner, [None, 16])
+            sch.vectorize(v)
+    if params.threads > 1:
+        sch.parallel(outer)
+    init = sch.decompose_reduction(main, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(fi, intrin)
+    xu = sch.get_sblock("int8_activation_u8")
+    xl = sch.get_loops(xu)
+    if params.threads > 1:
+        sch.parallel(xl[1])

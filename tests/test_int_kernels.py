@@ -72,3 +72,47 @@ def test_int8_matmul_without_vnni_keeps_the_generic_rule():
     artifact = backends.tvm.build(prog, target=target)
     assert np.array_equal(artifact.run([x])[0], want)
     assert "vpdpbusd" not in _kernel_asm(artifact)
+
+
+def _conv_requant(c, oc, size, kernel, stride, pad, signed, seed=0):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    dt = TensorProto.INT8 if signed else TensorProto.UINT8
+    x = rng.integers(-128, 128, (1, c, size, size)).astype(np.int8) if signed else \
+        rng.integers(0, 256, (1, c, size, size)).astype(np.uint8)
+    w = rng.integers(-128, 128, (oc, c, kernel, kernel)).astype(np.int8)
+    b = rng.integers(-5000, 5000, (1, oc, 1, 1)).astype(np.int32)
+    shift = rng.integers(8, 14, (1, oc, 1, 1)).astype(np.int64)
+    nodes = [helper.make_node("ConvInteger", ["x", "w"], ["acc"], kernel_shape=[kernel] * 2, strides=[stride] * 2,
+                              pads=[pad] * 4),
+             helper.make_node("Add", ["acc", "b"], ["biased"]), helper.make_node("Relu", ["biased"], ["r"]),
+             helper.make_node("ShiftRequant", ["r", "s"], ["y"], domain="sliver", lo=0, hi=255, to=TensorProto.UINT8)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dt, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(shift, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sliver", 1)],
+                              functions=[opdefs.shift_requant_function()], ir_version=8)
+    model = onnx.shape_inference.infer_shapes(model)
+    acc = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64)),
+                                     stride=stride, padding=pad).numpy().astype(np.int64) + b
+    want = np.clip((np.maximum(acc, 0) + (1 << (shift - 1))) >> shift, 0, 255)
+    return Program("onnx", model, (x,), name="int_conv", input_names=("x",)), x, want
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="needs a CPU with AVX-512 VNNI")
+@pytest.mark.parametrize("c,oc,size,kernel,stride,pad,signed", [
+    (16, 32, 10, 3, 1, 1, True),   # 3x3 with zero padding (padded with the signed 0)
+    (3, 24, 15, 7, 2, 3, True),    # an RGB stem: 3 channels padded to 4, 24 outputs to 32
+    (20, 48, 7, 1, 2, 0, False),   # strided 1x1 on unsigned (post-ReLU) activations
+])
+def test_int8_conv_runs_on_vnni_bit_exact(c, oc, size, kernel, stride, pad, signed):
+    from sliver import backends
+
+    prog, x, want = _conv_requant(c, oc, size, kernel, stride, pad, signed)
+    artifact = backends.tvm.build(prog, target="x86")
+    assert np.array_equal(artifact.run([x])[0], want)
+    asm = _kernel_asm(artifact)
+    assert "vpdpbusd" in asm
+    kernels = [s for s in asm.splitlines() if s.startswith("__tvm_ffi_fused_int8_conv2d")]
+    assert len(kernels) == 1 and "right_shift" in kernels[0]
