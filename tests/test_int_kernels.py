@@ -116,3 +116,21 @@ def test_int8_conv_runs_on_vnni_bit_exact(c, oc, size, kernel, stride, pad, sign
     assert "vpdpbusd" in asm
     kernels = [s for s in asm.splitlines() if s.startswith("__tvm_ffi_fused_int8_conv2d")]
     assert len(kernels) == 1 and "right_shift" in kernels[0]
+
+
+def test_int8_matmul_of_two_activations_stays_exact():
+    """Attention's q @ k^T (both operands activations): no packed kernel, the generic integer rule,
+    on the int8 operands with int32 accumulation (the build imports MatMulInteger without casts)."""
+    from sliver import backends
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(-128, 128, (1, 4, 13, 16)).astype(np.int8)
+    b = rng.integers(-128, 128, (1, 4, 16, 13)).astype(np.int8)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.INT8, list(a.shape)),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, list(b.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, None)])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    prog = Program("onnx", model, (a, b), name="attention", input_names=("a", "b"))
+    want = a.astype(np.int64) @ b.astype(np.int64)
+    assert np.array_equal(backends.tvm.build(prog, target="x86").run([a, b])[0], want)
