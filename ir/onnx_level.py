@@ -117,14 +117,35 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold every computation that depends only on constants and static shapes (onnx-graphsurgeon)."""
     import onnx_graphsurgeon as gs
 
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(without_functions(model))
     graph.fold_constants(fold_shapes=True, error_ok=False).cleanup(remove_unused_graph_inputs=False).toposort()
     folded = gs.export_onnx(graph, do_type_check=True)
     folded.producer_name, folded.producer_version = model.producer_name, model.producer_version
     folded.ir_version = model.ir_version
     del folded.opset_import[:]
     folded.opset_import.extend(model.opset_import)
+    restore_functions(folded, model)
     return folded
+
+
+def without_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its model-local functions, for onnx-graphsurgeon, which does not
+    round-trip them (it re-exports a body's ``Constant`` nodes as bare tensors, which ONNX Runtime
+    refuses: "Invalid output count for op Constant"). The nodes calling them stay; graphsurgeon
+    does not fold them (their domain has no kernel). :func:`restore_functions` puts them back."""
+    if not model.functions:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.functions[:]
+    return copy
+
+
+def restore_functions(out: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Give ``out`` (in place) ``model``'s function bodies that its graph still calls, unchanged."""
+    called = {(n.domain, n.op_type) for n in out.graph.node}
+    del out.functions[:]
+    out.functions.extend(f for f in model.functions if (f.domain, f.name) in called)
 
 
 # -- torch -> onnx ----------------------------------------------------------------------------

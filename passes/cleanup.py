@@ -5,6 +5,11 @@ also folds the shape arithmetic exporters emit), removal of no-op nodes (Identit
 Dropout, Cast to the same type, Reshape/Flatten/Squeeze/Unsqueeze to the same shape), removal of
 dead nodes and unused initializers, and a topological sort. The result computes the same values
 (checked by the pass manager against ONNX Runtime).
+
+sliver's custom ops (``sliver.ShiftRequant``, ``sliver.AppMatMul``, ...) are kept as they are:
+their nodes are never folded, and their model-local function bodies are carried over unchanged
+(onnx-graphsurgeon re-exports function bodies with their ``Constant`` nodes turned into bare
+tensors, which ONNX Runtime refuses).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import dataclasses
 
 import onnx_graphsurgeon as gs
 
-from ..ir.onnx_level import make_program, value_types
+from ..ir.onnx_level import make_program, restore_functions, value_types, without_functions
 from ..ir.program import Program
 from .infra.base import Pass, option, register
 from .infra.facts import CLEAN
@@ -40,7 +45,7 @@ class Cleanup(Pass):
         model = program.module
         types = value_types(model)
         nodes_before = len(model.graph.node)
-        graph = gs.import_onnx(model)
+        graph = gs.import_onnx(without_functions(model))
         if self.options.fold_constants:
             graph.fold_constants(error_ok=False)
         graph.cleanup(remove_unused_graph_inputs=False)
@@ -51,6 +56,7 @@ class Cleanup(Pass):
         out.ir_version = model.ir_version
         del out.opset_import[:]
         out.opset_import.extend(model.opset_import)
+        restore_functions(out, model)
         ctx.record("nodes_before", nodes_before)
         ctx.record("nodes_after", len(out.graph.node))
         ctx.record("noops_removed", removed)
