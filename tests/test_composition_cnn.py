@@ -1,0 +1,112 @@
+"""CNN pipelines that compose (issue #16, CNN half): channel pruning -> PoT quantisation -> AppMul
+-> pot-shift -> cleanup, the levels agreeing bit for bit, and the parameters of integer programs.
+
+Cheap cases run on seeded (untrained) tiny models with pot-naive (no learned rounding); the slow
+case runs the integer-CNN pipeline on the trained tiny_resnet and checks the acceptance figures
+of docs/composition.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from sliver import ir, passes
+from sliver.ir import opdefs, stats
+from sliver.ir.onnx_level import SLIVER_DOMAIN
+from sliver.ir.program import Program
+from sliver.models import data
+
+torch.set_num_threads(1)
+
+#: the integer-CNN pipeline of docs/composition.md (channel pruning, PoT W4A4, AppMul, shifts)
+INTEGER_CNN = ("adapruner{ratio=0.4 sparse_epochs=1 finetune_epochs=2},rapq{wbits=4 abits=4},"
+               "appmul{max_loss=0.02},pot-shift,cleanup")
+
+
+def _images(n=8):
+    return data.digits("test").images[:n].numpy()
+
+
+def _run_each(program, x):
+    """Outputs of ``program`` on each image of ``x`` (the onnx level has batch 1)."""
+    return np.concatenate([program.run([x[i:i + 1]])[0] for i in range(len(x))])
+
+
+@pytest.fixture(scope="module")
+def naive_resnet():
+    """Seeded tiny_resnet through pot-naive W4A4 (torch level)."""
+    from conftest import example_input
+    from sliver import models
+
+    torch.manual_seed(0)
+    prog = ir.trace(models.create("tiny_resnet"), example_input(models.input_shape("tiny_resnet")),
+                    name="tiny_resnet")
+    res = passes.parse("pot-naive{wbits=4 abits=4 calib_images=32}").run(prog, data=data.calibration("digits"),
+                                                                          check=False)
+    return prog, res.program
+
+
+def test_cleanup_keeps_custom_op_function_bodies():
+    # a ShiftRequant node with its model-local function: graphsurgeon used to re-export the body's
+    # Constant nodes without outputs ("Invalid output count for op Constant in function ShiftRequant")
+    x = helper.make_tensor_value_info("x", TensorProto.INT32, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT8, [1, 4])
+    shift = numpy_helper.from_array(np.array([[1, 2, 3, 4]], np.int64), "shift")
+    nodes = [helper.make_node("Identity", ["x"], ["x1"]),
+             helper.make_node("ShiftRequant", ["x1", "shift"], ["y"], domain=SLIVER_DOMAIN, lo=-128, hi=127,
+                              to=TensorProto.INT8)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [shift]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(SLIVER_DOMAIN, 1)],
+                              functions=[opdefs.shift_requant_function(17)])
+    model.ir_version = 8
+    feed = np.array([[100, -100, 7, 1000]], np.int32)
+    prog = Program(level="onnx", module=model, example_inputs=(feed,), name="shift", input_names=("x",))
+    out = passes.parse("cleanup").run(prog, check=True).program
+    assert [n.op_type for n in out.module.graph.node] == ["ShiftRequant"]  # the Identity went
+    assert [f.name for f in out.module.functions] == ["ShiftRequant"]
+    onnx.checker.check_model(out.module)
+    assert out.run([feed])[0].tolist() == [[50, -25, 1, 63]]
+
+
+def test_qdq_export_rounds_like_the_reference_and_pot_shift_is_exact(naive_resnet):
+    """The torch-level program, its QDQ export and the pot-shift integer graph give the same
+    outputs bit for bit (the half-up quantisers export as sliver.PoTQuantize, not QuantizeLinear)."""
+    _, q = naive_resnet
+    x = _images()
+    want = q.run([x])[0]
+    qdq = ir.convert(q, "onnx")
+    ops = [n.op_type for n in qdq.module.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("PoTQuantize") == 13  # the input's is half even
+    assert np.array_equal(_run_each(qdq, x), want)
+    integer = passes.parse("pot-shift,cleanup").run(qdq, check=False).program
+    assert "integer-only" in integer.facts
+    assert np.array_equal(_run_each(integer, x), want)
+
+
+def test_integer_programs_count_their_parameters(naive_resnet):
+    float_prog, q = naive_resnet
+    dense = stats.program_stats(ir.convert(float_prog, "onnx")).params  # BN folded by the exporter
+    qdq = ir.convert(q, "onnx")
+    integer = passes.parse("pot-shift").run(qdq, check=False).program
+    counted = stats.program_stats(integer)
+    assert counted.params == stats.program_stats(qdq).params == dense
+    # int8 weights and int32 biases, not shift amounts or clip bounds
+    convs = [m for m in q.module.modules() if hasattr(m, "weight_int")]
+    assert counted.weight_bytes == sum(m.weight_int.numel() + 4 * m.bias.numel() for m in convs)
+
+
+def test_appmul_on_a_pot_cnn_becomes_integer_only_and_exact(naive_resnet):
+    _, q = naive_resnet
+    train = {"train": data.digits("train")}
+    res = passes.parse("appmul{images=16 budget=0.05}").run(q, data=train, check=False)
+    saved = res.report.steps[0].notes["multiplier_energy_saved"]
+    assert saved > 0
+    x = _images(4)
+    want = res.program.run([x])[0]
+    integer = passes.parse("pot-shift,cleanup").run(ir.convert(res.program, "onnx"), check=False).program
+    ops = [n.op_type for n in integer.module.graph.node]
+    assert "integer-only" in integer.facts and ops.count("AppMatMul") >= 10
+    assert np.array_equal(_run_each(integer, x), want)
