@@ -27,6 +27,8 @@ class CustomOp:
     #: (opset) -> onnx.FunctionProto: the op's body of exact standard ops, attached to exported
     #: models by :func:`attach_functions` (None: the op has no such body)
     function: Optional[Callable] = None
+    #: indices of the inputs that are the op's weights (counted as parameters by ``ir.stats``)
+    weights: tuple = ()
 
 
 _OPS: dict = {}
@@ -290,6 +292,7 @@ APP_MATMUL = define(
         macs=app_matmul_macs,
         reference=app_matmul_reference,
         function=app_matmul_function,
+        weights=(1,),
     )
 )
 

@@ -7,7 +7,9 @@ Conventions (those of the published model sizes, docs/results.md):
   For every such op, MACs = (number of output elements) x (length of the reduction).
 - params: learnable parameters. At the torch level, ``nn.Parameter`` s (BatchNorm's running
   statistics are buffers, not parameters); at the onnx level, float initializers with more than one
-  element. The exporter folds BatchNorm into the convolution before it, so the onnx count of a
+  element, and the constants that are weights (:func:`weight_tensors`: the int8 weights of a QDQ
+  or integer-only graph, the int32 biases added to an integer accumulator, biases held in
+  ``Constant`` nodes; not shift amounts, scales, clip bounds or multipliers' tables). The exporter folds BatchNorm into the convolution before it, so the onnx count of a
   CNN is lower by one value per BN channel (0.1% of ResNet-18).
 - weight bytes: bytes of those parameters at their stored dtype.
 - activation bytes: bytes of every node's output, summed (what the nodes write).
@@ -274,6 +276,47 @@ def _onnx_macs(node, types) -> int:
     return 0
 
 
+def _constant_tensors(model) -> dict:
+    """name -> TensorProto of every initializer and ``Constant`` node value of ``model``."""
+    tensors = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    tensors[node.output[0]] = a.t
+    return tensors
+
+
+def weight_tensors(model, types) -> set:
+    """Names of the constants of ``model`` that are parameters beyond its float initializers:
+    integer weights dequantised by a ``DequantizeLinear`` (QDQ), the constant operands of a
+    GEMM-like node (``ConvInteger``, ``MatMulInteger``, ...; a ``Conv``/``Gemm`` bias too) or the
+    weights a custom op declares (:attr:`.opdefs.CustomOp.weights`), and a bias: the constant
+    operand of an ``Add`` to the accumulator of such a node. Shift amounts, scales, clip bounds
+    and multipliers' tables are not parameters."""
+    from .opdefs import custom_op
+
+    tensors = {n: t for n, t in _constant_tensors(model).items() if int(np.prod(t.dims, dtype=np.int64)) > 1}
+    found, accumulators = set(), set()
+    for node in model.graph.node:
+        candidates = []
+        if node.op_type == "DequantizeLinear":
+            candidates = [node.input[0]]
+        else:
+            shape = gemm_shape(node, types)
+            spec = custom_op(node)
+            if shape is not None:
+                candidates = [shape.a, shape.b] + (list(node.input[2:3]) if node.op_type in ("Conv", "Gemm") else [])
+                accumulators.update(node.output)
+            elif spec is not None and spec.weights:
+                candidates = [node.input[k] for k in spec.weights if k < len(node.input)]
+                accumulators.update(node.output)
+            elif node.op_type == "Add" and any(i in accumulators for i in node.input):
+                candidates = list(node.input)
+        found.update(c for c in candidates if c in tensors)
+    return found
+
+
 def onnx_stats(program: Program) -> Stats:
     from onnx import helper
 
@@ -281,19 +324,21 @@ def onnx_stats(program: Program) -> Stats:
 
     model = program.module
     types = value_types(model)
-    inits = {i.name: i for i in model.graph.initializer}
+    tensors = _constant_tensors(model)
+    inits = {i.name for i in model.graph.initializer}
     counted: set = set()
+    weights = weight_tensors(model, types)
     stats = Stats()
     for node in model.graph.node:
         ns = NodeStats(node.name or node.output[0], node.op_type, macs=_onnx_macs(node, types))
         for name in node.input:
-            init = inits.get(name)
-            if init is None or init.data_type not in _FLOAT_TYPES:
+            t = tensors.get(name)
+            if t is None or not (name in weights or (name in inits and t.data_type in _FLOAT_TYPES)):
                 continue
-            size = int(np.prod(init.dims, dtype=np.int64))
+            size = int(np.prod(t.dims, dtype=np.int64))
             if size <= 1:
                 continue
-            nbytes = size * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            nbytes = size * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
             ns.params += size
             ns.weight_bytes += nbytes
             if name not in counted:

@@ -10,7 +10,12 @@ Rounding: a quantiser fed by a graph input rounds half to even, the rule of ONNX
 ``QuantizeLinear``, which is the op that quantises the input in the integer graph. Every other
 quantiser requantises an integer accumulator by an arithmetic right shift, which rounds half up
 (``(acc + 2^(s-1)) >> s``, the ``sliver.ShiftRequant`` op); those quantisers round half up too, so
-the integer graph and this reference agree bit for bit.
+the integer graph and this reference agree bit for bit. The export keeps each rule: a half-even
+quantiser is ``QuantizeLinear``, a half-up one ``sliver.PoTQuantize`` -> ``Cast`` (int8/uint8) ->
+``DequantizeLinear`` (``QuantizeLinear`` rounds half to even, and with power-of-two scales ties
+are frequent: an accumulator shifted right by ``s`` bits lands on .5 once in ``2^s`` values, so
+exporting every quantiser as ``QuantizeLinear`` made ONNX Runtime disagree with this reference on
+a few percent of tiny_mobilenet_v2's test images, docs/composition.md).
 
 Modules (what the passes build on):
 
@@ -32,9 +37,9 @@ Modules (what the passes build on):
 Exact mode (``exact=True``, what the passes leave behind): the layers compute on the integers in
 float64, where products and sums of 8-bit integers are exact, so the outputs are exactly
 ``acc * 2^-(e_x + e_w)``, the value the int32 accumulator of the integer graph stands for. In
-ONNX export the modules emit standard QDQ (``QuantizeLinear``/``DequantizeLinear`` with scales
-``2^-e``; a ``Clip`` on the integers for widths below 8 bits; weights as an int8 initializer
-dequantised per channel).
+ONNX export the modules emit QDQ (``QuantizeLinear`` or ``sliver.PoTQuantize`` / ``DequantizeLinear``
+with scales ``2^-e``; a ``Clip`` on the integers for widths below 8 bits; weights as an int8
+initializer dequantised per channel).
 """
 
 from __future__ import annotations
@@ -139,6 +144,40 @@ class _QDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero)
 
 
+class _QuantizeInt(torch.autograd.Function):
+    """Half-even quantisation to the integers: exports as QuantizeLinear [-> Clip] (int8/uint8)."""
+
+    @staticmethod
+    def forward(ctx, x, exponent, bits, signed):
+        q = quantize_pot(x, exponent, bits, signed, True)
+        return q.to(torch.int8 if signed else torch.uint8)
+
+    @staticmethod
+    def symbolic(g, x, exponent, bits, signed):
+        scale = g.op("Constant", value_t=torch.tensor(2.0 ** -exponent, dtype=torch.float32))
+        container = torch.int8 if signed else torch.uint8
+        q = g.op("QuantizeLinear", x, scale, g.op("Constant", value_t=torch.tensor(0, dtype=container)))
+        if bits < 8:
+            lo, hi = int_range(bits, signed)
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(lo, dtype=container)),
+                     g.op("Constant", value_t=torch.tensor(hi, dtype=container)))
+        return q
+
+
+class _Dequant8(torch.autograd.Function):
+    """int8/uint8 integers at ``2^-exponent`` -> float: exports as ``DequantizeLinear``."""
+
+    @staticmethod
+    def forward(ctx, q, exponent, signed):
+        return q.float() * 2.0 ** -exponent
+
+    @staticmethod
+    def symbolic(g, q, exponent, signed):
+        scale = g.op("Constant", value_t=torch.tensor(2.0 ** -exponent, dtype=torch.float32))
+        zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8 if signed else torch.uint8))
+        return g.op("DequantizeLinear", q, scale, zero)
+
+
 class _WeightDQ(torch.autograd.Function):
     """Integer weights dequantised per output channel: exports as DequantizeLinear(axis=0)."""
 
@@ -199,8 +238,20 @@ class PoTQuantizer(nn.Module):
         if not self.enabled:
             return x
         if _exporting():
-            return _QDQ.apply(x, self.exponent, self.bits, self.signed, self.half_even)
+            if self.half_even:
+                return _QDQ.apply(x, self.exponent, self.bits, self.signed, self.half_even)
+            return _Dequant8.apply(self.export_integers(x), self.exponent, self.signed)
         return self.integers(x) * 2.0 ** -self.exponent
+
+    def export_integers(self, x: torch.Tensor) -> torch.Tensor:
+        """In ONNX export: the integers ``q`` as an int8 (signed) or uint8 tensor. Half up:
+        ``sliver.PoTQuantize`` -> ``Cast``, the rule of the integer graph's ``ShiftRequant``;
+        half even (fed by the graph input): ``QuantizeLinear`` [-> ``Clip``]."""
+        lo, hi = int_range(self.bits, self.signed)
+        if self.half_even:
+            return _QuantizeInt.apply(x, self.exponent, self.bits, self.signed)
+        q = _SliverOp.apply("PoTQuantize", (("exponent", self.exponent), ("lo", lo), ("hi", hi)), x)
+        return q.to(torch.int8 if self.signed else torch.uint8)
 
 
 class QLayer(nn.Module):

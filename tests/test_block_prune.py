@@ -31,7 +31,7 @@ def test_block_mask_zeroes_the_weakest_tiles():
 
 def test_tiles_are_zero_and_rest_untouched(make_program):
     prog = make_program("tiny_resnet")
-    out = passes.parse("block-prune{block=16,4 sparsity=0.5}").run(prog, check=False)
+    out = passes.parse("block-prune{block=16,4 sparsity=0.5 finetune_epochs=0}").run(prog, check=False)
     notes = out.report.steps[0].notes
     assert 0.49 <= notes["weight_sparsity"] <= 0.51
     before = dict(prog.module.named_modules())
@@ -50,7 +50,7 @@ def test_tiles_are_zero_and_rest_untouched(make_program):
 
 def test_fpga_model_skips_pruned_blocks(make_program):
     prog = make_program("tiny_resnet")
-    pruned = passes.parse("block-prune{sparsity=0.5}").run(prog, check=False).program
+    pruned = passes.parse("block-prune{sparsity=0.5 finetune_epochs=0}").run(prog, check=False).program
     dense_cost, sparse_cost = fpga.cost(ir.to_onnx(prog)), fpga.cost(ir.to_onnx(pruned))
     assert sparse_cost.cycles < 0.8 * dense_cost.cycles
     assert sparse_cost.macs < 0.6 * dense_cost.macs  # MACs the array actually issues

@@ -92,7 +92,7 @@ def test_integer_programs_count_their_parameters(naive_resnet):
     qdq = ir.convert(q, "onnx")
     integer = passes.parse("pot-shift").run(qdq, check=False).program
     counted = stats.program_stats(integer)
-    assert counted.params == stats.program_stats(qdq).params == dense
+    assert counted.params == stats.program_stats(qdq).params == dense, (counted.params, dense)
     # int8 weights and int32 biases, not shift amounts or clip bounds
     convs = [m for m in q.module.modules() if hasattr(m, "weight_int")]
     assert counted.weight_bytes == sum(m.weight_int.numel() + 4 * m.bias.numel() for m in convs)

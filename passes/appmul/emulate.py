@@ -83,6 +83,8 @@ class AppMulLayer(nn.Module):
         self.half_up = False
         #: integer bias added to the accumulator (layers taken from passes/qlayers.py), else None
         self.register_buffer("bias_int", None)
+        #: the input quantiser of the power-of-two layer this one replaces (from_qlayer), else None
+        self.pot_input = None
 
     @classmethod
     def from_qlayer(cls, qlayer) -> "AppMulLayer":
@@ -114,6 +116,10 @@ class AppMulLayer(nn.Module):
         layer.act_low, layer.act_high = int_range(ops["abits"], ops["input_signed"])
         layer.half_up = not qlayer.input_quantizer.half_even
         layer.bias_int = ops["bias_int"]
+        # the power-of-two operands: the export quantises the input as the quantised layer does and
+        # dequantises the int32 accumulator per channel, so that pot-shift reads it as integers
+        layer.pot_input = qlayer.input_quantizer
+        layer.register_buffer("accumulator_exponent", ops["accumulator_exponent"].clone())
         return layer
 
     # -- configuration ---------------------------------------------------------------------------
@@ -359,6 +365,8 @@ class AppMulLayer(nn.Module):
         return acc.transpose(1, 2).reshape(b, out_channels, ho, wo)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pot_input is not None:
+            return self._export_pot(x)
         x_int = torch.clamp(self._round(x / self.act_scale), self.act_low, self.act_high)
         acc = self.integer_accumulator(x_int).to(x.dtype)
         shape = (1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,)
@@ -370,6 +378,38 @@ class AppMulLayer(nn.Module):
         if self.bias is not None:
             y = y + self.bias.view(shape)
         return y
+
+
+    def _export_pot(self, x: torch.Tensor) -> torch.Tensor:
+        """The export of a layer of a power-of-two quantised model (:meth:`from_qlayer`): integers
+        end to end, ``quantiser -> AppMatMul -> - correction + bias (int32) -> DequantizeLinear``
+        at the accumulator's per-channel scale ``2^-(e_x + e_w)``; ``pot-shift`` turns the
+        quantiser into a shift and keeps the rest as integer ops."""
+        acc = self.integer_accumulator(self.pot_input.export_integers(x))
+        shape = (1, -1, 1, 1) if self.kind == "conv" else (1,) * (acc.dim() - 1) + (-1,)
+        if self.correction is not None:
+            acc = acc - self._correction_like(acc).to(torch.int32)
+        if self.bias_int is not None:
+            acc = acc + self.bias_int.to(torch.int32).view(shape)
+        axis = 1 if self.kind == "conv" else acc.dim() - 1
+        return _ChannelDequant.apply(acc, tuple(int(e) for e in self.accumulator_exponent), axis)
+
+
+class _ChannelDequant(torch.autograd.Function):
+    """int32 accumulator at per-channel scales ``2^-e[c]`` -> float: exports as DequantizeLinear(axis)."""
+
+    @staticmethod
+    def forward(ctx, acc, exponents, axis):
+        scale = torch.pow(2.0, -torch.tensor(exponents, dtype=torch.float64))
+        shape = [1] * acc.dim()
+        shape[axis] = -1
+        return (acc.double() * scale.view(shape)).float()
+
+    @staticmethod
+    def symbolic(g, acc, exponents, axis):
+        scales = g.op("Constant", value_t=torch.pow(2.0, -torch.tensor(exponents, dtype=torch.float32)))
+        zeros = g.op("Constant", value_t=torch.zeros(len(exponents), dtype=torch.int32))
+        return g.op("DequantizeLinear", acc, scales, zeros, axis_i=axis)
 
 
 class _AppMatMulOp(torch.autograd.Function):
@@ -463,10 +503,12 @@ def multiplier_width(qlayer) -> int:
 def attach_quantized(module: nn.Module, names: list) -> dict:
     """Replace each named quantised layer (in place) by :meth:`AppMulLayer.from_qlayer`; layers
     whose operands need a multiplier wider than the library's 8 bits (an unsigned 8-bit input)
-    are left as they are (exact integer arithmetic) and not returned."""
+    and grouped convolutions (depthwise: ``sliver.AppMatMul`` has one weight matrix, a grouped
+    convolution one per group) are left as they are (exact integer arithmetic) and not returned."""
     layers = {}
     for n in names:
-        if multiplier_width(module.get_submodule(n)) > 8:
+        q = module.get_submodule(n)
+        if multiplier_width(q) > 8 or getattr(q, "groups", 1) != 1:
             continue
         layer = AppMulLayer.from_qlayer(module.get_submodule(n))
         _set_submodule(module, n, layer)

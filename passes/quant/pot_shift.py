@@ -359,7 +359,9 @@ class _Builder:
         return np.round(exps).astype(np.int64), zero
 
     def _quantizer(self, q) -> None:
-        """QuantizeLinear [-> Clip] -> DequantizeLinear: one quantiser."""
+        """QuantizeLinear [-> Clip] -> DequantizeLinear: one quantiser. Without the
+        DequantizeLinear (integers read by integer ops, e.g. an AppMul layer's ``AppMatMul``) the
+        integers start an integer island, as after ``sliver.PoTQuantize``."""
         exponent, zero = self._qdq_params(q)
         if exponent.ndim != 0:
             raise UnsupportedOpError(f"pot-shift: activation quantizer {q.name!r} is per channel; PoT activations "
@@ -374,24 +376,38 @@ class _Builder:
             chain.append(clip)
             out = clip.output[0]
             nxt = self.consumers.get(out, [])
-        if len(nxt) != 1 or nxt[0].op_type != "DequantizeLinear":
-            raise UnsupportedOpError(f"pot-shift: QuantizeLinear {q.name!r} is not followed by its DequantizeLinear")
-        dq = nxt[0]
-        chain.append(dq)
-        for n in chain[1:]:
+        dtype = TensorProto.INT8 if zero.dtype == np.int8 else TensorProto.UINT8
+        self._requantize(q, chain, out, int(exponent), lo, hi, dtype)
+
+    def _requantize(self, first, chain: list, out: str, exponent: int, lo: int, hi: int, dtype: int) -> None:
+        """The quantiser ``chain`` (its nodes from ``first``; ``out``: its integers) to ``dtype``:
+        ``ShiftRequant`` of an integer source (rounding half up), the nodes as they are on a float
+        source (the graph input). A following DequantizeLinear makes the integers an IntValue;
+        other consumers read them as an integer island (``raw``)."""
+        nxt = self.consumers.get(out, [])
+        dq = nxt[0] if len(nxt) == 1 and nxt[0].op_type == "DequantizeLinear" else None
+        if dq is not None:
+            dq_exponent, _ = self._qdq_params(dq)
+            if dq_exponent.ndim != 0 or int(dq_exponent) != exponent:
+                dq = None
+        for n in chain[1:] + ([dq] if dq is not None else []):
             self.skip.add(id(n))
-        signed = zero.dtype == np.int8
-        dtype = TensorProto.INT8 if signed else TensorProto.UINT8
+        signed = lo < 0
         bits = int(round(math.log2(hi - lo + 1)))
-        source = q.input[0]
-        label = q.name or out
+        source = first.input[0]
+        label = first.name or out
         if source in self.ints:
             name = self._requant(self.ints[source], exponent, lo, hi, dtype, label, len(self.shape(source)))
+        elif source in self.weights:
+            return self._no_integer_form(first)
         else:
             # entry quantiser: float input (the graph input, or a float region) -> integers
-            for n in chain[:-1]:
+            for n in chain:
                 self.nodes.append(n)
             name = out
+        if dq is None:
+            self.raw[out] = name
+            return
         self.ints[dq.output[0]] = IntValue(name, np.asarray(exponent), dtype, bits, signed)
         if dq.output[0] in self.outputs:
             scale = self.const(f"{label}/output_scale", np.array(2.0 ** -float(exponent), np.float32))
@@ -439,14 +455,25 @@ class _Builder:
     # -- integer islands: sliver.PoTQuantize -> integer ops -> DequantizeLinear --------------
     #: ops the integer non-linearities of ``rapq{int_nonlinear=true}`` are exported with
     RAW_OPS = {"IntSoftmax", "IntGELU", "IntLayerNorm", "Concat", "Add", "Sub", "Mul", "Slice", "Identity",
-               "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
+               "Reshape", "Squeeze", "Unsqueeze", "Transpose",
+               # an AppMul layer (appmul on a rapq/pot-naive model): zero padding and im2col of its
+               # integer input, the approximate products, correction and bias on the accumulator
+               "Cast", "Pad", "Gather", "Flatten", "AppMatMul"}
 
     def _pot_quantize(self, node) -> None:
-        """``sliver.PoTQuantize`` (a wide quantiser, float -> int32): on an integer value it becomes
-        ``ShiftRequant`` to int32 (rounding half up, saturating to [lo, hi]) like a QuantizeLinear."""
+        """``sliver.PoTQuantize`` (float -> int32, rounding half up): on an integer value it becomes
+        ``ShiftRequant`` (rounding half up, saturating to [lo, hi]) like a QuantizeLinear. Followed
+        by a ``Cast`` to int8/uint8 it is an activation quantiser (``rapq``'s half-up quantisers
+        export so), requantised straight to that type; else a wide (int32) quantiser."""
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         exponent, lo, hi = int(attrs["exponent"]), int(attrs["lo"]), int(attrs["hi"])
         source, label = node.input[0], node.name or node.output[0]
+        nxt = self.consumers.get(node.output[0], [])
+        if len(nxt) == 1 and nxt[0].op_type == "Cast":
+            to = next(a.i for a in nxt[0].attribute if a.name == "to")
+            if to in _INT_TYPES and lo >= (-128 if to == TensorProto.INT8 else 0) and hi <= (
+                    127 if to == TensorProto.INT8 else 255):
+                return self._requantize(node, [node, nxt[0]], nxt[0].output[0], exponent, lo, hi, to)
         if source in self.ints:
             rank = len(self.shape(source))
             self.raw[node.output[0]] = self._requant(self.ints[source], exponent, lo, hi, TensorProto.INT32, label, rank)
@@ -460,9 +487,16 @@ class _Builder:
         label = node.name or node.output[0]
         if node.op_type == "DequantizeLinear":
             exponent, _ = self._qdq_params(node)
-            if exponent.ndim != 0:
-                raise UnsupportedOpError(f"pot-shift: DequantizeLinear {label!r} of integers is per channel")
-            self.ints[node.output[0]] = IntValue(self.raw[node.input[0]], exponent, TensorProto.INT32)
+            if exponent.ndim != 0:  # per channel (an AppMul layer's accumulator): along ``axis``
+                rank = len(self.shape(node.input[0]))
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % rank
+                exponent = exponent.reshape([-1 if d == axis else 1 for d in range(rank)])
+            src_type = self.types.get(node.input[0], (TensorProto.INT32,))[0]
+            if src_type in _INT_TYPES:
+                lo = -128 if src_type == TensorProto.INT8 else 0
+                self.ints[node.output[0]] = IntValue(self.raw[node.input[0]], _compress(exponent), src_type, 8, lo < 0)
+            else:
+                self.ints[node.output[0]] = IntValue(self.raw[node.input[0]], _compress(exponent), TensorProto.INT32)
             if node.output[0] in self.outputs:
                 copy = onnx.NodeProto()
                 copy.CopyFrom(node)
@@ -471,6 +505,8 @@ class _Builder:
             return
         ok = node.op_type in self.RAW_OPS and all(
             (not i) or i in self.raw or i in self.consts for i in node.input)
+        if node.op_type == "Cast":  # integers stay integers
+            ok = ok and next(a.i for a in node.attribute if a.name == "to") in _DATA_INTS
         if not ok:
             raise UnsupportedOpError(f"pot-shift: node {label!r} ({node.op_type}) computes on the integers of a "
                                      "sliver.PoTQuantize but is not an exact integer op")
