@@ -98,15 +98,35 @@ def test_integer_programs_count_their_parameters(naive_resnet):
     assert counted.weight_bytes == sum(m.weight_int.numel() + 4 * m.bias.numel() for m in convs)
 
 
-def test_appmul_on_a_pot_cnn_becomes_integer_only_and_exact(naive_resnet):
+@pytest.fixture(scope="module")
+def appmul_chain(naive_resnet):
+    """(torch-level AppMul program, its report, the integer program after pot-shift and cleanup)."""
     _, q = naive_resnet
-    train = {"train": data.digits("train")}
-    res = passes.parse("appmul{images=16 budget=0.05}").run(q, data=train, check=False)
-    saved = res.report.steps[0].notes["multiplier_energy_saved"]
-    assert saved > 0
-    x = _images(4)
-    want = res.program.run([x])[0]
+    res = passes.parse("appmul{images=16 budget=0.05}").run(q, data={"train": data.digits("train")}, check=False)
     integer = passes.parse("pot-shift,cleanup").run(ir.convert(res.program, "onnx"), check=False).program
+    return res.program, res.report, integer
+
+
+def test_appmul_on_a_pot_cnn_becomes_integer_only_and_exact(appmul_chain):
+    program, report, integer = appmul_chain
+    assert report.steps[0].notes["multiplier_energy_saved"] > 0
+    x = _images(4)
     ops = [n.op_type for n in integer.module.graph.node]
-    assert "integer-only" in integer.facts and ops.count("AppMatMul") >= 10
-    assert np.array_equal(_run_each(integer, x), want)
+    assert "integer-only" in integer.facts and ops.count("AppMatMul") == 12  # fc: 9-bit operands, exact
+    assert np.array_equal(_run_each(integer, x), program.run([x])[0])
+
+
+def test_integer_cnn_chain_golden(appmul_chain, golden):
+    golden("onnx/tiny_resnet_pot_naive_appmul_pot_shift", appmul_chain[2].text())
+
+
+def test_block_prune_fine_tunes_by_default():
+    from sliver.passes.prune.block_prune import BlockPruneOptions
+
+    assert BlockPruneOptions().finetune_epochs > 0
+    with pytest.raises(Exception, match="needs data"):
+        from conftest import example_input
+        from sliver import models
+
+        prog = ir.trace(models.create("tiny_resnet"), example_input(models.input_shape("tiny_resnet")))
+        passes.parse("block-prune").run(prog, check=False)
