@@ -173,7 +173,8 @@ def _unshare_initializers(model: onnx.ModelProto) -> None:
 
 
 def _canonical_names(model: onnx.ModelProto) -> None:
-    """Rename exporter counter names (``onnx::Op_123``) after their first consumer, in place."""
+    """Rename exporter counter names of constants (``onnx::Op_123``, ``sliver::Op_123``; initializers
+    and ``Constant`` nodes) after their first consumer, in place."""
     g = model.graph
     consumers = {}
     for node in g.node:
@@ -182,20 +183,24 @@ def _canonical_names(model: onnx.ModelProto) -> None:
     renames = {}
     taken = {v for node in g.node for v in list(node.input) + list(node.output)}
     taken |= {i.name for i in g.initializer}
-    for init in g.initializer:
-        if init.name.startswith("onnx::") and init.name in consumers:
-            node, i = consumers[init.name]
+    constants = [i.name for i in g.initializer] + [n.output[0] for n in g.node if n.op_type == "Constant"]
+    for name in constants:
+        # the exporter's counter names: onnx::Op_123, and sliver::Op_123 for custom-op operands
+        if name.split("::")[0] in ("onnx", "sliver") and "::" in name and name in consumers:
+            node, i = consumers[name]
             new = f"{node.name or node.op_type}.input{i}"
             k = 1
             while new in taken:
                 new = f"{node.name or node.op_type}.input{i}.{k}"
                 k += 1
             taken.add(new)
-            renames[init.name] = new
+            renames[name] = new
     for node in g.node:
         for i, name in enumerate(node.input):
             if name in renames:
                 node.input[i] = renames[name]
+        if node.op_type == "Constant" and node.output[0] in renames:
+            node.output[0] = renames[node.output[0]]
     for init in g.initializer:
         if init.name in renames:
             init.name = renames[init.name]

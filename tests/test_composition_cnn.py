@@ -22,8 +22,7 @@ from sliver.models import data
 torch.set_num_threads(1)
 
 #: the integer-CNN pipeline of docs/composition.md (channel pruning, PoT W4A4, AppMul, shifts)
-INTEGER_CNN = ("adapruner{ratio=0.4 sparse_epochs=1 finetune_epochs=2},rapq{wbits=4 abits=4},"
-               "appmul{max_loss=0.02},pot-shift,cleanup")
+INTEGER_CNN = "adapruner,rapq{wbits=4 abits=4},appmul{max_loss=0.05},pot-shift,cleanup"
 
 
 def _images(n=8):
@@ -130,3 +129,34 @@ def test_block_prune_fine_tunes_by_default():
 
         prog = ir.trace(models.create("tiny_resnet"), example_input(models.input_shape("tiny_resnet")))
         passes.parse("block-prune").run(prog, check=False)
+
+
+@pytest.mark.slow
+def test_integer_cnn_recipe_on_trained_tiny_resnet():
+    """The acceptance of issue #16 for tiny_resnet (docs/composition.md): integer-only, >= 30% fewer
+    MACs, >= 25% multiplier energy saved, <= 1.5 points below dense, and the torch-level program,
+    ONNX Runtime and TVM computing the same outputs on the digits test split."""
+    from trained import trained_program
+
+    from sliver import backends
+    from sliver.backends.evaluate import evaluate
+
+    prog = trained_program("tiny_resnet")
+    ctx_data = data.context_data("digits")
+    pipe = passes.parse(INTEGER_CNN)
+    torch_part = passes.Pipeline([p for p in pipe.passes if p.level == "torch"]).run(prog, data=ctx_data, check=False)
+    final = passes.Pipeline([p for p in pipe.passes if p.level != "torch"]).run(
+        ir.convert(torch_part.program, "onnx"), data=ctx_data, check=False).program
+    assert "integer-only" in final.facts
+    notes = {s.name: s.notes for s in torch_part.report.steps}
+    assert notes["appmul"]["multiplier_energy_saved"] >= 0.25
+    dense = stats.program_stats(ir.convert(prog, "onnx"))
+    assert stats.program_stats(final).macs <= 0.70 * dense.macs
+    test = data.digits("test")
+    x = test.images.numpy()
+    want = torch_part.program.run([x])[0]
+    assert np.array_equal(_run_each(final, x), want)
+    artifact = backends.tvm.build(final, target="x86")
+    assert np.array_equal(np.concatenate([artifact.run([x[i:i + 1]])[0] for i in range(len(x))]), want)
+    accuracy = 100.0 * float((want.argmax(1) == test.targets.numpy()).mean())
+    assert accuracy >= evaluate(prog, data="digits", split="test") - 1.5
