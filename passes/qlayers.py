@@ -61,6 +61,7 @@ __all__ = [
     "QGELU",
     "QLayerNorm",
     "QTokenEmbed",
+    "QTokenFusion",
     "WIDE_BITS",
     "int_range",
     "round_half_up",
@@ -526,8 +527,25 @@ class QSoftmax(QNonLinear):
 
     out_signed = False
 
+    def __init__(self, out_scale: float = 1.0):
+        super().__init__()
+        shift = -math.log2(out_scale) if out_scale > 0 else 0.5
+        if shift != round(shift) or shift < 0:
+            raise ValueError(f"a softmax scaled by {out_scale} has no integer form; the scale must be 2^-k "
+                             "(poly-act's d2: 1 or 0.5)")
+        #: probabilities times ``2^-scale_shift`` (poly-act's d2): the integers of IntSoftmax read at
+        #: the exponent ``out_exponent + scale_shift``
+        self.scale_shift = int(shift)
+
     def float_op(self, x):
-        return x.softmax(dim=-1)
+        p = x.softmax(dim=-1)
+        return p * 2.0 ** -self.scale_shift if self.scale_shift else p
+
+    def forward(self, x):
+        if not self.quantized:
+            return self.float_op(x)
+        y = self.int_op(self.quantize_input(x))
+        return self.dequantize(y, self.out_exponent + self.scale_shift, x.dtype)
 
     def calibrate(self, x, y):
         self.input_quantizer.exponent = range_exponent(float(x.abs().max()), WIDE_BITS)
@@ -631,9 +649,78 @@ class QTokenEmbed(nn.Module):
         return QNonLinear.dequantize(self, y, self.input_quantizer.exponent, x.dtype)
 
 
+class QTokenFusion(nn.Module):
+    """A token pass's selection stage (:class:`sliver.passes.transformer.TokenFusion`: keep the
+    top-k patch tokens by score, fuse the rest into one token) on integers.
+
+    Tokens and scores are quantised to ``WIDE_BITS`` (tokens signed, scores unsigned; exponents
+    from the calibration ranges, :func:`range_exponent`), then, all in integer arithmetic:
+
+    - top-k of the integer scores (ties: lower index first, ONNX ``TopK``) and a gather of the
+      integer tokens;
+    - the fused token ``f = round(sum_rest s_i x_i / sum_rest s_i)`` from two integer matrix
+      products, ``sum_all s x - sum_kept s x`` (int64: 16 x 16 bits over at most 2^15 tokens), and
+      a division rounding half away from zero on the magnitudes (``(2|n| + d) // 2d``, both
+      non-negative, so truncating and flooring division agree), ``d = 1`` where every rest score is
+      0. The scores' exponent cancels: ``f`` is on the tokens' own grid.
+
+    The output ``cat(cls, kept, fused)`` is read at the tokens' exponent. Eagerly these are torch
+    integer ops; exported, the same ops on the integers of ``sliver.PoTQuantize`` (an integer
+    island that ``pot-shift`` keeps as it is), so the program and its integer graph agree bit for
+    bit."""
+
+    def __init__(self, fusion: nn.Module):
+        super().__init__()
+        self.keep_tokens, self.absorbs_last = int(fusion.keep_tokens), bool(fusion.absorbs_last)
+        self.input_quantizer = PoTQuantizer(WIDE_BITS, True)
+        self.score_quantizer = PoTQuantizer(WIDE_BITS, False)
+        self.quantized = False
+
+    def extra_repr(self) -> str:
+        return f"keep_tokens={self.keep_tokens}, absorbs_last={self.absorbs_last}"
+
+    def calibrate(self, x_max: float, score_max: float) -> None:
+        self.input_quantizer.exponent = range_exponent(float(x_max), WIDE_BITS)
+        self.score_quantizer.exponent = range_exponent(float(score_max), WIDE_BITS, False)
+        self.quantized = True
+
+    def _integers(self, q: PoTQuantizer, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = int_range(q.bits, q.signed)
+        if _exporting():
+            return _SliverOp.apply("PoTQuantize", (("exponent", q.exponent), ("lo", lo), ("hi", hi)), x)
+        return q.integers(x.double()).to(torch.int32)
+
+    def forward(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from .transformer import TokenFusion
+
+        if not self.quantized:
+            return TokenFusion.forward(self, x, scores)
+        qx, qs = self._integers(self.input_quantizer, x), self._integers(self.score_quantizer, scores)
+        y = integer_token_fusion(qx, qs, self.keep_tokens, self.absorbs_last)
+        return QNonLinear.dequantize(self, y, self.input_quantizer.exponent, x.dtype)
+
+
+def integer_token_fusion(qx: torch.Tensor, qs: torch.Tensor, keep_tokens: int, absorbs_last: bool) -> torch.Tensor:
+    """:class:`QTokenFusion`'s integer arithmetic on int32 tokens ``qx`` (B, T, C) and scores
+    ``qs`` (B, T - 1); returns int32 (B, keep_tokens + 2, C)."""
+    from .transformer import select_tokens
+
+    others = qx[:, 1:]
+    end = others.shape[1] - 1 if absorbs_last else others.shape[1]
+    kept, _, kept_scores = select_tokens(others[:, :end], qs[:, :end], keep_tokens)
+    w, wk = qs.to(torch.int64), kept_scores.to(torch.int64)
+    num = w.unsqueeze(1) @ others.to(torch.int64) - wk.unsqueeze(1) @ kept.to(torch.int64)  # (B, 1, C)
+    den = (w.sum(dim=1) - wk.sum(dim=1)).reshape(-1, 1, 1)
+    den = den + (den == 0).to(torch.int64)
+    mag = torch.div(2 * num.abs() + den, 2 * den, rounding_mode="trunc")
+    fused = torch.where(num < 0, -mag, mag).to(torch.int32)
+    return torch.cat([qx[:, :1], kept, fused], dim=1)
+
+
 def nonlinear_modules(module: nn.Module) -> list:
-    """(name, module) of every integer non-linearity (QNonLinear / QTokenEmbed) in ``module``."""
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, (QNonLinear, QTokenEmbed))]
+    """(name, module) of every integer non-linearity (QNonLinear / QTokenEmbed / QTokenFusion)
+    in ``module``."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, (QNonLinear, QTokenEmbed, QTokenFusion))]
 
 
 # ------------------------------------------------------------------------------------------------

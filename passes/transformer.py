@@ -23,6 +23,9 @@ block also reads them (and checkpoints of the dense model still load).
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -276,8 +279,12 @@ def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | Non
 
     probabilities: (B, heads, N, N); context: the per-head A.V before the output projection,
     (B, heads, N, head_dim). The probabilities come from ``attn.attention_probs(scores)`` when the
-    module has that method (poly-act's attention does), else from softmax. ``mask``: an additive
-    (float) or boolean (True = attend) attention mask, as ``F.scaled_dot_product_attention`` takes.
+    module has that method (poly-act's PolyAttention, the quantisers' attention do), else from
+    softmax; the two activation products from ``attn.score_product(q, k^T)`` and
+    ``attn.context_product(probs, v)`` when it has them (the quantisers' attention: integer
+    matmuls), so a block that computes its attention through this function (evit's) runs the
+    attention module's own ops whatever pass swapped it. ``mask``: an additive (float) or boolean
+    (True = attend) attention mask, as ``F.scaled_dot_product_attention`` takes.
 
     ``policy`` (B, N), 1 = kept, is the training-time token mask of the pruning passes: pruned keys
     get no weight and every token still attends to itself (DynamicViT's masked softmax)."""
@@ -285,7 +292,8 @@ def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | Non
     b, n, c = x.shape
     q, k, v = layout.qkv(attn, x)
     scale = layout.scale(attn, q.shape[-1])
-    scores = (q * scale) @ k.transpose(-2, -1)
+    product = getattr(attn, "score_product", None)
+    scores = product(q * scale, k.transpose(-2, -1)) if product is not None else (q * scale) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     if policy is not None:
@@ -298,7 +306,8 @@ def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | Non
         probs = attn.attention_probs(scores)
     else:
         probs = scores.softmax(dim=-1)
-    context = probs @ v
+    product = getattr(attn, "context_product", None)
+    context = product(probs, v) if product is not None else probs @ v
     return layout.out(attn, context.transpose(1, 2).reshape(b, n, c)), probs, context
 
 
@@ -362,3 +371,116 @@ def block_with_probs(block: nn.Module, x: torch.Tensor):
     attn_out, probs = attention_with_probs(block.attn, block.norm1(x))
     x = x + residual_branch(block, "ls1", attn_out)
     return x + residual_branch(block, "ls2", block.mlp(block.norm2(x))), probs
+
+
+# ------------------------------------------------------------------------------------------------
+# static token selection (shared by the token passes and the quantisers that rewrite their selectors)
+
+def keep_count(keep: float, patch_tokens: int) -> int:
+    """Number of patch tokens kept: ceil(keep * N) (EViT's rule), at least 1."""
+    return max(1, min(patch_tokens, math.ceil(keep * patch_tokens - 1e-9)))
+
+
+def select_tokens(patches: torch.Tensor, scores: torch.Tensor, k: int):
+    """Static top-k selection of patch tokens.
+
+    patches: (B, N, C) (CLS excluded); scores: (B, N). Returns the kept tokens (B, k, C), their
+    indices (B, k) and scores (B, k). ``k`` is a Python int, so the exported graph has ``TopK``
+    with a constant k followed by ``GatherElements``.
+
+    Ties go to the lower token index, as ONNX defines ``TopK``: :class:`OnnxTopK` gives the same
+    choice in PyTorch, ONNX Runtime and TVM (``torch.topk`` leaves ties unspecified, and
+    quantised scores, e.g. under poly-act, tie often)."""
+    kept_scores, index = OnnxTopK.apply(scores, k)
+    record_selection(index)
+    kept = torch.gather(patches, 1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    return kept, index, kept_scores
+
+
+# -- which tokens were kept (for keep maps) -----------------------------------------------------
+_SELECTIONS: list | None = None
+
+
+@contextlib.contextmanager
+def recording_selections():
+    """Inside the ``with``, every token selection a pruning stage makes is appended, in execution
+    order, to the yielded list as an index tensor (B, k): the positions, within the stage's own
+    patch tokens (CLS excluded), of the tokens it kept. ``sliver.passes.keep_maps`` composes them
+    into keep maps on the patch grid."""
+    global _SELECTIONS
+    saved, _SELECTIONS = _SELECTIONS, []
+    try:
+        yield _SELECTIONS
+    finally:
+        _SELECTIONS = saved
+
+
+def record_selection(index: torch.Tensor) -> None:
+    """Called by every stage with the (B, k) positions it kept; a no-op unless recording."""
+    if _SELECTIONS is not None:
+        _SELECTIONS.append(index.detach().clone())
+
+
+def weighted_rest(tokens: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor, kept_weights: torch.Tensor):
+    """Weighted average of the tokens NOT kept, without a scatter:
+    (sum_all w x - sum_kept w x) / (sum_all w - sum_kept w). The sums are matrix products, so a
+    selector's own multiply-accumulates are counted. Returns (B, 1, C)."""
+    total = weights.unsqueeze(1) @ tokens
+    kept_sum = kept_weights.unsqueeze(1) @ kept
+    rest = (weights.sum(dim=1) - kept_weights.sum(dim=1)).clamp_min(1e-12)
+    return (total - kept_sum) / rest.reshape(-1, 1, 1)
+
+
+class OnnxTopK(torch.autograd.Function):
+    """Top-k along the last axis with ONNX's tie rule (equal values: lower index first), in eager
+    PyTorch and in the exported graph (one ``TopK`` node with a constant k), so that PyTorch, ONNX
+    Runtime and TVM choose the same tokens. Gradients flow to the selected values."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k: int):
+        values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        index = order[..., :k].contiguous()
+        ctx.save_for_backward(index)
+        ctx.shape = scores.shape
+        return values[..., :k].contiguous(), index
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_index):
+        (index,) = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=grad_values.dtype, device=grad_values.device)
+        return grad.scatter(-1, index, grad_values), None
+
+    @staticmethod
+    def symbolic(g, scores, k: int):
+        k_const = g.op("Constant", value_t=torch.tensor([k], dtype=torch.int64))
+        return g.op("TopK", scores, k_const, axis_i=-1, largest_i=1, sorted_i=1, outputs=2)
+
+
+
+
+class TokenFusion(nn.Module):
+    """The static selection stage every fusing token pass ends with: keep the top-``keep_tokens``
+    patch tokens by score and fuse the others into one token, their score-weighted average
+    (EViT's fused token, HeatViT's package token).
+
+    ``forward(x, scores)``: ``x`` (B, T, C) with the class token first; ``scores`` (B, T - 1), one
+    per token of ``x[:, 1:]``. With ``absorbs_last`` the last token of ``x`` (a package token of an
+    earlier stage) is not a candidate for keeping but is fused with its score. Returns
+    ``cat(cls, kept, fused)``, (B, keep_tokens + 2, C).
+
+    One module, so that a quantiser can swap it for its integer version (top-k on integer scores,
+    a gather of integer tokens, the fused token as an integer matmul and a rounding division)."""
+
+    def __init__(self, keep_tokens: int, absorbs_last: bool = False):
+        super().__init__()
+        self.keep_tokens, self.absorbs_last = int(keep_tokens), bool(absorbs_last)
+
+    def extra_repr(self) -> str:
+        return f"keep_tokens={self.keep_tokens}, absorbs_last={self.absorbs_last}"
+
+    def forward(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        others = x[:, 1:]
+        end = others.shape[1] - 1 if self.absorbs_last else others.shape[1]
+        kept, _, kept_scores = select_tokens(others[:, :end], scores[:, :end], self.keep_tokens)
+        fused = weighted_rest(others, scores, kept, kept_scores)
+        return torch.cat([x[:, :1], kept, fused], dim=1)

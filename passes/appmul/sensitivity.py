@@ -95,10 +95,16 @@ def straight_through(model: nn.Module):
     (activation quantisers of QMatMul, the output quantiser) pass gradients straight through
     (their rounding has zero gradient), and QMatMul and the QLayers left unreplaced run their
     fake-quant form instead of the exact float64 one, so that every AppMul layer's output
-    gradient is seen (values agree up to float32 rounding)."""
-    from ..qlayers import PoTQuantizer, QLayer, QMatMul
+    gradient is seen (values agree up to float32 rounding). A ViT's integer non-linearities and
+    token selection (QSoftmax, QGELU, QLayerNorm, QTokenEmbed, QTokenFusion: integer ops without
+    gradients) run their float form meanwhile (they differ from it by ~1e-3, far below the
+    multiplier errors being profiled)."""
+    from ..qlayers import PoTQuantizer, QLayer, QMatMul, nonlinear_modules
 
     patched, exact = [], []
+    floated = [m for _, m in nonlinear_modules(model) if m.quantized]
+    for m in floated:
+        m.quantized = False
     for m in model.modules():
         if isinstance(m, PoTQuantizer):
             def forward(x, _q=m, _f=type(m).forward):
@@ -116,6 +122,8 @@ def straight_through(model: nn.Module):
             del m.forward
         for m in exact:
             m.exact = True
+        for m in floated:
+            m.quantized = True
 
 
 def profile(model: nn.Module, layers: dict, images: torch.Tensor, targets: torch.Tensor, batch: int = 128) -> dict:

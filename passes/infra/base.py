@@ -56,6 +56,9 @@ class Pass:
     requires: ClassVar[tuple] = ()
     provides: ClassVar[tuple] = ()
     invalidates: ClassVar[tuple] = ()
+    #: facts this pass cannot run after: fact -> the one-line fix (the order or option that
+    #: works); see :meth:`refused_facts`
+    refuses: ClassVar[dict] = {}
     check_tolerance: ClassVar[float | None] = None
     Options: ClassVar[type] = NoOptions
 
@@ -64,6 +67,10 @@ class Pass:
 
     def run(self, program: Program, ctx) -> Program:  # pragma: no cover - the contract
         raise NotImplementedError
+
+    def refused_facts(self) -> dict:
+        """The facts this pass, with its options, refuses to follow (default: ``refuses``)."""
+        return dict(self.refuses)
 
     def text(self) -> str:
         """This pass as pipeline text; only options given explicitly are printed."""

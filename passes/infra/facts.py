@@ -18,6 +18,10 @@ CHANNEL_PRUNED = "channel-pruned"
 TOKEN_PRUNED = "token-pruned"
 #: a second, local pass of the same encoder over an attention-selected crop (aftrans)
 TWO_SCALE = "two-scale"
+#: a token pass whose selection scores come from float ops with no integer form (heatvit's
+#: selector MLP with its softmax and sigmoid, asvit's context norms): pot-shift cannot make them
+#: integer (evit's class-attention scores and its fused token it can)
+FLOAT_TOKEN_SCORES = "float-token-scores"
 #: nonlinear functions replaced by polynomial / piecewise-linear approximations (poly-act)
 POLY_ACT = "poly-act"
 #: weights and activations quantised to power-of-two scales (rapq, pot-naive)

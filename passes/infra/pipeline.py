@@ -120,6 +120,7 @@ class Pipeline:
         requires is provided by the program or an earlier pass."""
         current = level_index(level)
         have = set(facts)
+        by = {}  # fact -> the pass that provided it
         for i, p in enumerate(self.passes):
             if level_index(p.level) < current:
                 raise PassOrderError(
@@ -140,8 +141,15 @@ class Pipeline:
                         f"pass {p.name!r} (#{i + 1}) requires fact {fact!r}, which nothing before it "
                         f"provides; {fix}"
                     )
+            for fact, fix in p.refused_facts().items():
+                if fact in have:
+                    raise PassOrderError(
+                        f"pass {p.name!r} (#{i + 1}) cannot follow {by.get(fact, 'the program')!r} "
+                        f"({fact}): {fix}"
+                    )
             have -= set(p.invalidates)
             have |= set(p.provides)
+            by.update({fact: p.name for fact in p.provides})
 
     # -- running ----------------------------------------------------------------------------
     def run(

@@ -50,7 +50,7 @@ from ...ir.errors import PassError, UnsupportedOpError
 from ...ir.onnx_level import SLIVER_DOMAIN, make_program, value_types
 from ...ir.program import Program
 from ..infra.base import Pass, option, register
-from ..infra.facts import INTEGER_ONLY, QUANTIZED_POT
+from ..infra.facts import FLOAT_TOKEN_SCORES, INTEGER_ONLY, QUANTIZED_POT
 
 BITS_METADATA = "sliver.bits"
 _DATA_INTS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.INT32)
@@ -113,6 +113,12 @@ class PotShift(Pass):
     provides = ()
     check_tolerance = None
     Options = PotShiftOptions
+    refuses = {FLOAT_TOKEN_SCORES: "its token selector scores with float ops (softmax, sigmoid, norms) that have "
+                                   "no integer form; use evit (whose selection pot-shift makes integer) or "
+                                   "pot-shift{allow_float=true}"}
+
+    def refused_facts(self) -> dict:
+        return {} if self.options.allow_float else dict(self.refuses)
 
     def run(self, program: Program, ctx) -> Program:
         model = program.module
@@ -186,6 +192,7 @@ class _Builder:
         #: after it) -> their name in the new graph; a DequantizeLinear turns one into an IntValue
         self.raw: dict = {}
         self.shape_values: set = set()  # int64 shape tensors computed from integer values
+        self.static: set = set()  # values computed from constants only (e.g. an Expand's shape)
 
     # -- small emitters ---------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -279,6 +286,8 @@ class _Builder:
         # a float op on float values: before the input quantizer (fine), or inside a float region
         if any(i in self.shape_values for i in node.input):  # shape arithmetic on int64 shapes
             self.shape_values.update(node.output)
+        if all((not i) or i in self.consts or i in self.static for i in node.input):
+            self.static.update(node.output)
         self.nodes.append(node)
         if any(i in self.region for i in node.input):
             self.region.update(node.output)
@@ -454,11 +463,15 @@ class _Builder:
 
     # -- integer islands: sliver.PoTQuantize -> integer ops -> DequantizeLinear --------------
     #: ops the integer non-linearities of ``rapq{int_nonlinear=true}`` are exported with
+    #: and of the token selection stage of ``QTokenFusion`` (top-k on integer scores, a gather of
+    #: integer tokens, the fused token as an int64 matrix product and a rounding division)
     RAW_OPS = {"IntSoftmax", "IntGELU", "IntLayerNorm", "Concat", "Add", "Sub", "Mul", "Slice", "Identity",
                "Reshape", "Squeeze", "Unsqueeze", "Transpose",
                # an AppMul layer (appmul on a rapq/pot-naive model): zero padding and im2col of its
                # integer input, the approximate products, correction and bias on the accumulator
-               "Cast", "Pad", "Gather", "Flatten", "AppMatMul"}
+               "Cast", "Pad", "Gather", "Flatten", "AppMatMul",
+               "TopK", "GatherElements", "Expand", "MatMul", "ReduceSum", "Equal", "Less", "Abs", "Neg",
+               "Div", "Where"}
 
     def _pot_quantize(self, node) -> None:
         """``sliver.PoTQuantize`` (float -> int32, rounding half up): on an integer value it becomes
@@ -504,9 +517,10 @@ class _Builder:
                 self.nodes.append(copy)
             return
         ok = node.op_type in self.RAW_OPS and all(
-            (not i) or i in self.raw or i in self.consts for i in node.input)
+            (not i) or i in self.raw or i in self.consts or i in self.static for i in node.input)
         if node.op_type == "Cast":  # integers stay integers
-            ok = ok and next(a.i for a in node.attribute if a.name == "to") in _DATA_INTS
+            to = next(a.i for a in node.attribute if a.name == "to")
+            ok = ok and to in _DATA_INTS + (TensorProto.INT64, TensorProto.BOOL)
         if not ok:
             raise UnsupportedOpError(f"pot-shift: node {label!r} ({node.op_type}) computes on the integers of a "
                                      "sliver.PoTQuantize but is not an exact integer op")
@@ -655,17 +669,22 @@ class _Builder:
         out = self.emit("Add", [ia, ib], f"{label}/add")
         self.ints[node.output[0]] = IntValue(out, _compress(e), TensorProto.INT32)
 
-    def _pool(self, node, axes: list) -> None:
+    def _pool(self, node, axes: list, keepdims: int = 1) -> None:
         v = self.ints[node.input[0]]
         label = node.name or node.output[0]
         shape = self.shape(node.input[0])
         count = int(np.prod([shape[a] for a in axes]))
+        full = self._full_exponent(v, node.input[0])
+        first = full[tuple(slice(0, 1) if a in axes else slice(None) for a in range(full.ndim))]
+        if not (full == first).all():  # the summed integers must share an exponent
+            return self._no_integer_form(node)
+        e = first if keepdims else first.reshape([n for a, n in enumerate(first.shape) if a not in axes])
         axes_name = self.const(f"{label}/axes", np.array(axes, np.int64))
-        out = self.emit("ReduceSum", [self.to_int32(v, label), axes_name], f"{label}/sum", keepdims=1)
+        out = self.emit("ReduceSum", [self.to_int32(v, label), axes_name], f"{label}/sum", keepdims=keepdims)
         if count & (count - 1):  # the sum, divided by the next quantiser (DyadicRequant)
-            self.ints[node.output[0]] = IntValue(out, _compress(v.exponent), TensorProto.INT32, divisor=count)
+            self.ints[node.output[0]] = IntValue(out, _compress(e), TensorProto.INT32, divisor=count)
         else:  # a power of two: only the exponent changes
-            self.ints[node.output[0]] = IntValue(out, _compress(v.exponent + int(math.log2(count))), TensorProto.INT32)
+            self.ints[node.output[0]] = IntValue(out, _compress(e + int(math.log2(count))), TensorProto.INT32)
 
     def _MaxPool(self, node) -> None:
         """Max pooling commutes with the per-channel scales ``2^-e[c] > 0``: the same pooling on
@@ -719,9 +738,24 @@ class _Builder:
         if axes is None and len(node.input) > 1:
             axes = [int(a) for a in np.asarray(self.consts[node.input[1]]).reshape(-1)]
         rank = len(self.shape(node.input[0]))
-        if not attrs.get("keepdims", 1) or axes is None:
+        if axes is None:
             return self._no_integer_form(node)
-        self._pool(node, sorted(a % rank for a in axes))
+        self._pool(node, sorted(a % rank for a in axes), int(attrs.get("keepdims", 1)))
+
+    def _Slice(self, node) -> None:
+        """A slice of an integer value at constant starts/ends/axes/steps (a token pass's CLS
+        attention row): the exponent goes through the same slice."""
+        v = self.ints[node.input[0]]
+        full = self._full_exponent(v, node.input[0])
+        args = [np.asarray(self.consts[i]).reshape(-1) if i else None for i in list(node.input[1:]) + [""] * 4][:4]
+        starts, ends, axes, steps = args
+        axes = np.arange(len(starts)) if axes is None else axes
+        steps = np.ones(len(starts), np.int64) if steps is None else steps
+        index = [slice(None)] * full.ndim
+        for s, e, a, k in zip(starts, ends, axes, steps):
+            n = full.shape[int(a)]
+            index[int(a)] = slice(*slice(int(max(min(s, n), -n - 1)), int(max(min(e, n), -n - 1)), int(k)).indices(n))
+        self._copy_with_exponent(node, v, full[tuple(index)])
 
     def _full_exponent(self, v: IntValue, name: str) -> np.ndarray:
         """The exponent of ``v`` broadcast to the full (static) shape of ``name``."""

@@ -59,12 +59,15 @@ from ..infra.base import Pass, option, register
 from ..infra.context import as_pass_data
 from ..fold_bn import fold_batchnorm
 from ..infra.facts import QUANTIZED_POT, ROUNDING_FACT
+from ..transformer import TokenFusion
+from .poly_act import PolyGELU
 from ..qlayers import (
     PoTQuantizer,
     QGELU,
     QLayerNorm,
     QSoftmax,
     QTokenEmbed,
+    QTokenFusion,
     nonlinear_modules,
     QConv2d,
     QLayer,
@@ -132,11 +135,32 @@ class QAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, abits: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.num_heads = attn.num_heads
+        # timm's / the zoo's attention carry head_dim and scale; poly-act's PolyAttention (and
+        # other wrappers) may not: both follow from the qkv width
+        self.head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * attn.num_heads)
+        self.scale = getattr(attn, "scale", None) or self.head_dim ** -0.5
         self.qkv, self.proj = attn.qkv, attn.proj
         self.qk = QMatMul(abits)
         self.av = QMatMul(abits, signed_a=False)
-        self.softmax = QSoftmax()  # float softmax until calibrated (int_nonlinear)
+        # float softmax until calibrated (int_nonlinear). I-BERT's i-exp is the polynomial of
+        # poly-act's softmax (the same constants), so a PolyAttention becomes this integer softmax;
+        # its d2 = 2^-k scales the probabilities, i.e. adds k to their exponent (exact)
+        try:
+            self.softmax = QSoftmax(out_scale=getattr(attn, "d2", 1.0))
+        except ValueError as e:
+            raise PassError(f"rapq: {e}") from None
+
+    # the protocol of sliver.passes.transformer.attention_parts: a block that computes attention
+    # itself (evit's) runs these quantised ops
+    def score_product(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
+        return self.qk(q, k_t)
+
+    def attention_probs(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.softmax(scores)
+
+    def context_product(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.av(probs, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -166,6 +190,15 @@ def quantize_modules(gm: torch.fx.GraphModule, abits: int, int_nonlinear: bool =
                 if getattr(m, "approximate", "none") != "none":
                     raise PassError(f"rapq: {name!r} is a tanh GELU; the integer GELU is the erf one")
                 _set_module(gm, name, QGELU())
+            elif isinstance(m, PolyGELU):
+                # poly-act's GELU is I-BERT's i-GELU polynomial, the integer GELU's own (d1 = 1)
+                if m.d1 != 1.0:
+                    raise PassError(f"rapq: {name!r} is poly-act's GELU with d1={m.d1}; the integer GELU "
+                                    "has d1=1: run poly-act{d1=1} before rapq")
+                _set_module(gm, name, QGELU())
+            elif isinstance(m, TokenFusion):
+                # a token pass's selection: top-k on integer scores, integer gather and fused token
+                _set_module(gm, name, QTokenFusion(m))
         _integer_token_embed(gm)
     for name, m in list(gm.named_modules()):
         if name and is_attention(m) and hasattr(m, "qkv") and hasattr(m, "proj") and not isinstance(m, QAttention):
@@ -288,14 +321,15 @@ def _capture_all(model: nn.Module, modules: list, x: torch.Tensor, batch: int = 
 def _capture_full(model: nn.Module, modules: list, x: torch.Tensor, batch: int = 64) -> list:
     """(max |input|, max |output|) of every module in ``modules`` (one-argument modules) from
     one run of ``model``, as 0-d tensors (what the range calibration needs)."""
-    got = [[0.0, 0.0] for _ in modules]
+    got = [[[], 0.0] for _ in modules]
 
     def widen(k, args, out):
-        got[k][0] = max(got[k][0], float(args[0].detach().abs().max()))
+        seen = [float(a.detach().abs().max()) for a in args if isinstance(a, torch.Tensor)]
+        got[k][0] = [max(a, b) for a, b in zip(got[k][0], seen)] if got[k][0] else seen
         got[k][1] = max(got[k][1], float(out.detach().abs().max()))
 
     _run_hooked(model, modules, x, batch, widen)
-    return [(torch.tensor(a), torch.tensor(b)) for a, b in got]
+    return [([torch.tensor(a) for a in ins] if ins else [torch.tensor(0.0)], torch.tensor(b)) for ins, b in got]
 
 
 def _execution_order(model: nn.Module, x: torch.Tensor) -> list:
@@ -438,7 +472,10 @@ class RAPQ(Pass):
         # measured) and are switched to integers before the output quantiser is calibrated
         nonlinear = nonlinear_modules(gm) if o.int_nonlinear else []
         for (name, m), (ins, outs) in zip(nonlinear, _capture_full(gm, [m for _, m in nonlinear], x)):
-            m.calibrate(ins, outs)
+            if isinstance(m, QTokenFusion):
+                m.calibrate(*ins[:2])  # token and score ranges
+            else:
+                m.calibrate(ins[0], outs)
             m.quantized = False
         total_err = 0.0
         for name in ctx.progress(order, desc="calibrating layers"):

@@ -16,98 +16,25 @@ import torch.fx
 from torch import nn
 
 from ...ir.errors import OptionValueError, PassError, UnsupportedOpError
-from ..transformer import (  # noqa: F401  (the layout helpers every token pass uses)
+from ..transformer import (  # noqa: F401  (the layout and selection helpers every token pass uses)
+    OnnxTopK,
+    TokenFusion,
     attention_parts,
     attention_step,
     attention_with_probs,
     block_dims,
     check_blocks,
+    keep_count,
     layout_of,
     mlp_step,
+    record_selection,
+    recording_selections,
     residual_branch,
+    select_tokens,
     tokens_in,
     transformer_blocks,
+    weighted_rest,
 )
-
-
-def keep_count(keep: float, patch_tokens: int) -> int:
-    """Number of patch tokens kept: ceil(keep * N) (EViT's rule), at least 1."""
-    return max(1, min(patch_tokens, math.ceil(keep * patch_tokens - 1e-9)))
-
-
-def select_tokens(patches: torch.Tensor, scores: torch.Tensor, k: int):
-    """Static top-k selection of patch tokens.
-
-    patches: (B, N, C) (CLS excluded); scores: (B, N). Returns the kept tokens (B, k, C), their
-    indices (B, k) and scores (B, k). ``k`` is a Python int, so the exported graph has ``TopK``
-    with a constant k followed by ``GatherElements``.
-
-    Ties go to the lower token index, as ONNX defines ``TopK``: :class:`OnnxTopK` gives the same
-    choice in PyTorch, ONNX Runtime and TVM (``torch.topk`` leaves ties unspecified, and
-    quantised scores, e.g. under poly-act, tie often)."""
-    kept_scores, index = OnnxTopK.apply(scores, k)
-    record_selection(index)
-    kept = torch.gather(patches, 1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    return kept, index, kept_scores
-
-
-# -- which tokens were kept (for keep maps) -----------------------------------------------------
-_SELECTIONS: list | None = None
-
-
-@contextlib.contextmanager
-def recording_selections():
-    """Inside the ``with``, every token selection a pruning stage makes is appended, in execution
-    order, to the yielded list as an index tensor (B, k): the positions, within the stage's own
-    patch tokens (CLS excluded), of the tokens it kept. ``sliver.passes.keep_maps`` composes them
-    into keep maps on the patch grid."""
-    global _SELECTIONS
-    saved, _SELECTIONS = _SELECTIONS, []
-    try:
-        yield _SELECTIONS
-    finally:
-        _SELECTIONS = saved
-
-
-def record_selection(index: torch.Tensor) -> None:
-    """Called by every stage with the (B, k) positions it kept; a no-op unless recording."""
-    if _SELECTIONS is not None:
-        _SELECTIONS.append(index.detach().clone())
-
-
-def weighted_rest(tokens: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor, kept_weights: torch.Tensor):
-    """Weighted average of the tokens NOT kept, without a scatter:
-    (sum_all w x - sum_kept w x) / (sum_all w - sum_kept w). The sums are matrix products, so a
-    selector's own multiply-accumulates are counted. Returns (B, 1, C)."""
-    total = weights.unsqueeze(1) @ tokens
-    kept_sum = kept_weights.unsqueeze(1) @ kept
-    rest = (weights.sum(dim=1) - kept_weights.sum(dim=1)).clamp_min(1e-12)
-    return (total - kept_sum) / rest.reshape(-1, 1, 1)
-
-
-class OnnxTopK(torch.autograd.Function):
-    """Top-k along the last axis with ONNX's tie rule (equal values: lower index first), in eager
-    PyTorch and in the exported graph (one ``TopK`` node with a constant k), so that PyTorch, ONNX
-    Runtime and TVM choose the same tokens. Gradients flow to the selected values."""
-
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor, k: int):
-        values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-        index = order[..., :k].contiguous()
-        ctx.save_for_backward(index)
-        ctx.shape = scores.shape
-        return values[..., :k].contiguous(), index
-
-    @staticmethod
-    def backward(ctx, grad_values, grad_index):
-        (index,) = ctx.saved_tensors
-        grad = torch.zeros(ctx.shape, dtype=grad_values.dtype, device=grad_values.device)
-        return grad.scatter(-1, index, grad_values), None
-
-    @staticmethod
-    def symbolic(g, scores, k: int):
-        k_const = g.op("Constant", value_t=torch.tensor([k], dtype=torch.int64))
-        return g.op("TopK", scores, k_const, axis_i=-1, largest_i=1, sorted_i=1, outputs=2)
 
 
 # -- training with a token policy ---------------------------------------------------------------

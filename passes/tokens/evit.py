@@ -13,10 +13,13 @@ Defaults follow EViT's DeiT setting: blocks 3, 6, 9 (0-indexed), keep 0.7.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
@@ -24,11 +27,11 @@ from ..infra.facts import TOKEN_PRUNED
 from .common import (
     attention_step,
     check_blocks,
+    frozen_copy,
     keep_count,
     mlp_step,
-    select_tokens,
     tokens_in,
-    weighted_rest,
+    TokenFusion,
 )
 
 
@@ -44,6 +47,7 @@ class EViTBlock(nn.Module):
         for name, child in block.named_children():
             self.add_module(name, child)
         self.keep_tokens = keep_tokens
+        self.fusion = TokenFusion(keep_tokens)
 
     def extra_repr(self) -> str:
         return f"keep_tokens={self.keep_tokens}"
@@ -51,10 +55,7 @@ class EViTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, probs, _ = attention_step(self, x)
         cls_attn = probs[:, :, 0, 1:].mean(dim=1)  # (B, N): attention of CLS to each patch
-        patches = x[:, 1:]
-        kept, _, kept_scores = select_tokens(patches, cls_attn, self.keep_tokens)
-        fused = weighted_rest(patches, cls_attn, kept, kept_scores)
-        x = torch.cat([x[:, :1], kept, fused], dim=1)
+        x = self.fusion(x, cls_attn)  # CLS, the top-k patches, their fused rest
         return mlp_step(self, x)
 
 
@@ -62,6 +63,10 @@ class EViTBlock(nn.Module):
 class EViTOptions:
     blocks: tuple[int, ...] = option((3, 6, 9), "0-indexed blocks that prune after their attention", nonempty=True)
     keep: float = option(0.7, "fraction of patch tokens kept at each stage, in (0, 1]", gt=0.0, le=1.0)
+    epochs: int = option(0, "fine-tuning epochs with the tokens pruned (EViT trains so); 0 = training-free", ge=0)
+    lr: float = option(1e-4, "fine-tuning learning rate (AdamW)", gt=0.0)
+    batch_size: int = option(32, "fine-tuning batch size", ge=1)
+    distill_weight: float = option(0.5, "weight of the KL loss to the dense model", ge=0.0)
 
 
 @register
@@ -79,6 +84,8 @@ class EViT(Pass):
         if self.options.keep >= 1.0:
             ctx.record("tokens", [])
             return program
+        train_set = ctx.training_data(self.name) if self.options.epochs > 0 else None
+        teacher = frozen_copy(gm) if train_set is not None else None
         schedule = []
         tokens = None
         for index, node in zip(sorted(self.options.blocks), nodes):
@@ -90,4 +97,40 @@ class EViT(Pass):
             tokens = k + 2
             schedule.append({"block": index, "tokens_in": n_in, "kept": k, "tokens_out": tokens})
         ctx.record("tokens", schedule)
+        if train_set is not None:
+            gm.recompile()
+            ctx.record("train_loss", _fine_tune(gm, teacher, self.options, train_set, ctx))
         return retrace(program, gm)
+
+
+def _fine_tune(gm, teacher, o, train_set, ctx) -> list:
+    """EViT fine-tunes the network with the token reorganisation in place (Liang et al., ICLR
+    2022, Sec. 4: the selection is not learned, the backbone learns to work with it). Here: the
+    static top-k selection itself (gradients reach the kept tokens through the gather and the
+    fused token through its weights), loss = cross-entropy + ``distill_weight`` x KL to the dense
+    model (DeiT-style soft distillation, as the learned selectors of sliver use), AdamW. Returns
+    the mean loss per epoch."""
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=o.lr, weight_decay=0.01)
+    history = []
+    gm.train()
+    try:
+        for epoch in range(o.epochs):
+            total, count = 0.0, 0
+            loader = train_set.loader(o.batch_size, shuffle=True, seed=ctx.seed + epoch)
+            for images, labels in ctx.progress(loader, f"epoch {epoch + 1}/{o.epochs}", total=len(loader)):
+                logits = gm(images)
+                with torch.no_grad():
+                    soft = teacher(images).softmax(dim=-1)
+                loss = F.cross_entropy(logits, labels) + o.distill_weight * F.kl_div(
+                    logits.log_softmax(dim=-1), soft, reduction="batchmean")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(labels)
+                count += len(labels)
+            history.append(round(total / max(count, 1), 4))
+    finally:
+        gm.eval()
+    if not all(math.isfinite(h) for h in history):
+        raise PassError(f"evit fine-tuning diverged (losses {history}); lower lr")
+    return history

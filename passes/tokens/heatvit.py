@@ -54,7 +54,7 @@ from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
-from ..infra.facts import TOKEN_PRUNED
+from ..infra.facts import FLOAT_TOKEN_SCORES, TOKEN_PRUNED
 from .common import (
     TokenPolicy,
     attention_step,
@@ -63,7 +63,7 @@ from .common import (
     distill_fine_tune,
     frozen_copy,
     record_selection,
-    select_tokens,
+    TokenFusion,
     tokens_in,
     transformer_blocks,
     weighted_rest,
@@ -85,6 +85,7 @@ class TokenSelector(nn.Module):
         self.head_weight = nn.Linear(num_heads, num_heads)
         self.mode = "static"
         self.state: TokenPolicy | None = None
+        self.fusion = TokenFusion(keep_tokens, absorbs_last=absorbs_package)
 
     def extra_repr(self) -> str:
         return f"keep_tokens={self.keep_tokens}, absorbs_package={self.absorbs_package}"
@@ -116,8 +117,8 @@ class TokenSelector(nn.Module):
             keep = torch.nonzero(patch_scores[0] > 0.5).flatten()
             record_selection(keep.unsqueeze(0))
             kept, kept_scores = patches[:, keep], patch_scores[:, keep]
-        else:
-            kept, _, kept_scores = select_tokens(patches, patch_scores, self.keep_tokens)
+        else:  # static: top-k, the rest (and an earlier package) into the package token
+            return self.fusion(x, scores)
         package = weighted_rest(others, scores, kept, kept_scores)
         return torch.cat([x[:, :1], kept, package], dim=1)
 
@@ -168,7 +169,7 @@ class HeatViT(Pass):
     name = "heatvit"
     level = "torch"
     summary = "HeatViT: trained multi-head token selectors with a package token (static top-k)"
-    provides = (TOKEN_PRUNED,)
+    provides = (TOKEN_PRUNED, FLOAT_TOKEN_SCORES)
     Options = HeatViTOptions
 
     def run(self, program: Program, ctx) -> Program:

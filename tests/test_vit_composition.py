@@ -1,0 +1,100 @@
+"""ViT passes that compose (issue #16, item 1 for ViTs): token selection, poly-act, PoT quantisation,
+AppMul and pot-shift on each other's output.
+
+Cheap cases run on a random-weight tiny DeiT with a few calibration images; the slow case is the
+integer ViT recipe on the trained tiny DeiT (digits), asserting the acceptance values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sliver import ir, models, passes
+from sliver.ir.errors import PassOrderError
+from sliver.models import data
+from sliver.passes.qlayers import integer_token_fusion
+from sliver.passes.quant.pot_shift import check_integer_only
+
+CHEAP_RAPQ = "rapq{wbits=4 abits=4 calib_images=8 iters=0}"
+
+
+def _deit(batch=2):
+    torch.manual_seed(0)
+    net = models.create("tiny_deit")
+    return ir.trace(net, torch.zeros(models.input_shape("tiny_deit", batch_size=batch)), name="tiny_deit")
+
+
+# -- validation: orders that cannot work are refused before anything runs -----------------------
+@pytest.mark.parametrize("pipeline, first", [
+    ("heatvit,rapq{wbits=4 abits=4},pot-shift", "heatvit"),
+    ("asvit{epochs=1},poly-act,rapq{wbits=8 abits=8},pot-shift", "asvit"),
+])
+def test_float_token_scores_are_refused_by_pot_shift(pipeline, first):
+    with pytest.raises(PassOrderError) as err:
+        passes.parse(pipeline).validate()
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("pass 'pot-shift' (#")
+    assert f"cannot follow {first!r}" in msg and "use evit" in msg and "allow_float=true" in msg
+
+
+def test_allow_float_and_evit_pass_validation():
+    passes.parse("heatvit,rapq{wbits=4 abits=4},pot-shift{allow_float=true}").validate()
+    passes.parse("evit,poly-act,rapq{wbits=4 abits=4},appmul,pot-shift").validate()
+
+
+# -- the integer token fusion ----------------------------------------------------------------------
+def test_integer_token_fusion_is_the_rounded_weighted_mean():
+    """Top-k by integer score (ties: lower index), kept tokens gathered, and the fused token
+    ``round(sum_rest s x / sum_rest s)`` (half away from zero) exactly, checked with Python
+    integers; an earlier package token (absorbs_last) is fused but never kept."""
+    rng = np.random.default_rng(0)
+    b, t, c, k = 3, 11, 5, 4
+    qx = torch.from_numpy(rng.integers(-(1 << 15), 1 << 15, (b, t, c)).astype(np.int32))
+    qs = torch.from_numpy(rng.integers(0, 40, (b, t - 1)).astype(np.int32))  # small range: ties
+    qs[0] = 0  # every rest score 0: the fused token is 0
+    for absorbs in (False, True):
+        y = integer_token_fusion(qx, qs, k, absorbs).numpy()
+        assert y.dtype == np.int32 and y.shape == (b, k + 2, c)
+        for i in range(b):
+            s = [int(v) for v in qs[i]]
+            cand = len(s) - 1 if absorbs else len(s)
+            order = sorted(range(cand), key=lambda j: (-s[j], j))[:k]
+            assert np.array_equal(y[i, 0], qx[i, 0].numpy())
+            assert np.array_equal(y[i, 1:k + 1], qx[i, 1:][order].numpy())
+            rest = [j for j in range(len(s)) if j not in order]
+            den = sum(s[j] for j in rest) or 1
+            for ch in range(c):
+                num = sum(s[j] * int(qx[i, 1 + j, ch]) for j in rest)
+                mag = (2 * abs(num) + den) // (2 * den)
+                assert y[i, -1, ch] == (-mag if num < 0 else mag)
+
+
+# -- chains on a random-weight tiny DeiT -----------------------------------------------------------
+def test_evit_then_rapq_runs_the_attention_it_quantised():
+    """evit computes attention itself: after rapq it runs the quantised attention's integer
+    products and softmax (they were bypassed: IntSoftmax saw no data, 'exponent 0 is too coarse')."""
+    res = passes.parse(f"evit{{blocks=1,2 keep=0.7}},{CHEAP_RAPQ}").run(_deit(), data=data.calibration("digits"),
+                                                                        check=False)
+    gm = res.program.module
+    attn = gm.get_submodule("blocks.1.attn")
+    assert attn.softmax.quantized and attn.softmax.input_quantizer.exponent >= 3
+    assert type(gm.get_submodule("blocks.1.fusion")).__name__ == "QTokenFusion"
+
+
+def test_poly_act_then_rapq_gives_the_integer_nonlinearities():
+    """poly-act's GELU and softmax are I-BERT's polynomials: rapq turns them into its integer ops."""
+    from sliver.passes.qlayers import QGELU, QSoftmax
+    from sliver.passes.quant.poly_act import PolyAttention
+    from sliver.passes.quant.rapq import QAttention, quantize_modules
+
+    prog = passes.parse("poly-act{d2=0.5}").run(_deit(), check=False).program
+    gm = prog.module
+    assert isinstance(gm.get_submodule("blocks.0.attn"), PolyAttention)
+    quantize_modules(gm, 4, int_nonlinear=True)
+    attn = gm.get_submodule("blocks.0.attn")
+    assert isinstance(attn, QAttention) and attn.head_dim == 16 and attn.scale == 16 ** -0.5
+    assert isinstance(attn.softmax, QSoftmax) and attn.softmax.scale_shift == 1  # d2 = 2^-1
+    assert isinstance(gm.get_submodule("blocks.0.mlp.act"), QGELU)
