@@ -98,3 +98,28 @@ def test_poly_act_then_rapq_gives_the_integer_nonlinearities():
     assert isinstance(attn, QAttention) and attn.head_dim == 16 and attn.scale == 16 ** -0.5
     assert isinstance(attn.softmax, QSoftmax) and attn.softmax.scale_shift == 1  # d2 = 2^-1
     assert isinstance(gm.get_submodule("blocks.0.mlp.act"), QGELU)
+
+
+# -- the integer ViT chain: integer-only, bit-exact under ONNX Runtime and TVM, golden IR ----------
+@pytest.mark.slow
+def test_evit_rapq_pot_shift_is_integer_only_and_bit_exact(golden):
+    """evit + rapq W4A4 + pot-shift on a random-weight tiny DeiT (8 calibration images, nearest
+    rounding): no float op between the input quantiser and the output dequantiser, the token
+    selection included, and the outputs of the torch-level program, ONNX Runtime and TVM are the
+    same numbers."""
+    from sliver import backends
+
+    prog = _deit(batch=4)
+    ref = passes.parse(f"evit{{blocks=1,2 keep=0.7}},{CHEAP_RAPQ}").run(prog, data=data.calibration("digits"),
+                                                                        check=False).program
+    res = passes.parse("pot-shift").run(ref, check=False)
+    out = res.program
+    assert "integer-only" in out.facts and res.report.steps[-1].notes["float_nodes"] == []
+    check_integer_only(out.module)
+    ops = [n.op_type for n in out.module.graph.node]
+    assert ops.count("TopK") == 2 and ops.count("GatherElements") == 2
+    golden("onnx/tiny_deit_evit_rapq_pot_shift", out.text())
+    x = data.digits("test").images[:4].numpy()
+    want = ref.run([x])[0]
+    assert np.array_equal(out.run([x])[0], want)
+    assert np.array_equal(backends.tvm.build(out, target="x86").run([x])[0], want)

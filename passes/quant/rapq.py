@@ -536,6 +536,18 @@ class RAPQ(Pass):
                         if f"{name}.{leaf}" not in per_layer and f"{name}.{leaf}" not in ends:
                             lin = getattr(m, leaf)
                             lin.abits = lin.input_quantizer.bits = o.attn_bits
+        # a token selector's own layers (heatvit's selector MLP: a module with ``keep_scores`` and a
+        # token-fusion stage) decide which tokens every later block sees; at 4 bits its two keep
+        # logits are a few grid steps apart, the keep scores tie, and top-k (ties: lower index)
+        # keeps the first patches of the image instead of the informative ones. Its weights and
+        # activations get attn_bits (it is a few hundred MACs per token); layer_bits overrides.
+        if o.attn_bits:
+            for name, m in gm.named_modules():
+                if hasattr(m, "keep_scores") and any(isinstance(c, QTokenFusion) for c in m.children()):
+                    for sub, layer in m.named_modules():
+                        full = f"{name}.{sub}"
+                        if isinstance(layer, QLayer) and full not in per_layer and full not in ends:
+                            layer.wbits = layer.abits = layer.input_quantizer.bits = max(o.attn_bits, layer.wbits)
 
     @staticmethod
     def _fed_by_input(gm) -> set:
