@@ -537,10 +537,11 @@ class RAPQ(Pass):
                             lin = getattr(m, leaf)
                             lin.abits = lin.input_quantizer.bits = o.attn_bits
         # a token selector's own layers (heatvit's selector MLP: a module with ``keep_scores`` and a
-        # token-fusion stage) decide which tokens every later block sees; at 4 bits its two keep
-        # logits are a few grid steps apart, the keep scores tie, and top-k (ties: lower index)
-        # keeps the first patches of the image instead of the informative ones. Its weights and
-        # activations get attn_bits (it is a few hundred MACs per token); layer_bits overrides.
+        # token-fusion stage) decide which tokens every later block sees: a wrong choice is not a
+        # small error that later layers compensate. At 4 bits its two keep logits resolve a few
+        # grid steps, so keep scores tie and top-k falls back to the token order. Like attention's
+        # activations, its weights and activations get attn_bits (it is a few hundred MACs per
+        # token); layer_bits overrides.
         if o.attn_bits:
             for name, m in gm.named_modules():
                 if hasattr(m, "keep_scores") and any(isinstance(c, QTokenFusion) for c in m.children()):
