@@ -123,3 +123,32 @@ def test_evit_rapq_pot_shift_is_integer_only_and_bit_exact(golden):
     want = ref.run([x])[0]
     assert np.array_equal(out.run([x])[0], want)
     assert np.array_equal(backends.tvm.build(out, target="x86").run([x])[0], want)
+
+
+# -- the integer ViT recipe on the trained tiny DeiT (issue #16 acceptance) ------------------------
+INTEGER_VIT = "evit{blocks=3,6,9 keep=0.6 epochs=2},rapq{wbits=4 abits=4}"
+
+
+@pytest.mark.slow
+def test_integer_vit_recipe_holds_accuracy_with_40_percent_fewer_macs():
+    """Token selection + PoT W4A4 + pot-shift on the trained tiny DeiT (digits test split): integer
+    only, >= 40% fewer MACs than dense, at most 1.5 points below the dense float model, and the
+    torch-level program and its integer graph under ONNX Runtime score the same because they
+    compute the same numbers."""
+    from trained import trained_program
+
+    from sliver.backends.evaluate import evaluate
+    from sliver.ir.stats import program_stats
+
+    dense = trained_program("tiny_deit")
+    ref = passes.parse(INTEGER_VIT).run(dense, data=data.context_data("digits"), check=False).program
+    out = passes.parse("pot-shift").run(ref, check=False).program
+    check_integer_only(out.module)
+    assert "integer-only" in out.facts
+    assert program_stats(out).macs <= 0.60 * program_stats(dense).macs
+    xs = data.digits("test").images[:32].numpy()
+    for i in range(len(xs)):  # the traced program takes one image
+        assert np.array_equal(ref.run([xs[i:i + 1]])[0], out.run([xs[i:i + 1]])[0])
+    acc_dense, acc_torch, acc_ort = (evaluate(p, "test") for p in (dense, ref, out))
+    assert acc_torch == acc_ort
+    assert acc_ort >= acc_dense - 1.5
