@@ -42,6 +42,7 @@ from torch import nn
 from ..ir.errors import CheckpointError, DataError, ModelInputError
 from ..ir.fileio import sha256_file, write_atomic
 from . import data as datasets
+from . import trainer
 from .zoo import create, entry
 
 __all__ = ["TrainConfig", "TrainResult", "DEFAULTS", "config_for", "train", "evaluate_module",
@@ -240,19 +241,26 @@ def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: str | TrainConfig, *, progress: bool = True, val_every: int = 0, **overrides) -> TrainResult:
+def train(model: str | TrainConfig, *, progress: bool = True, val_every: int = 0, extensions=(),
+          **overrides) -> TrainResult:
     """Train a tiny zoo model from scratch; ``overrides`` change its default config.
 
     ``val_every=k`` scores the val split every k epochs (shown on the progress bar and kept in
     ``TrainResult.val_history``); it only reads the model, so the weights do not change with it.
+    ``extensions`` change what is trained (e.g. Tri-Level sparsity): each may define
+    ``prepare(net, epochs) -> net`` (called on the freshly initialised model), ``wrap(source) ->
+    source`` (the training examples) and any :mod:`.trainer` hook. The loop is
+    :func:`.trainer.fit`, so the recipe runs under ``torchrun`` with DDP as the passes do.
     """
     config = model if isinstance(model, TrainConfig) else config_for(model, **overrides)
-    train_set = datasets.load(config.dataset, "train")
+    data = {"train": datasets.load(config.dataset, "train")}
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         torch.manual_seed(config.seed)
         net = _prepare(create(config.model), config).train()
+        for ext in extensions:
+            net = ext.prepare(net, config.epochs) if hasattr(ext, "prepare") else net
         gen = torch.Generator().manual_seed(config.seed)
         # only weight matrices decay; norms, biases, position codes and the CLS token do not
         def decays(name, param):
@@ -262,63 +270,76 @@ def train(model: str | TrainConfig, *, progress: bool = True, val_every: int = 0
         others = [p for n, p in net.named_parameters() if not decays(n, p)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                  {"params": others, "weight_decay": 0.0}], lr=config.lr)
-        steps_per_epoch = len(train_set) // config.batch_size  # drop the ragged last batch
-        total = steps_per_epoch * config.epochs
-        warmup = int(config.warmup_epochs * steps_per_epoch)
-        background = float(train_set.images.min())
-        bar = _progress(total, f"train {config.model}", progress)
+        size = len(data["train"])
+        background = float(data["train"].images.min())
+
+        def fetch(index):  # the batch's examples, jittered with the run's generator
+            train_set = data["train"]
+            return _augment(train_set.images[index], train_set.targets[index], config, background, gen)
+
+        source = trainer.Source(size, lambda epoch: torch.randperm(len(data["train"]), generator=gen), fetch,
+                                config.batch_size, drop_last=True)  # drop the ragged last batch
+        for ext in extensions:
+            source = ext.wrap(source) if hasattr(ext, "wrap") else source
+        recipe = _Recipe(config, data, opt, source.steps(0))
         val_set = datasets.load(config.dataset, "val") if val_every else None
-        losses, val_history, step = [], [], 0
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        for epoch in range(config.epochs):
-            if config.fresh_scenes and epoch > 0:
-                if config.dataset != "digit-scenes":
-                    raise ModelInputError("fresh_scenes needs dataset digit-scenes")
-                train_set = datasets.more_digit_scenes("train", len(train_set), seed=config.seed * 10007 + epoch)
-            order = torch.randperm(len(train_set), generator=gen)
-            running = 0.0
-            for i in range(steps_per_epoch):
-                idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-                images, targets = _augment(train_set.images[idx], train_set.targets[idx], config, background, gen)
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, total, warmup, config.lr)
-                loss = F.cross_entropy(net(images), targets, label_smoothing=config.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                value = float(loss.detach())
-                running += value
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{value:.3f}", refresh=False)
-            losses.append(running / max(1, steps_per_epoch))
+        val_history = []
+
+        def validate(epoch: int, loss: float) -> None:
             if val_every and (epoch + 1) % val_every == 0:
                 val_history.append((epoch + 1, evaluate_module(net, val_set)))
-                if bar is not None:
-                    bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", val=f"{val_history[-1][1]:.2f}")
-                else:
-                    print(f"{config.model} epoch {epoch + 1}: val {val_history[-1][1]:.2f}",
-                          file=sys.stderr, flush=True)
+                print(f"{config.model} epoch {epoch + 1}: val {val_history[-1][1]:.2f}", file=sys.stderr, flush=True)
+
+        recipe.end_epoch = validate
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        losses = trainer.fit(net, source, opt, epochs=config.epochs, what=f"training {config.model}",
+                             hooks=[recipe, *extensions], label_smoothing=config.label_smoothing,
+                             progress=_progress(f"train {config.model}", progress))
         train_seconds = time.perf_counter() - t0
         cpu_seconds = time.process_time() - cpu0
-        if bar is not None:
-            bar.close()
         net.eval()
         scores = {split: evaluate_module(net, datasets.load(config.dataset, split)) for split in ("val", "test")}
     finally:
         torch.set_num_threads(saved_threads)
-    metric = "accuracy" if train_set.task == "classification" else "miou"
+    metric = "accuracy" if data["train"].task == "classification" else "miou"
     return TrainResult(net, config, metric, scores, train_seconds, losses, val_history, cpu_seconds)
 
 
-def _progress(total: int, desc: str, enabled: bool):
+class _Recipe:
+    """Trainer hooks of the zoo recipe: linear warm-up then cosine learning rate per step, and
+    fresh digit scenes every epoch when the config asks for them."""
+
+    def __init__(self, config: TrainConfig, data: dict, opt, steps_per_epoch: int) -> None:
+        self.config, self.data, self.opt = config, data, opt
+        self.total = steps_per_epoch * config.epochs
+        self.warmup = int(config.warmup_epochs * steps_per_epoch)
+        self.step = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        config = self.config
+        if config.fresh_scenes and epoch > 0:
+            if config.dataset != "digit-scenes":
+                raise ModelInputError("fresh_scenes needs dataset digit-scenes")
+            self.data["train"] = datasets.more_digit_scenes("train", len(self.data["train"]),
+                                                            seed=config.seed * 10007 + epoch)
+
+    def before_batch(self, batch) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = _lr_at(self.step, self.total, self.warmup, self.config.lr)
+        self.step += 1
+
+
+def _progress(desc: str, enabled: bool):
+    """A progress callable for the trainer (one tqdm bar per epoch), or None."""
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=True, file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    def bar(iterable, label: str = "", total: int | None = None):
+        return tqdm(iterable, desc=f"{desc} {label.split()[-1]}", total=total, unit="step", leave=False,
+                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+    return bar
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -420,7 +441,8 @@ def code_hash(config: TrainConfig) -> str:
     h.update(repr(sorted(config.describe().items())).encode())
     h.update(torch.__version__.encode())
     builder = entry(config.model).builder
-    for module in (sys.modules[__name__], datasets, sys.modules[create.__module__], inspect.getmodule(builder)):
+    for module in (sys.modules[__name__], trainer, datasets, sys.modules[create.__module__],
+                   inspect.getmodule(builder)):
         with open(inspect.getsourcefile(module), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]

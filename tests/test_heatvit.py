@@ -68,7 +68,7 @@ def test_training_runs_the_policy_and_restores_the_blocks(make_program):
     train = data.digits("train").take(128)
     result = passes.parse("heatvit{blocks=3,6 keep=0.5 epochs=1 batch_size=32}").run(prog, data=train)
     out = result.program
-    losses = result.report.steps[0].notes["train_loss"]
+    losses = result.report.steps[0].notes["train_loss"]["fine-tune"]
     assert len(losses) == 1 and np.isfinite(losses[0])
     kinds = {type(out.module.get_submodule(n.target)).__name__ for n in out.module.graph.nodes if n.op == "call_module"}
     assert "PolicyBlock" not in kinds and {"Block", "TokenSelector"} <= kinds

@@ -79,6 +79,10 @@ class PassContext:
         """Add a statistic to this pass's entry in the report (JSON-serialisable values)."""
         self._notes[key] = value
 
+    def recorded(self, key: str, default: Any = None) -> Any:
+        """What this pass has recorded under ``key`` so far (``default`` if nothing)."""
+        return self._notes.get(key, default)
+
     def progress(self, iterable: Iterable, desc: str = "", total: int | None = None) -> Iterable:
         if not self.show_progress:
             return iterable

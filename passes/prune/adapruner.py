@@ -33,7 +33,6 @@ builds with TVM as it is. ``flops`` counts MACs with sliver's convention (``sliv
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from typing import Literal
@@ -46,6 +45,7 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
+from ...models.trainer import fit, frozen_copy, source
 from ..infra.base import Pass, option, register
 from ..infra.facts import CHANNEL_PRUNED
 from .channels import ChannelGraph, WidthPlan, has_bn_everywhere, unit_scores
@@ -81,16 +81,15 @@ class AdaPruner(Pass):
         o = self.options
         program = program.clone()
         gm = program.module
-        teacher = copy.deepcopy(gm).eval()
+        teacher = frozen_copy(gm)
         graph = prunable_graph(self.name, program)
         dense = int(program.stats().macs)
         fixed = dense - graph.macs(graph.full_mask())
         needs_data = o.sparse_epochs > 0 or o.finetune_epochs > 0 or o.criterion == "auto"
         train_set = ctx.training_data(self.name) if needs_data else None
         if o.sparse_epochs:
-            losses = sparse_train(gm, graph, train_set, ctx, epochs=o.sparse_epochs, sparsity=o.sparsity,
-                                  lr=o.lr, batch_size=o.batch_size)
-            ctx.record("sparse_losses", losses)
+            sparse_train(gm, graph, train_set, ctx, epochs=o.sparse_epochs, sparsity=o.sparsity, lr=o.lr,
+                         batch_size=o.batch_size)
         importance, source = channel_importance(gm, graph)
         tie_break = unit_scores(gm, graph, "l1-norm")
         candidates = list(candidate_criteria(graph)) if o.criterion == "auto" else [o.criterion]
@@ -113,8 +112,8 @@ class AdaPruner(Pass):
         if len(candidates) > 1:
             recalibrate_bn(pruned, _images(train_set, o.proxy_images), o.batch_size)
         if o.finetune_epochs:
-            ctx.record("finetune_losses", fine_tune(pruned, teacher, train_set, ctx, epochs=o.finetune_epochs,
-                                                    lr=o.lr, batch_size=o.batch_size, distill=o.distill))
+            fine_tune(pruned, teacher, train_set, ctx, epochs=o.finetune_epochs, lr=o.lr, batch_size=o.batch_size,
+                      distill=o.distill)
         pruned.eval()
         ctx.record("flops_ratio", round(macs / dense, 5))
         ctx.record("flops_evaluations", fit.evaluations)
@@ -169,37 +168,33 @@ def _gammas(gm, graph: ChannelGraph) -> list:
 
 
 def sparse_train(gm, graph: ChannelGraph, train_set, ctx, *, epochs: int, sparsity: float, lr: float,
-                 batch_size: int) -> list:
+                 batch_size: int, end_epoch=None) -> list:
     """Network slimming (Liu et al., ICCV 2017): cross-entropy + ``sparsity`` x sum |gamma| over
     the BNs of the prunable groups. The L1 term is applied as its proximal step after each AdamW
     update (soft-thresholding every gamma by lr x sparsity), which drives unneeded gammas to exactly
     zero instead of oscillating around it. AdamW moves a weight by about lr per step, so sparsity
     near 1 balances the shrinkage against the task gradient of a short schedule (network slimming's
-    1e-4 is meant for SGD over 160 epochs)."""
+    1e-4 is meant for SGD over 160 epochs). ``end_epoch(epoch, loss)`` is called after every
+    epoch; returning True stops the training (ofa-prune's early structure search)."""
     gammas = _gammas(gm, graph)
     if not gammas:
         return []
-    opt = torch.optim.AdamW(gm.parameters(), lr=lr, weight_decay=0.0)
-    history = []
-    gm.train()
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + epoch)
-        for images, labels in ctx.progress(loader, f"sparse {epoch + 1}/{epochs}", total=len(loader)):
-            loss = F.cross_entropy(gm(images), labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                shrink = lr * sparsity
-                for g in gammas:
-                    g.copy_(g.sign() * (g.abs() - shrink).clamp_min(0))
-            total += loss.item() * len(labels)
-            count += len(labels)
-        history.append(round(total / max(count, 1), 4))
-    gm.eval()
-    _check_finite("sparse training", history)
-    return history
+    hook = _Proximal(gammas, lr * sparsity, end_epoch)
+    return fit(gm, source(train_set, batch_size, seed=ctx.seed), torch.optim.AdamW(gm.parameters(), lr=lr,
+               weight_decay=0.0), epochs=epochs, what="sparse training", phase="sparse", hooks=[hook], ctx=ctx)
+
+
+class _Proximal:
+    """Trainer hook: soft-threshold the BN gammas by ``shrink`` after every step."""
+
+    def __init__(self, gammas: list, shrink: float, end_epoch=None) -> None:
+        self.gammas, self.shrink = gammas, shrink
+        if end_epoch is not None:
+            self.end_epoch = end_epoch
+
+    def after_step(self) -> None:
+        for g in self.gammas:
+            g.copy_(g.sign() * (g.abs() - self.shrink).clamp_min(0))
 
 
 def _images(train_set, count: int) -> torch.Tensor:
@@ -243,31 +238,5 @@ def fine_tune(module: nn.Module, teacher: nn.Module, train_set, ctx, *, epochs: 
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(train_set) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    teacher.eval()
-    history = []
-    module.train()
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + 1000 + epoch)
-        for images, labels in ctx.progress(loader, f"fine-tune {epoch + 1}/{epochs}", total=len(loader)):
-            logits = module(images)
-            loss = F.cross_entropy(logits, labels)
-            if distill > 0:
-                with torch.no_grad():
-                    soft = teacher(images).softmax(dim=-1)
-                loss = loss + distill * F.kl_div(logits.log_softmax(dim=-1), soft, reduction="batchmean")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(labels)
-            count += len(labels)
-        history.append(round(total / max(count, 1), 4))
-    module.eval()
-    _check_finite("fine-tuning", history)
-    return history
-
-
-def _check_finite(what: str, history: list) -> None:
-    if not all(math.isfinite(h) for h in history):
-        raise PassError(f"adapruner {what} diverged (losses {history}); lower lr")
+    return fit(module, source(train_set, batch_size, seed=ctx.seed, phase="fine-tune"), opt, epochs=epochs,
+               what="fine-tuning", phase="fine-tune", teacher=teacher, distill=distill, scheduler=sched, ctx=ctx)

@@ -31,6 +31,7 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
+from ...models.trainer import fit, source
 from ..infra.base import Pass, option, register
 from ..infra.facts import BLOCK_SPARSE
 
@@ -103,31 +104,25 @@ class BlockPrune(Pass):
             raise PassError(f"block-prune: no conv/linear layer of {program.name} has {o.min_blocks} tiles of "
                             f"{o.block[0]}x{o.block[1]}; use a smaller block or min_blocks")
         if o.finetune_epochs:
-            ctx.record("finetune_losses", _masked_fine_tune(gm, masks, ctx.training_data(self.name), ctx, o))
+            _masked_fine_tune(gm, masks, ctx.training_data(self.name), ctx, o)
         ctx.record("layers", len(masks))
         ctx.record("weight_sparsity", round(zeroed / total, 4))
         return retrace(program, gm)
 
 
 def _masked_fine_tune(gm, masks: dict, train_set, ctx, o) -> list:
-    params = {name: gm.get_submodule(name).weight for name in masks}
-    opt = torch.optim.AdamW(gm.parameters(), lr=o.lr, weight_decay=0.0)
-    history = []
-    gm.train()
-    for epoch in range(o.finetune_epochs):
-        total, count = 0.0, 0
-        for images, labels in train_set.loader(o.batch_size, shuffle=True, seed=ctx.seed + epoch):
-            loss = F.cross_entropy(gm(images), labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for name, w in params.items():
-                    w.mul_(masks[name].to(w.dtype))
-            total += loss.item() * len(labels)
-            count += len(labels)
-        history.append(round(total / max(count, 1), 4))
-    gm.eval()
-    if not all(np.isfinite(history)):
-        raise PassError(f"block-prune fine-tuning diverged (losses {history}); lower lr")
-    return history
+    """Cross-entropy fine-tune (AdamW) with the zeroed tiles re-applied after every step."""
+    return fit(gm, source(train_set, o.batch_size, seed=ctx.seed), torch.optim.AdamW(gm.parameters(), lr=o.lr,
+               weight_decay=0.0), epochs=o.finetune_epochs, what="fine-tuning", phase="fine-tune",
+               hooks=[_Masks(gm, masks)], ctx=ctx)
+
+
+class _Masks:
+    """Trainer hook: multiply each pruned weight by its keep-mask after every step."""
+
+    def __init__(self, gm, masks: dict) -> None:
+        self.pairs = [(gm.get_submodule(name).weight, mask) for name, mask in masks.items()]
+
+    def after_step(self) -> None:
+        for w, mask in self.pairs:
+            w.mul_(mask.to(w.dtype))

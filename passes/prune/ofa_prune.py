@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import propagate_shapes, retrace
-from .adapruner import _check_finite, channel_importance, prunable_graph, recalibrate_bn, sparse_train
+from ...models.trainer import fit, source
+from .adapruner import channel_importance, prunable_graph, recalibrate_bn, sparse_train
 from ..infra.base import Pass, option, register
 from ..infra.facts import CHANNEL_PRUNED
 from .channels import ChannelGraph, WidthPlan, unit_scores
@@ -145,22 +146,25 @@ class OFAPrune(Pass):
                     masks[(b, r)] = plan.fit(b * dense, fixed[r], dense_r, 1.0, what=f"budget {b} at {r}px").keep
             return masks
 
-        previous, similarity, epochs = None, [], 0
-        for epoch in range(o.search_epochs):
-            sparse_train(gm, graph, train_set, _Shifted(ctx, epoch), epochs=1, sparsity=o.sparsity, lr=o.lr,
-                         batch_size=o.batch_size)
+        search = {"previous": None, "masks": None, "epochs": 0}
+        similarity = []
+
+        def searched(epoch: int, loss: float) -> bool:  # after every sparse-training epoch
             masks = structures()
-            epochs = epoch + 1
-            if previous is not None:
-                sims = {p: _cosine(previous[p], masks[p]) for p in pairs}
-                similarity.append(round(min(sims.values()), 4))
-                if min(sims.values()) >= o.stable:
-                    break
-            previous = masks
+            search["epochs"], previous, search["previous"] = epoch + 1, search["previous"], masks
+            if previous is None:
+                return False
+            sims = min(_cosine(previous[p], masks[p]) for p in pairs)
+            similarity.append(round(sims, 4))
+            return sims >= o.stable
+
+        sparse_train(gm, graph, train_set, ctx, epochs=o.search_epochs, sparsity=o.sparsity, lr=o.lr,
+                     batch_size=o.batch_size, end_epoch=searched)
+        masks, epochs = search["previous"], search["epochs"]
         ctx.record("search_epochs", epochs)
         ctx.record("mask_similarity", similarity)
         if o.train_epochs:
-            ctx.record("joint_losses", self._joint_train(gm, graph, masks, pairs, train_set, ctx))
+            self._joint_train(gm, graph, masks, pairs, train_set, ctx)
         members, table = {}, {}
         for b, r in pairs:
             view = views[r]
@@ -179,48 +183,34 @@ class OFAPrune(Pass):
         return members[pairs[o.select]]
 
     def _joint_train(self, gm, graph, masks, pairs, train_set, ctx) -> list:
+        """Every step runs all pairs (widest first) on the batch at their resolutions; the loss is
+        the sum of their cross-entropies plus KL of each narrower pair to the widest one's
+        (detached) predictions."""
         o = self.options
         hooks = _MaskedBN(gm, graph)
-        opt = torch.optim.AdamW(gm.parameters(), lr=o.lr, weight_decay=0.0)
         widest = max(pairs, key=lambda p: (masks[p].sum(), p[1]))
-        history = []
-        gm.train()
+        order = [widest] + [p for p in pairs if p != widest]
+
+        def joint_loss(net, batch):
+            loss, teacher = 0.0, None
+            for pair in order:
+                hooks.mask = masks[pair]
+                x = batch.x if batch.x.shape[-1] == pair[1] else F.interpolate(
+                    batch.x, size=(pair[1], pair[1]), mode="bilinear", align_corners=False)
+                logits = net(x)
+                loss = loss + F.cross_entropy(logits, batch.y)
+                if teacher is None:
+                    teacher = logits.detach().softmax(dim=-1)
+                else:
+                    loss = loss + F.kl_div(logits.log_softmax(dim=-1), teacher, reduction="batchmean")
+            return loss
+
         try:
-            for epoch in range(o.train_epochs):
-                total, count = 0.0, 0
-                for images, labels in train_set.loader(o.batch_size, shuffle=True, seed=ctx.seed + 500 + epoch):
-                    loss, teacher = 0.0, None
-                    for pair in [widest] + [p for p in pairs if p != widest]:
-                        hooks.mask = masks[pair]
-                        x = images if images.shape[-1] == pair[1] else F.interpolate(
-                            images, size=(pair[1], pair[1]), mode="bilinear", align_corners=False)
-                        logits = gm(x)
-                        loss = loss + F.cross_entropy(logits, labels)
-                        if teacher is None:
-                            teacher = logits.detach().softmax(dim=-1)
-                        else:
-                            loss = loss + F.kl_div(logits.log_softmax(dim=-1), teacher, reduction="batchmean")
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * len(labels)
-                    count += len(labels)
-                history.append(round(total / max(count, 1), 4))
+            return fit(gm, source(train_set, o.batch_size, seed=ctx.seed, phase="joint"),
+                       torch.optim.AdamW(gm.parameters(), lr=o.lr, weight_decay=0.0), epochs=o.train_epochs,
+                       what="joint training", phase="joint", loss=joint_loss, ctx=ctx)
         finally:
             hooks.remove()
-            gm.eval()
-        _check_finite("joint training", history)
-        return history
-
-
-class _Shifted:
-    """The context with its seed moved by ``epoch`` (a fresh shuffle per search epoch)."""
-
-    def __init__(self, ctx, epoch: int) -> None:
-        self._ctx, self.seed = ctx, ctx.seed + 100 * epoch
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
 
 
 def _with_weights(view_module, trained):

@@ -187,7 +187,7 @@ class ASViT(Pass):
             macs = first_pruned * block_macs(float(n0), dim, mlp_ratio) + block_macs(kept, dim, mlp_ratio).sum(dim=1)
             return o.budget_weight * (macs.mean() / dense - o.budget).abs()
 
-        history = distill_fine_tune(
+        distill_fine_tune(
             gm, teacher, nodes[0].target, stages, [s.threshold for s in stages], budget_loss, train_set, ctx,
             epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, distill_weight=o.distill_weight, name=self.name,
             stage_lr=o.threshold_lr, stage_weight_decay=0.0,
@@ -196,7 +196,6 @@ class ASViT(Pass):
         for stage, k in zip(stages, counts):
             stage.keep_tokens = k
             stage.mode = o.mode
-        ctx.record("train_loss", history)
         ctx.record("thresholds", [round(s.threshold.item(), 6) for s in stages])
         ctx.record("kept", counts)
         return retrace(program, gm)

@@ -7,15 +7,14 @@ block from the traced shapes and fixes every keep count at compile time (``topk`
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 
 import torch
-import torch.nn.functional as F
 import torch.fx
 from torch import nn
 
 from ...ir.errors import OptionValueError, PassError, UnsupportedOpError
+from ...models.trainer import fit, frozen_copy, source  # noqa: F401  (frozen_copy: the teacher of every token pass)
 from ..transformer import (  # noqa: F401  (the layout and selection helpers every token pass uses)
     OnnxTopK,
     TokenFusion,
@@ -70,14 +69,6 @@ class PolicyBlock(nn.Module):
         return mlp_step(self.block, x)
 
 
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """An eval-mode copy without gradients: the dense teacher for distillation."""
-    teacher = copy.deepcopy(module).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
 @contextlib.contextmanager
 def policy_mode(gm, first_target: str, stages):
     """Run ``gm`` with a token policy inside the ``with``: every block from ``first_target`` on
@@ -110,17 +101,15 @@ def policy_mode(gm, first_target: str, stages):
 def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extra_loss, train_set, ctx, *,
                       epochs: int, lr: float, batch_size: int, distill_weight: float, name: str,
                       stage_lr: float | None = None, stage_weight_decay: float = 0.01) -> list:
-    """Fine-tune ``gm`` with a token policy: every block from ``first_target`` on runs as a
-    :class:`PolicyBlock`, the pruning ``stages`` run in ``"train"`` mode sharing one
-    :class:`TokenPolicy`. Loss = cross-entropy + ``extra_loss(state)`` + ``distill_weight`` x
-    KL(student || teacher). The stages' own parameters learn at ``stage_lr`` (default ``lr``) with
-    ``stage_weight_decay``, the dense layers at ``lr``/10 (AdamW, weight decay 0.01). The blocks
-    are restored and the stages left in eval mode afterwards. Runs on ``ctx.device`` (the student,
-    the teacher and each batch are moved there) and leaves both modules on the CPU. Returns the
-    mean loss per epoch."""
-    device = getattr(ctx, "device", torch.device("cpu"))
-    gm.to(device)
-    teacher.to(device)
+    """Fine-tune ``gm`` with a token policy through the trainer (:func:`sliver.models.trainer.fit`):
+    every block from ``first_target`` on runs as a :class:`PolicyBlock`, the pruning ``stages``
+    run in ``"train"`` mode sharing one :class:`TokenPolicy`. Loss = cross-entropy +
+    ``extra_loss(state)`` + ``distill_weight`` x KL(student || teacher). The stages' own parameters
+    learn at ``stage_lr`` (default ``lr``) with ``stage_weight_decay``, the dense layers at
+    ``lr``/10 (AdamW, weight decay 0.01). The blocks are restored and the stages left in eval mode
+    afterwards. Runs on ``ctx.device`` (the trainer moves each batch to the student's device) and
+    leaves both modules on the CPU. Returns the mean loss per epoch (also in the report's
+    ``train_loss``)."""
     stage_ids = {id(p) for p in stage_params}
     dense_params = [p for p in gm.parameters() if id(p) not in stage_ids]
     opt = torch.optim.AdamW(
@@ -128,41 +117,15 @@ def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extr
          {"params": dense_params, "lr": lr / 10}],
         weight_decay=0.01,
     )
-    history = []
+    device = getattr(ctx, "device", torch.device("cpu"))
     try:
-        history = _distill_epochs(gm, teacher, first_target, stages, extra_loss, train_set, ctx, opt, device,
-                                  epochs, batch_size, distill_weight)
+        gm.to(device)
+        teacher.to(device)
+        with policy_mode(gm, first_target, stages) as state:
+            hook = _PolicyHook(state, extra_loss)
+            return fit(gm, source(train_set, batch_size, seed=ctx.seed), opt, epochs=epochs,
+                       what="fine-tuning", phase="fine-tune", hooks=[hook], teacher=teacher,
+                       distill=distill_weight, ctx=ctx)
     finally:
         gm.to("cpu")
         teacher.to("cpu")
-    if not all(math.isfinite(h) for h in history):
-        raise PassError(f"{name} fine-tuning diverged (losses {history}); lower lr")
-    return history
-
-
-def _distill_epochs(gm, teacher, first_target, stages, extra_loss, train_set, ctx, opt, device, epochs,
-                    batch_size, distill_weight) -> list:
-    history = []
-    with policy_mode(gm, first_target, stages) as state:
-        gm.train()
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            loader = train_set.loader(batch_size, shuffle=True, seed=ctx.seed + epoch)
-            for images, labels in ctx.progress(loader, f"epoch {epoch + 1}/{epochs}", total=len(loader)):
-                images, labels = images.to(device), labels.to(device)
-                state.reset()
-                logits = gm(images)
-                with torch.no_grad():
-                    soft = teacher(images).softmax(dim=-1)
-                loss = (
-                    F.cross_entropy(logits, labels)
-                    + extra_loss(state)
-                    + distill_weight * F.kl_div(logits.log_softmax(dim=-1), soft, reduction="batchmean")
-                )
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(labels)
-                count += len(labels)
-            history.append(round(total / max(count, 1), 4))
-    return history

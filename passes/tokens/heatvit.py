@@ -53,6 +53,7 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
+from ...models import trainer
 from ..infra.base import Pass, option, register
 from ..infra.facts import FLOAT_TOKEN_SCORES, TOKEN_PRUNED
 from .common import (
@@ -204,8 +205,7 @@ class HeatViT(Pass):
             fit = _warm_start(teacher, selectors, [n.target for n in nodes], n0, o, train_set, ctx)
             ctx.record("warm_start", fit)
         if train_set is not None:
-            history = _fine_tune(gm, teacher, selectors, nodes, n0, o, train_set, ctx)
-            ctx.record("train_loss", history)
+            _fine_tune(gm, teacher, selectors, nodes, n0, o, train_set, ctx)
         for s in selectors:
             s.mode = o.mode
         ctx.record("tokens", schedule)
@@ -332,25 +332,30 @@ def _warm_start(teacher, selectors, targets, n0, o, train_set, ctx) -> dict:
     fit = {"loss_before": [], "loss_after": [], "topk_agreement": []}
     for t, sel in zip(targets, selectors):
         x, y = torch.cat(feats[t]), torch.cat(labels[t])
-        opt = torch.optim.AdamW(sel.parameters(), lr=WARM_START_LR, weight_decay=0.0)
-        sel.train()
+        scorer = _KeepScores(sel)
 
-        def loss_of(xb, yb):
-            return F.binary_cross_entropy(sel.keep_scores(xb).clamp(1e-6, 1 - 1e-6), yb)
+        def loss_of(net, batch):
+            return F.binary_cross_entropy(net(batch.x).clamp(1e-6, 1 - 1e-6), batch.y)
 
         with torch.no_grad():
-            fit["loss_before"].append(round(loss_of(x, y).item(), 4))
-        for _ in range(o.warm_start):
-            order = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), o.batch_size):
-                batch = order[i : i + o.batch_size]
-                loss = loss_of(x[batch], y[batch])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        sel.eval()
+            fit["loss_before"].append(round(loss_of(scorer, trainer.Batch(x, y, None)).item(), 4))
+        trainer.fit(scorer, trainer.tensor_source(x, y, o.batch_size, generator=gen),
+                    torch.optim.AdamW(sel.parameters(), lr=WARM_START_LR, weight_decay=0.0), epochs=o.warm_start,
+                    what="warm start", phase="warm-start", loss=loss_of, ctx=ctx)
         with torch.no_grad():
-            fit["loss_after"].append(round(loss_of(x, y).item(), 4))
+            fit["loss_after"].append(round(loss_of(scorer, trainer.Batch(x, y, None)).item(), 4))
             top = sel.keep_scores(x).topk(sel.keep_tokens, dim=1).indices
             fit["topk_agreement"].append(round(torch.gather(y, 1, top).mean().item(), 4))
     return fit
+
+
+class _KeepScores(nn.Module):
+    """A selector's keep scores as a module's forward (what the warm start trains, DDP-wrappable)."""
+
+    def __init__(self, selector: TokenSelector) -> None:
+        super().__init__()
+        self.selector = selector
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.selector.keep_scores(tokens)
+
