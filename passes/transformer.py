@@ -274,7 +274,7 @@ def block_dims(block: nn.Module) -> tuple:
 
 # -- attention with probabilities -----------------------------------------------------------------
 def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | None = None,
-                    mask: torch.Tensor | None = None):
+                    mask: torch.Tensor | None = None, connections: torch.Tensor | None = None):
     """Multi-head self-attention computed step by step, returning (output, probabilities, context).
 
     probabilities: (B, heads, N, N); context: the per-head A.V before the output projection,
@@ -287,7 +287,9 @@ def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | Non
     (True = attend) attention mask, as ``F.scaled_dot_product_attention`` takes.
 
     ``policy`` (B, N), 1 = kept, is the training-time token mask of the pruning passes: pruned keys
-    get no weight and every token still attends to itself (DynamicViT's masked softmax)."""
+    get no weight and every token still attends to itself (DynamicViT's masked softmax).
+    ``connections`` (B, N, N), 0/1, masks query-key pairs the same way (Tri-Level E-ViT's
+    attention-level mask; the exponentials are multiplied by it before normalising)."""
     layout = attention_layout(attn)
     b, n, c = x.shape
     q, k, v = layout.qkv(attn, x)
@@ -296,10 +298,13 @@ def attention_parts(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | Non
     scores = product(q * scale, k.transpose(-2, -1)) if product is not None else (q * scale) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    if policy is not None:
-        allowed = policy.reshape(b, 1, 1, n)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(1, 1, n, n)
-        allowed = allowed + (1.0 - allowed) * eye
+    if policy is not None or connections is not None:
+        if connections is not None:
+            allowed = connections.unsqueeze(1)
+        else:
+            allowed = policy.reshape(b, 1, 1, n)
+            eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(1, 1, n, n)
+            allowed = allowed + (1.0 - allowed) * eye
         e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed
         probs = (e + 1e-6 / n) / (e.sum(dim=-1, keepdim=True) + 1e-6)
     elif hasattr(attn, "attention_probs"):

@@ -26,16 +26,17 @@ def main(out_dir: str, mode: str) -> None:
     extra = {}
     torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
     if mode == "trilevel":
-        from sliver.passes.tokens.trilevel import TriLevel, TriLevelOptions
+        from sliver.passes.tokens.trilevel import TriLevelOptions, TriLevelTraining
 
-        net = create("tiny_deit")
-        tri = TriLevel.for_training(net, TriLevelOptions(keep=0.7, attn=0.5, remove=0.1, blocks=(1, 2),
-                                                          holdout=0.25, swap_every=1, warmup=0.0, ramp=0.5),
-                                    epochs=3, dataset_size=len(train_set), seed=0)
+        options = TriLevelOptions(keep=0.7, attn=0.5, remove=0.1, blocks=(1, 2), holdout=0.25, swap_every=0.34,
+                                  swap_until=1.0, warmup=0.0, ramp=0.5)
+        tri = TriLevelTraining(options, seed=0)
+        net = tri.prepare(create("tiny_deit"), 3)
         source = tri.wrap(trainer.source(train_set, 32, seed=0))
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
         losses = trainer.fit(net, source, opt, epochs=3, hooks=[tri])
-        extra = {"swaps": tri.sampler.swaps, "active": tri.sampler.active.clone()}
+        extra = {"swaps": tri.sampler.swaps, "active": tri.sampler.active.clone(),
+                 "history": torch.stack(tri.sampler.history)}
     else:
         net = create("tiny_resnet")
         gen = torch.Generator().manual_seed(7)  # the same masks on every rank

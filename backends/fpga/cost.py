@@ -129,7 +129,9 @@ def price(work, accel: Accelerator, nonlinear: str, name: str, op: str) -> OpCos
             utilisation=work.macs / (c["cycles"] * peak) if c["cycles"] else 0.0,
             detail=(f"{work.batch}x[{work.m}x{work.k}x{work.n}] on {c['rows']}x{c['cols']} "
                     f"{c['dataflow'].upper()} (x{c['pack']:g} packing), tile {c['tile'][0]}x{c['tile'][1]}"
-                    + (f", M in chunks of {c['m_chunk']}" if c["m_chunk"] < work.m else "")),
+                    + (f", M in chunks of {c['m_chunk']}" if c["m_chunk"] < work.m else "")
+                    + (f", masked connections skip {work.skipped_macs:,} MACs" if work.skipped_macs else "")),
+            skipped_macs=work.skipped_macs,
             gemm={"batch": work.batch, "m": work.m, "k": work.k, "n": work.n, "rows": c["rows"],
                   "cols": c["cols"], "dataflow": c["dataflow"], "pack": c["pack"], "tile": list(c["tile"])},
         )

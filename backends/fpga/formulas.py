@@ -125,6 +125,7 @@ class GemmWork:
     extra_ddr_bytes: float = 0.0  # e.g. a bias vector, loaded once
     grouped: bool = False  # the batch is a grouped convolution's groups (channel-parallel allowed)
     b_constant: bool = False  # B is a weight: its first tile is prefetched during the previous op
+    skipped_macs: int = 0  # dense MACs this work leaves out (masked attention connections)
 
     @property
     def macs(self) -> int:
@@ -178,11 +179,15 @@ class OpCost:
     detail: str = ""
     #: for GEMMs: batch, m, k, n and the array mode used (rows, cols, dataflow, pack, tile)
     gemm: dict | None = None
+    #: MACs of the dense op that a sparse kernel skips (attention connections a mask removes)
+    skipped_macs: int = 0
 
     def to_dict(self) -> dict:
         out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
         if self.gemm is None:
             del out["gemm"]
+        if not self.skipped_macs:
+            del out["skipped_macs"]
         return out
 
 

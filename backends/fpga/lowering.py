@@ -24,6 +24,7 @@ call's default ``bits``. A GEMM runs at the wider of its two operands' widths.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from math import prod
@@ -281,6 +282,8 @@ def _matmul(node, ctx):
     if node.op_type in ("MatMul", "Gemm"):
         transposed = node.op_type == "Gemm" and bool(ctx.attr(node, "transB", 0))
         work = _skip_zero_blocks(node.input[1], ctx, work, outputs_first=transposed)
+    if node.op_type == "MatMul":
+        work = _skip_masked_connections(node, ctx, work)
     return work
 
 
@@ -322,6 +325,90 @@ def _skip_zero_blocks(weight: str, ctx, work, *, outputs_first: bool):
     if k >= work.k:
         return work
     return dataclasses.replace(work, k=k, b_bytes=work.b_bytes * k / work.k)
+
+
+def connection_masks(model) -> dict:
+    """The attention products a Tri-Level connection mask (passes/tokens/trilevel.py) sparsifies:
+    ``{MatMul output: (role, kept per row)}`` with role ``"scores"`` (Q.K^T) or ``"context"``
+    (A.V) and the mean number of key connections a query row keeps.
+
+    The mask is recognised by its static construction: ``ScatterElements`` of ``TopK`` indices
+    (B, M, k) into zeros (B, M, M), concatenated with an all-ones CLS column and row into
+    (B, M+1, M+1); the CLS row keeps M+1 connections, a patch row k+1. Each use multiplies the
+    exponentials of a softmax (``Mul`` of an ``Exp``); the ``MatMul`` whose output feeds that
+    ``Exp`` (through ``Sub``) computes the scores, the one that takes the normalised result
+    (through ``Add``/``Div``) as its first operand computes the context."""
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output if o}
+    consumers: dict = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    types = value_types(model)
+    found = {}
+    for scatter in (n for n in nodes if n.op_type == "ScatterElements"):
+        idx_shape = types.get(scatter.input[1], (None, None))[1]
+        data_shape = types.get(scatter.input[0], (None, None))[1]
+        if not idx_shape or not data_shape or not all(isinstance(d, int) for d in idx_shape + data_shape):
+            continue
+        m, k = data_shape[-1], idx_shape[-1]
+        kept = ((m + 1) + m * (k + 1)) / (m + 1)
+        frontier, masks = [scatter.output[0]], []
+        while frontier:  # through the Concats (and layout ops) to the uses of the finished mask
+            name = frontier.pop()
+            for c in consumers.get(name, []):
+                if c.op_type in ("Concat", "Unsqueeze", "Reshape", "Cast", "Expand", "Identity"):
+                    frontier.append(c.output[0])
+                elif c.op_type == "Mul":
+                    masks.append(c)
+        for mul in masks:
+            other = [i for i in mul.input if producer.get(i) is not None and producer[i].op_type == "Exp"]
+            if not other:
+                continue
+            src = producer[producer[other[0]].input[0]]
+            while src is not None and src.op_type in ("Sub", "Mul", "Div", "Cast"):
+                src = producer.get(src.input[0])
+            if src is not None and src.op_type == "MatMul":
+                found[src.output[0]] = ("scores", kept)
+            frontier = [mul.output[0]]
+            for _ in range(4):  # Add(eps) -> Div -> MatMul(probs, V)
+                nxt = []
+                for name in frontier:
+                    for c in consumers.get(name, []):
+                        if c.op_type == "MatMul" and c.input[0] == name:
+                            found[c.output[0]] = ("context", kept)
+                        elif c.op_type in ("Add", "Div", "Cast"):
+                            nxt.append(c.output[0])
+                frontier = nxt
+    return found
+
+
+def _skip_masked_connections(node, ctx, work):
+    """Attention products under a Tri-Level connection mask (:func:`connection_masks`).
+    Assumption: the accelerator runs masked attention with a sparse kernel that, per query row,
+    gathers only the kept keys (indices known once the mask is built, one block earlier): Q.K^T
+    computes only the kept scores (its ``n`` becomes the mean kept count per row, rounded up) and
+    A.V reduces only over them (its ``k`` likewise); the softmax max runs over the kept scores, which gives the
+    same normalised result since masked exponentials are zeroed anyway. The gather itself and the
+    index bookkeeping are not charged. The MACs left out are reported as ``skipped_macs``."""
+    masks = getattr(ctx, "_connection_masks", None)
+    if masks is None:
+        masks = ctx._connection_masks = connection_masks(ctx.model)
+    hit = masks.get(node.output[0])
+    if hit is None:
+        return work
+    role, kept = hit
+    if role == "scores" and work.n > kept:
+        n = max(1, math.ceil(kept))
+        return dataclasses.replace(work, n=n, out_bytes=work.out_bytes * n / work.n,
+                                   b_bytes=work.b_bytes * n / work.n, skipped_macs=work.macs - work.batch * work.m
+                                   * work.k * n)
+    if role == "context" and work.k > kept:
+        k = max(1, math.ceil(kept))
+        return dataclasses.replace(work, k=k, a_bytes=work.a_bytes * k / work.k,
+                                   b_bytes=work.b_bytes * k / work.k, skipped_macs=work.macs - work.batch * work.m
+                                   * k * work.n)
+    return work
 
 
 #: elementwise ops: fused into their producer when all other operands are constants

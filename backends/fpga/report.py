@@ -68,6 +68,12 @@ class Report:
         return int(sum(o.macs for o in self.ops))
 
     @property
+    def skipped_macs(self) -> int:
+        """MACs the dense graph has but a sparse kernel skips (attention connections removed by a
+        Tri-Level mask); already left out of :attr:`macs` and the cycles."""
+        return int(sum(o.skipped_macs for o in self.ops))
+
+    @property
     def energy_mj(self) -> float:
         return sum(o.energy_pj for o in self.ops) * 1e-9
 
@@ -112,6 +118,7 @@ class Report:
             "energy_mj": round(self.energy_mj, 4),
             "cycles_by_unit": {k: round(v) for k, v in self.cycles_by("unit").items()},
             "cycles_by_bound": {k: round(v) for k, v in self.cycles_by("bound").items()},
+            **({"skipped_macs": self.skipped_macs} if self.skipped_macs else {}),
         }
 
     # -- output ------------------------------------------------------------------------------
