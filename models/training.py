@@ -71,6 +71,7 @@ class TrainConfig:
     vit_init: str = "mimetic"  # ViTs: "mimetic" (sine-cosine positions, mimetic attention) or "zoo"
     seed: int = 0
     threads: int = 2  # torch intra-op threads while training
+    train_copies: int = 1  # >1: the training set is that many jittered copies of itself (augmented digits)
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,8 +98,8 @@ def config_for(model: str, **overrides) -> TrainConfig:
     if unknown:
         raise ModelInputError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
     config = dataclasses.replace(DEFAULTS[model], **{k: v for k, v in overrides.items() if v is not None})
-    if config.epochs < 1 or config.batch_size < 1 or config.threads < 1:
-        raise ModelInputError("epochs, batch_size and threads must be positive integers")
+    if config.epochs < 1 or config.batch_size < 1 or config.threads < 1 or config.train_copies < 1:
+        raise ModelInputError("epochs, batch_size, threads and train_copies must be positive integers")
     return config
 
 
@@ -114,6 +115,7 @@ class TrainResult:
     losses: list = field(default_factory=list)  # mean training loss per epoch
     val_history: list = field(default_factory=list)  # (epoch, val score) when asked for
     cpu_seconds: float = 0.0  # CPU time of the training loop, all threads (wall time depends on load)
+    extra: dict = field(default_factory=dict)  # what extensions report (e.g. tri-level swaps), kept in the checkpoint
 
     def summary(self) -> str:
         scores = ", ".join(f"{k} {self.metric} {v:.2f}%" for k, v in self.scores.items())
@@ -253,7 +255,7 @@ def train(model: str | TrainConfig, *, progress: bool = True, val_every: int = 0
     :func:`.trainer.fit`, so the recipe runs under ``torchrun`` with DDP as the passes do.
     """
     config = model if isinstance(model, TrainConfig) else config_for(model, **overrides)
-    data = {"train": datasets.load(config.dataset, "train")}
+    data = {"train": augmented(datasets.load(config.dataset, "train"), config)}
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -302,7 +304,27 @@ def train(model: str | TrainConfig, *, progress: bool = True, val_every: int = 0
     finally:
         torch.set_num_threads(saved_threads)
     metric = "accuracy" if data["train"].task == "classification" else "miou"
-    return TrainResult(net, config, metric, scores, train_seconds, losses, val_history, cpu_seconds)
+    extra = {}
+    for ext in extensions:
+        extra.update(ext.report() if hasattr(ext, "report") else {})
+    return TrainResult(net, config, metric, scores, train_seconds, losses, val_history, cpu_seconds, extra)
+
+
+def augmented(train_set: datasets.ImageSet, config: TrainConfig) -> datasets.ImageSet:
+    """The training set as ``config.train_copies`` copies: the first as it is, each other one
+    jittered once by the recipe's random affine (drawn from a generator seeded by the config's
+    seed), so a larger "augmented digits" set has distinct examples. Online jitter still applies."""
+    if config.train_copies == 1:
+        return train_set
+    gen = torch.Generator().manual_seed(10007 * config.seed + 17)
+    background = float(train_set.images.min())
+    images, targets = [train_set.images], [train_set.targets]
+    for _ in range(config.train_copies - 1):
+        x, y = _augment(train_set.images, train_set.targets, config, background, gen)
+        images.append(x)
+        targets.append(y)
+    return datasets.ImageSet(f"{train_set.name}x{config.train_copies}", train_set.task, torch.cat(images),
+                             torch.cat(targets), train_set.num_classes, train_set.class_names, dict(train_set.meta))
 
 
 class _Recipe:
@@ -358,6 +380,7 @@ def save_checkpoint(result: TrainResult, path: str | os.PathLike) -> str:
         "train_cpu_seconds": result.cpu_seconds,
         "losses": list(result.losses),
         "code_hash": code_hash(result.config),
+        "extra": dict(result.extra),
         "torch_version": str(torch.__version__),
     }
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path))

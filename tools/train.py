@@ -4,6 +4,15 @@
     python tools/train.py tiny_deit --out build/tiny_deit.pt
     python tools/train.py tiny_segmenter --epochs 30 --seed 1 --out build/seg.pt
     python tools/train.py --list
+    python tools/train.py tiny_deit --sparsity "trilevel{keep=0.7 attn=0.3 remove=0.05 blocks=3,6,9}"
+    torchrun --nproc-per-node 2 tools/train.py tiny_deit --out build/tiny_deit.pt   # DDP (gloo on CPUs)
+
+``--sparsity`` trains with Tri-Level E-ViT's example, token and attention sparsity (the options of
+the ``trilevel`` pass; its schedules are scaled to the run's epochs); the checkpoint holds plain
+weights, and ``trilevel{epochs=0 ...}`` with the same options gives the trained model its static
+form for compiling. ``--train-copies N`` trains on N jittered copies of the training set (augmented
+digits), e.g. for timing. Under ``torchrun`` every process trains its shard with
+DistributedDataParallel and rank 0 writes the checkpoint.
 
 The checkpoint (written atomically) holds the state_dict, the full training config, the measured
 val and test score (accuracy or mIoU, percent) and the training time; load it with
@@ -40,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=0, help="score the val split every N epochs")
     p.add_argument("--list", action="store_true", help="list the models and their default recipes, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sparsity", help='training-time sparsity, e.g. "trilevel{keep=0.7 attn=0.3 remove=0.05}"')
+    p.add_argument("--train-copies", type=int, help="train on N jittered copies of the training set (default 1)")
     return p
 
 
@@ -56,18 +67,66 @@ def main(argv=None) -> int:
         if not args.model:
             raise ModelInputError(f"no MODEL given; trainable: {', '.join(training.DEFAULTS)}")
         overrides = {"epochs": args.epochs, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size,
-                     "threads": args.threads}
+                     "threads": args.threads, "train_copies": args.train_copies}
         config = training.config_for(args.model, **overrides)
+        extensions = sparsity_extensions(args.sparsity, config.seed)
+        if extensions and not args.out:
+            raise ModelInputError("--sparsity needs --out: the per-machine cache holds dense recipes only")
         out = args.out or training.cached_path(config)
         if os.path.isdir(out):
             raise ModelInputError(f"--out {out} is a directory; give a file path such as {out}/{args.model}.pt")
-        result = training.train(config, progress=not args.quiet, val_every=args.val_every)
-        path = training.save_checkpoint(result, out)
+        with distributed():
+            result = training.train(config, progress=not args.quiet, val_every=args.val_every,
+                                    extensions=extensions)
+            if args.sparsity:
+                result.extra["sparsity"] = args.sparsity
+            path = training.save_checkpoint(result, out) if rank() == 0 else out
     except SliverError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(f"{result.summary()}\nwrote {path}")
+    if rank() == 0:
+        print(f"{result.summary()}\nwrote {path}")
     return 0
+
+
+def sparsity_extensions(spec, seed: int) -> list:
+    """The trainer extensions of a ``--sparsity`` spec (today: one ``trilevel{...}``)."""
+    if not spec:
+        return []
+    from sliver import passes
+    from sliver.ir.errors import PipelineError
+    from sliver.passes.tokens.trilevel import TriLevel, TriLevelTraining
+
+    steps = passes.parse(spec).passes
+    if len(steps) != 1 or not isinstance(steps[0], TriLevel):
+        raise PipelineError(f"--sparsity {spec!r}: give one trilevel{{...}} (the training-time method sliver has)")
+    return [TriLevelTraining(steps[0].options, seed=seed)]
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class distributed:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): a process group for the run (gloo:
+    the CPU, where the zoo recipe trains), destroyed afterwards; otherwise nothing."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+        if self.started:
+            dist.init_process_group("gloo")  # the zoo recipe trains on the CPU
+        return self
+
+    def __exit__(self, *exc):
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        return False
 
 
 if __name__ == "__main__":
