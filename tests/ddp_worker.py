@@ -26,10 +26,10 @@ def main(out_dir: str, mode: str) -> None:
     extra = {}
     torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
     if mode == "trilevel":
-        from sliver.passes.tokens.trilevel import TriLevelOptions, TriLevelTraining
+        from sliver.passes.tokens.trilevel import TriLevel, TriLevelTraining
 
-        options = TriLevelOptions(keep=0.7, attn=0.5, remove=0.1, blocks=(1, 2), holdout=0.25, swap_every=0.34,
-                                  swap_until=1.0, warmup=0.0, ramp=0.5)
+        options = TriLevel(keep=0.7, attn=0.5, remove=0.1, blocks=(1, 2), holdout=0.25, swap_every=0.34,
+                                  swap_until=1.0, warmup=0.0, ramp=0.5).options
         tri = TriLevelTraining(options, seed=0)
         net = tri.prepare(create("tiny_deit"), 3)
         source = tri.wrap(trainer.source(train_set, 32, seed=0))

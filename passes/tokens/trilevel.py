@@ -56,7 +56,8 @@ from ...ir.program import Program
 from ...ir.torch_level import is_transformer_block, retrace
 from ...models import trainer
 from ...models.forgetting import ForgettingSampler, swap_schedule
-from ..infra.base import Pass, register
+from ..infra.base import Pass, option, register
+from ..infra.facts import TOKEN_PRUNED
 from .common import OnnxTopK, attention_parts, check_blocks, keep_count, residual_branch, select_tokens, tokens_in
 
 
@@ -187,37 +188,27 @@ def ratio_at(progress: float, final: float, warmup: float, ramp: float) -> float
 # -- options ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TriLevelOptions:
-    keep: float = dataclasses.field(default=0.7, metadata={"doc": "token keep ratio per stage (1 = token level off)"})
-    attn: float = dataclasses.field(default=0.3, metadata={
-        "doc": "attention connections kept per patch row (1 = attention level off)"})
-    remove: float = dataclasses.field(default=0.05, metadata={
-        "doc": "examples swapped per swap, fraction of the data set (0 = example level off)"})
-    blocks: tuple[int, ...] = dataclasses.field(default=(3, 6, 9), metadata={"doc": "0-indexed pruning blocks"})
-    holdout: float = dataclasses.field(default=0.2, metadata={
-        "doc": "fraction of the training set held aside (example level)"})
-    swap_every: float = dataclasses.field(default=0.1, metadata={"doc": "swap period, fraction of the epochs"})
-    swap_until: float = dataclasses.field(default=0.5, metadata={"doc": "last swap, fraction of the epochs"})
-    warmup: float = dataclasses.field(default=10 / 300, metadata={
-        "doc": "fraction of the epochs at ratio 1 before the cosine"})
-    ramp: float = dataclasses.field(default=110 / 300, metadata={
-        "doc": "fraction of the epochs at which keep and attn reach their final values"})
-    epochs: int = dataclasses.field(default=3, metadata={"doc": "pass: fine-tuning epochs (0: static rewrite only)"})
-    lr: float = dataclasses.field(default=1e-4, metadata={"doc": "pass: fine-tuning learning rate (AdamW)"})
-    batch_size: int = dataclasses.field(default=64, metadata={"doc": "pass: fine-tuning batch size"})
+    keep: float = option(0.7, "token keep ratio per stage (1 = token level off)", gt=0.0, le=1.0)
+    attn: float = option(0.3, "attention connections kept per patch row (1 = attention level off)", gt=0.0, le=1.0)
+    remove: float = option(0.05, "examples swapped per swap, fraction of the data set (0 = example level off)",
+                           ge=0.0, lt=1.0)
+    blocks: tuple[int, ...] = option((3, 6, 9), "0-indexed pruning blocks", nonempty=True, ge=0)
+    holdout: float = option(0.2, "fraction of the training set held aside (example level)", ge=0.0, lt=1.0)
+    swap_every: float = option(0.1, "swap period, fraction of the epochs", gt=0.0, le=1.0)
+    swap_until: float = option(0.5, "last swap, fraction of the epochs", ge=0.0, le=1.0)
+    warmup: float = option(10 / 300, "fraction of the epochs at ratio 1 before the cosine", ge=0.0, le=1.0)
+    ramp: float = option(110 / 300, "fraction of the epochs at which keep and attn reach their final values",
+                         ge=0.0, le=1.0)
+    epochs: int = option(3, "pass: fine-tuning epochs (0: static rewrite only)", ge=0)
+    lr: float = option(1e-4, "pass: fine-tuning learning rate (AdamW)", gt=0.0)
+    batch_size: int = option(64, "pass: fine-tuning batch size", ge=1)
 
     def validate(self) -> None:
-        for name in ("keep", "attn"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must lie in (0, 1] (1 switches the level off)")
-        if not 0.0 <= self.holdout < 1.0 or not 0.0 <= self.remove <= self.holdout:
-            raise ValueError(f"need 0 <= remove ({self.remove}) <= holdout ({self.holdout}) < 1: swapped examples "
-                             "come from the held-aside pool (remove=0 switches the example level off)")
-        if not self.blocks:
-            raise ValueError("blocks is empty; name at least one block index")
-        if not 0.0 <= self.warmup <= self.ramp:
-            raise ValueError(f"need 0 <= warmup ({self.warmup}) <= ramp ({self.ramp})")
-        if self.swap_every <= 0 or self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("swap_every and lr must be > 0, epochs >= 0, batch_size >= 1")
+        if self.remove > self.holdout:
+            raise ValueError(f"remove={self.remove} must be <= holdout={self.holdout}: swapped examples come from "
+                             "the held-aside pool (remove=0 switches the example level off)")
+        if self.warmup > self.ramp:
+            raise ValueError(f"warmup={self.warmup} must be <= ramp={self.ramp}")
 
     @property
     def levels(self) -> dict:
@@ -236,7 +227,6 @@ class TriLevelTraining:
     """
 
     def __init__(self, options: TriLevelOptions, seed: int = 0) -> None:
-        options.validate()
         self.options, self.seed = options, seed
         self.state = None
         self.sampler = None
@@ -302,7 +292,7 @@ class TriLevel(Pass):
     name = "trilevel"
     level = "torch"
     summary = "Tri-Level E-ViT: example, token and attention-connection sparsity; fine-tune + static top-k model"
-    provides = ("token-pruned",)
+    provides = (TOKEN_PRUNED,)
     Options = TriLevelOptions
 
     def run(self, program: Program, ctx) -> Program:
