@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..ir.errors import DataError, SliverError
+from ..ir.errors import AccuracyDropError, DataError, SliverError
 from ..ir.program import Program
 from ..models import data as datasets
 from . import tvm as tvm_backend
 
-__all__ = ["Evaluation", "evaluate", "score", "evaluate_before_after", "TASK_DATASETS"]
+__all__ = ["AccuracyGuard", "Evaluation", "evaluate", "score", "evaluate_before_after", "TASK_DATASETS"]
 
 #: the data set each task is scored on by default
 TASK_DATASETS = {"classification": "digits", "segmentation": "digit-scenes"}
@@ -211,3 +211,70 @@ def evaluate_before_after(before: Program, after, *, data="digits", split: str =
         report["tvm"] = built.value
         report["seconds"] += built.seconds
     return report
+
+
+# -- the accuracy guard: a pipeline instrument ------------------------------------------------
+from ..passes.infra.pipeline import Instrument  # noqa: E402  (backends may import passes, never the reverse)
+
+
+class AccuracyGuard(Instrument):
+    """Score every stage of a pipeline run and stop it when one costs too much.
+
+        guard = AccuracyGuard(data="digits", split="test", max_drop=1.5)
+        pipe.run(program, ctx, instruments=[guard])
+        guard.first, guard.last, guard.stages        # Evaluations and one row per stage
+
+    The input program is scored once at the start; then the program after every step that may
+    change the outputs (a pass without a tolerance, ``step.lossy``) is scored, and the final
+    program (the level that is exported) once more unless the last step was scored already. Each
+    score goes into its step (``step.accuracy``). With ``max_drop`` (points), the first stage that
+    scores more than ``max_drop`` below the input stops the pipeline with an
+    :class:`~sliver.ir.errors.AccuracyDropError` naming that step. Every stage is one pass over
+    ``split`` (see :func:`score`); ``limit`` scores only its first images.
+    """
+
+    def __init__(self, data="digits", split: str = "test", *, max_drop: float | None = None,
+                 task: str | None = None, limit: int | None = None) -> None:
+        if max_drop is not None and not max_drop >= 0:
+            raise DataError(f"max_drop={max_drop} must be a number of points >= 0")
+        self.data, self.split, self.max_drop, self.task, self.limit = data, split, max_drop, task, limit
+        self.first: Evaluation | None = None  # the input program
+        self.last: Evaluation | None = None  # the latest scored stage (the final program after the run)
+        self.stages: list = []
+
+    def _score(self, program) -> Evaluation:
+        return score(program, self.split, self.task, self.data, limit=self.limit)
+
+    def _row(self, name: str, evaluation: Evaluation) -> dict:
+        row = {"step": name, "value": evaluation.value, "metric": evaluation.metric, "dataset": evaluation.dataset,
+               "level": evaluation.level, "change": evaluation.value - self.first.value}
+        self.stages.append(row)
+        return row
+
+    def start(self, program, report) -> None:
+        self.first = self.last = self._score(program)
+        self._row("(input)", self.first)
+        self._last_scored = True
+
+    def after(self, step, before, after) -> None:
+        self._last_scored = False
+        if step.lossy:
+            self._stage(step, after)
+
+    def finish(self, program, report) -> None:
+        if report.steps and not self._last_scored:
+            self._stage(report.steps[-1], program)
+
+    def _stage(self, step, program) -> None:
+        evaluation = self._score(program)
+        self.last = evaluation
+        step.accuracy = self._row(step.name, evaluation)
+        self._last_scored = True
+        drop = self.first.value - evaluation.value
+        if self.max_drop is not None and drop > self.max_drop:
+            what = f"pass {step.name!r}" if step.lossy else f"step {step.name!r} (the exported program)"
+            raise AccuracyDropError(
+                f"{what} dropped {evaluation.metric} on {evaluation.dataset} from {self.first.value:.2f}% to "
+                f"{evaluation.value:.2f}% ({-drop:+.2f} points), more than the allowed {self.max_drop:g} "
+                f"(--max-drop); change {step.name}'s options or allow a larger drop"
+            )

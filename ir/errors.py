@@ -76,6 +76,10 @@ class NumericalCheckError(PassError):
     """A pass changed the program's outputs by more than its declared tolerance."""
 
 
+class AccuracyDropError(PassError):
+    """A step of a pipeline lowered the score by more than the allowed drop (``--max-drop``)."""
+
+
 class BackendError(SliverError):
     """A backend (TVM, ONNX Runtime, the FPGA model) failed to build or run a program."""
 

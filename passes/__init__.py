@@ -12,12 +12,16 @@ every family. A family never imports another family.
 """
 
 from .infra import (
+    DumpIR,
+    Instrument,
+    NumericalCheck,
     Pass,
     PassContext,
     Pipeline,
     PipelineResult,
     Report,
     StepReport,
+    Timing,
     get_pass,
     option,
     option_docs,
@@ -33,8 +37,14 @@ from .quant import PolyAct, PotNaive, PotShift, RAPQ
 from .prune import AdaPruner, BlockPrune, OFAPrune
 from . import appmul  # noqa: F401  (registers appmul)
 from .appmul import AppMulPass
+from . import recipes  # noqa: E402  (named pipelines; after the passes they name are registered)
 
 __all__ = [
+    "DumpIR",
+    "Instrument",
+    "NumericalCheck",
+    "Timing",
+    "recipes",
     "AppMulPass",
     "AdaPruner",
     "BlockPrune",

@@ -4,7 +4,9 @@
     python tools/compile.py deit_tiny --pipeline fold-bn,cleanup --target x86 --out build/deit_tiny
     python tools/compile.py model.onnx --input-shape 1,3,224,224 --pipeline cleanup --out build/m
     python tools/compile.py tiny_deit --data digits --pipeline "evit{blocks=1,2 keep=0.7}" --out build/t
+    python tools/compile.py tiny_deit --data digits --recipe int-vit-fpga --target x86,fpga --compare-dense --out build/t
     python tools/compile.py --list-passes
+    python tools/compile.py --list-recipes
 
 MODEL is a zoo name (``--list-models``), the path of an ``.onnx`` file (never modified),
 ``path/to/file.py:factory`` (a function returning an ``nn.Module``) or an exported program
@@ -17,13 +19,25 @@ over a digit (a digit scene for 64x64 models) and scikit-image's astronaut photo
 ``--regions`` (after the aftrans pass) it receives ``regions.png``: the region SACM selected on
 eight small-digit test canvases, with the true digit boxes.
 
+``--recipe NAME`` is a named pipeline (``--list-recipes``, ``sliver.passes.recipes``): it expands to
+its pipeline text, which the summary and ``report.json`` print back. ``--target x86,fpga`` builds
+the x86 artifact and costs the same program on the FPGA model in one run; ``--compare-dense`` also
+builds and costs the input model, so the summary shows CPU latency, FPGA latency and energy before
+and after. The pipeline runs once, with one pass context built from the flags (``--data``,
+``--seed``, ``--device``, progress, and an FPGA cost model from ``--accel``/``--bits`` for
+latency-aware options such as ``heatvit{latency=0.5}``); IR dumps, keep maps, regions and the
+accuracy guard are instruments on it.
+
 With ``--data`` (``digits``, ``digit-scenes``, ``small-digits``, an ``.npz`` path or an image-folder
-tree, one subfolder per class, read with ``--resize``/``--crop``/``--mean``/``--std``) the pipeline's passes receive
-that data (splits ``train``/``val``/``calib``) for calibration and fine-tuning, and the model is
-scored before and after the pipeline (and as the built x86 artifact) on ``--split``; the scores go
-into ``report.json`` under ``accuracy``, next to the MACs. A tiny zoo model is then used with its
-trained weights with ``digits``/``digit-scenes`` (trained once per machine under ``--seed`` and cached, see
-``sliver.models.training.cached``); with data of the user's own, any model is taken with the
+tree, one subfolder per class, read with ``--resize``/``--crop``/``--mean``/``--std``) the pipeline's
+passes receive that data (splits ``train``/``val``/``calib``) for calibration and fine-tuning, and
+the model is scored on ``--split`` before the pipeline, after every pass that may change its
+outputs, as the exported program and as the built x86 artifact; the scores go into
+``report.json`` under ``accuracy`` (``stages``: one row per scored step), next to the MACs.
+``--max-drop POINTS`` stops at the first pass that scores more than POINTS below the input model,
+with one line naming it. A tiny zoo model is then used with its trained weights with
+``digits``/``digit-scenes``/``small-digits`` (trained once per machine under ``--seed`` and cached,
+see ``sliver.models.training.cached``); with data of the user's own, any model is taken with the
 weights it has (``--weights``). Passes that train run on ``--device``. OUT is written
 atomically: it holds either the complete result or, on failure, whatever it held before.
 
@@ -54,13 +68,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="zoo model name, path of an .onnx file, path/to/file.py:factory (a function returning an "
                         "nn.Module) or an exported program (.pt2)")
     p.add_argument("--weights", help="checkpoint loaded strictly into the model: a .pt/.pth state dict or .safetensors")
-    p.add_argument("--pipeline", default="", help='pass pipeline, e.g. "fold-bn,cleanup" (default: empty)')
+    p.add_argument("--pipeline", default=None, help='pass pipeline, e.g. "fold-bn,cleanup" (default: empty)')
+    p.add_argument("--recipe", help="a named pipeline instead of --pipeline (--list-recipes)")
     p.add_argument(
         "--target",
         default="x86",
-        choices=["x86", "arm", "fpga"],
         help="x86: a TVM artifact for the host CPU (default); arm: a TVM artifact for aarch64 Linux "
-        "with NEON (needs aarch64-linux-gnu-g++); fpga: a cycle-level cost report on --accel",
+        "with NEON (needs aarch64-linux-gnu-g++); fpga: a cycle-level cost report on --accel; "
+        "x86,fpga (or arm,fpga): both for the same program",
     )
     p.add_argument("--accel", default="zcu102", help="FPGA accelerator preset for --target fpga (default: zcu102)")
     p.add_argument("--bits", type=int, default=8, help="bit width of float values on the FPGA model (default: 8)")
@@ -94,11 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--std", help="image-folder --data: per-channel std, e.g. 0.229,0.224,0.225 (ImageNet's by default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where passes that train or calibrate run (cuda needs a GPU torch can see; default: cpu)")
+    p.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="with --data: stop at the first pass that scores more than POINTS below the input model")
+    p.add_argument("--compare-dense", action="store_true",
+                   help="also build/cost the input model, for CPU latency and FPGA latency/energy before and after")
     p.add_argument("--split", default="test", help="split --data is scored on: train, val or test (default: test)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights of zoo models, example inputs and passes")
     p.add_argument("--no-check", action="store_true", help="skip the per-pass numerical checks")
     p.add_argument("--list-passes", action="store_true", help="list the passes and their options, then exit")
     p.add_argument("--list-models", action="store_true", help="list the zoo models, then exit")
+    p.add_argument("--list-recipes", action="store_true", help="list the recipes (named pipelines), then exit")
     p.add_argument("--quiet", action="store_true", help="print only the summary (no progress lines)")
     p.add_argument(
         "--progress", action="store_true", help="print progress lines even when stderr is not a terminal"
@@ -480,8 +500,43 @@ def _check_data_fits(program, data, outputs) -> None:
             datasets.check_fits(data[split], program.input_shapes[0], classes)
 
 
-def compile_model(args) -> dict:
+TARGETS = ("x86", "arm", "fpga")
+
+
+def parse_targets(text: str) -> list:
+    """``--target``: one of x86, arm, fpga, or a CPU target and fpga joined by a comma."""
+    from sliver.ir.errors import ModelInputError
+
+    targets = [t.strip() for t in text.split(",")]
+    if any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets) or \
+            sum(t != "fpga" for t in targets) > 1:
+        raise ModelInputError(f"--target {text!r}: give x86, arm or fpga, or one of x86/arm with fpga (x86,fpga)")
+    return targets
+
+
+def pipeline_of(args):
+    """(Pipeline, recipe name or None) from ``--pipeline`` or ``--recipe`` (not both)."""
     from sliver import passes
+    from sliver.ir.errors import ModelInputError
+
+    if args.recipe is not None:
+        if args.pipeline is not None:
+            raise ModelInputError("give --recipe or --pipeline, not both (a recipe is a pipeline: --list-recipes)")
+        return passes.recipes.parse(args.recipe), args.recipe
+    return passes.parse(args.pipeline or ""), None
+
+
+def build_context(args, data):
+    """The one pass context of the run, from the flags: data, seed, progress, device and the FPGA cost
+    model of ``--accel``/``--bits`` (for latency-aware options such as ``heatvit{latency=...}``)."""
+    from sliver import passes
+    from sliver.backends import fpga
+
+    return passes.PassContext(data=data, seed=args.seed, progress=_show_progress(args), device=args.device,
+                              cost_model=fpga.CostModel(accel=args.accel, bits=args.bits))
+
+
+def compile_model(args) -> dict:
     from sliver.ir import tvm_level
     from sliver.ir.errors import ModelInputError
 
@@ -489,22 +544,35 @@ def compile_model(args) -> dict:
         raise ModelInputError("no MODEL given: name a zoo model (--list-models) or an .onnx file")
     if not args.out:
         raise ModelInputError("no --out directory given")
-    pipeline = passes.parse(args.pipeline)
+    targets = parse_targets(args.target)
+    pipeline, recipe = pipeline_of(args)
     check_device(args)
+    if args.max_drop is not None and not args.data:
+        raise ModelInputError("--max-drop needs --data: the accuracy guard scores every stage on it")
     data = load_data(args)
+    ctx = build_context(args, data)
     t0 = time.perf_counter()
     _say(args, f"loading {args.model}")
     program, net = load_model(args)
     pipeline.validate(program.level, program.facts)
-    if program.level == "onnx" and args.target != "fpga":
+    cpu = next((t for t in targets if t != "fpga"), None)
+    if program.level == "onnx" and cpu is not None:
         tvm_level.check_importable(program)  # fail before any work, not after the passes
     reference_outputs = program.run()
     _check_data_fits(program, data, reference_outputs)
     report = {"model": args.model, "target": args.target, "seed": args.seed, "pipeline": str(pipeline)}
+    if recipe is not None:
+        report["recipe"] = recipe
     with staged_output(args.out) as stage:
         _say(args, f"running pipeline {str(pipeline) or '(empty)'}")
-        result, pictures = _run_pipeline(args, pipeline, program, data, stage)
-        report.update(pictures)
+        instruments = _instruments(args, stage)
+        result = pipeline.run(program, ctx, check=not args.no_check,
+                              dump_ir=os.path.join(stage, "ir") if args.dump_ir else None,
+                              lower_to="onnx", instruments=list(instruments.values()))
+        if "keep_maps" in instruments:
+            report["keep_maps"] = {"file": "keep_maps.png", "kept_per_stage": instruments["keep_maps"].kept}
+        if "regions" in instruments:
+            report["regions"] = instruments["regions"].summary
         final = result.program
         _write_atomic(os.path.join(stage, "model.onnx"), final.module.SerializeToString())
         report.update(
@@ -513,96 +581,79 @@ def compile_model(args) -> dict:
                 "steps": result.report.to_dict()["steps"],
                 "before": result.report.before,
                 "after": result.report.after,
+                "integer_only": "integer-only" in final.facts,
                 "files": {"onnx": "model.onnx", "ir": "ir/" if args.dump_ir else None},
             }
         )
+        dense = _dense_onnx(program) if args.compare_dense else None
         artifact = None
-        if args.target == "fpga":
-            report.update(_cost_on_fpga(args, final, stage))
-        else:
-            built, artifact = _build_with_tvm(args, final, stage, reference_outputs)
+        if "fpga" in targets:
+            report.update(_cost_on_fpga(args, final, stage, dense))
+        if cpu is not None:
+            built, artifact = _build_with_tvm(args, cpu, final, stage, reference_outputs, dense)
             report.update(built)
         if data is not None:
-            report["accuracy"] = _score(args, program, final, artifact)
+            report["accuracy"] = _score(args, instruments["accuracy"], artifact)
         report["total_seconds"] = time.perf_counter() - t0
         _write_atomic(os.path.join(stage, "report.json"), json.dumps(report, indent=2).encode())
     return report
 
 
-def _run_pipeline(args, pipeline, program, data, stage):
-    """(pipeline result at the onnx level, {picture: summary}). With ``--keep-maps`` or
-    ``--regions`` the pipeline runs in two parts, its leading torch-level passes and the rest, so
-    that the token keep maps (``keep_maps.png``) or the aftrans regions (``regions.png``) of the
-    torch-level program in between are drawn; the two reports are joined into one."""
-    from sliver import passes
+def _instruments(args, stage) -> dict:
+    """The caller's instruments on the one pipeline run: the accuracy guard (with ``--data``), the
+    keep maps (``--keep-maps``) and the aftrans regions (``--regions``). Timing, checks and IR
+    dumps are the runner's own."""
+    instruments = {}
+    if args.data:
+        from sliver.backends.evaluate import AccuracyGuard
 
-    from sliver.passes.infra.context import PassContext
-
-    options = dict(ctx=PassContext(data=data, seed=args.seed, progress=_show_progress(args), device=args.device),
-                   check=not args.no_check)
-    dump = os.path.join(stage, "ir") if args.dump_ir else None
-    if not (args.keep_maps or args.regions):
-        return pipeline.run(program, dump_ir=dump, lower_to="onnx", **options), {}
-    from sliver.passes import keep_maps
-
-    head = 0
-    while head < len(pipeline.passes) and pipeline.passes[head].level == "torch":
-        head += 1
-    first = passes.Pipeline(pipeline.passes[:head]).run(program, dump_ir=dump, **options)
-    if first.program.level != "torch":
-        from sliver.ir.errors import ModelInputError
-
-        raise ModelInputError("--keep-maps and --regions need a torch-level model (a zoo name) and a token pass "
-                              "(evit, heatvit, asvit, lvtp; aftrans for --regions)")
-    pictures = {}
+        data = getattr(args, "score_data", None) or args.data
+        instruments["accuracy"] = AccuracyGuard(data, args.split, max_drop=args.max_drop)
     if args.keep_maps:
-        _say(args, "drawing token keep maps")
-        kept = keep_maps.draw(first.program, keep_maps.default_images(first.program), os.path.join(stage, "keep_maps.png"))
-        pictures["keep_maps"] = {"file": "keep_maps.png", "kept_per_stage": kept}
+        from sliver.passes.tokens.keep_maps import KeepMaps
+
+        instruments["keep_maps"] = KeepMaps(os.path.join(stage, "keep_maps.png"))
     if args.regions:
-        pictures["regions"] = _draw_regions(args, first.program, stage)
-    rest = passes.Pipeline(pipeline.passes[head:]).run(
-        first.program, dump_ir=os.path.join(dump, "after-keep-maps") if dump else None, lower_to="onnx", **options
-    )
-    rest.report.pipeline, rest.report.before = str(pipeline), first.report.before
-    rest.report.steps = first.report.steps + rest.report.steps
-    return rest, pictures
+        from sliver.passes.tokens.aftrans import Regions
+
+        instruments["regions"] = Regions(os.path.join(stage, "regions.png"))
+    return instruments
 
 
-def _draw_regions(args, program, stage) -> dict:
-    """``--regions``: the aftrans regions of eight small-digit test canvases (resized to the model's
-    input) drawn in red, their true digit boxes in green, into ``regions.png``."""
-    import torch
-    import torch.nn.functional as F
+def _dense_onnx(program):
+    """The input model at the onnx level (for ``--compare-dense``), converted as the pipeline would."""
+    from sliver.ir.convert import convert_step
 
-    from sliver.ir.errors import ModelInputError
-    from sliver.models import data as datasets
-    from sliver.passes.tokens import aftrans
-
-    if "two-scale" not in program.facts:
-        raise ModelInputError("--regions needs the aftrans pass in the pipeline")
-    _say(args, "drawing aftrans regions")
-    canvases = datasets.small_digits("test").take(8)
-    _, _, h, w = (int(d) for d in program.example_inputs[0].shape)
-    images, truth = canvases.images, canvases.meta["boxes"][:len(canvases)].double()
-    if tuple(images.shape[-2:]) != (h, w):
-        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
-        truth = truth * torch.tensor([h, w, h, w], dtype=torch.float64) / datasets.SMALL_SIZE
-    boxes = aftrans.draw(program, images.numpy(), os.path.join(stage, "regions.png"), truth=truth.numpy(),
-                         mean=datasets.DIGIT_MEAN, std=datasets.DIGIT_STD)
-    return {"file": "regions.png", "boxes": boxes,
-            "iou": [round(float(v), 4) for v in aftrans.iou(boxes, truth.numpy())]}
+    while program.level != "onnx":
+        program = convert_step(program)
+    return program
 
 
-def _build_with_tvm(args, final, stage, reference_outputs) -> dict:
-    """Build the TVM artifact into ``stage`` and check it against the references."""
+def _cpu_latency_ms(artifact, inputs, repeat: int = 20) -> float:
+    """Median wall time of one run of ``artifact`` on this machine (after two warm-up runs)."""
+    import statistics
+
+    run = artifact.runner()
+    for _ in range(2):
+        run(inputs)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        run(inputs)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _build_with_tvm(args, target, final, stage, reference_outputs, dense=None) -> dict:
+    """Build the TVM artifact into ``stage`` and check it against the references; on the host,
+    time it (and, with ``dense``, a build of the input model too)."""
     from sliver import backends
     from sliver.ir.runtime import max_abs_diff
 
-    _say(args, f"building with TVM for {args.target}")
+    _say(args, f"building with TVM for {target}")
     tb = time.perf_counter()
     with _quiet_native_stderr():  # TVM's C++ warnings are not for users
-        artifact = backends.tvm.build(final, target=args.target)
+        artifact = backends.tvm.build(final, target=target)
         build_seconds = time.perf_counter() - tb
         paths = artifact.save(stage)
     tvm_outputs, check = None, {}
@@ -628,7 +679,16 @@ def _build_with_tvm(args, final, stage, reference_outputs) -> dict:
         }
     else:
         diffs = None
+    latency = None
+    if backends.tvm.is_host(artifact.target):
+        _say(args, "timing the artifact on this machine")
+        latency = {"after_ms": _cpu_latency_ms(artifact, final.example_inputs)}
+        if dense is not None:
+            with _quiet_native_stderr():
+                dense_artifact = backends.tvm.build(dense, target=target)
+            latency["before_ms"] = _cpu_latency_ms(dense_artifact, dense.example_inputs)
     return {
+        "cpu_latency": latency,
         "tvm_target": artifact.target,
         "tvm_build_seconds": build_seconds,
         "check": check,
@@ -651,19 +711,27 @@ def _qemu_unavailable(tvm_backend, final) -> str | None:
     return None
 
 
-def _score(args, before, after, artifact) -> dict:
-    """Accuracy / mIoU before and after the pipeline (and of the host artifact) on ``--split``."""
+def _score(args, guard, artifact) -> dict:
+    """Accuracy / mIoU before and after the pipeline (from the accuracy guard, which scored every
+    stage during the run) and of the host artifact, on ``--split``."""
     from sliver import backends
-    from sliver.backends.evaluate import evaluate_before_after
+    from sliver.backends.evaluate import score
 
-    _say(args, f"scoring on {args.data} {args.split} before and after the pipeline")
-    host = artifact if artifact is not None and backends.tvm.is_host(artifact.target) else None
-    data = getattr(args, "score_data", None) or args.data
-    return {"split": args.split, **evaluate_before_after(before, after, data=data, split=args.split, artifact=host)}
+    first, last = guard.first, guard.last
+    result = {"split": args.split, "dataset": first.dataset, "metric": first.metric, "before": first.value,
+              "after": last.value, "change": last.value - first.value,
+              "levels": {"before": first.level, "after": last.level}, "count": first.count,
+              "stages": guard.stages}
+    if artifact is not None and backends.tvm.is_host(artifact.target):
+        _say(args, f"scoring the artifact on {args.data} {args.split}")
+        data = getattr(args, "score_data", None) or args.data
+        result["tvm"] = score(artifact, args.split, data=data).value
+    return result
 
 
-def _cost_on_fpga(args, final, stage) -> dict:
-    """Cost the final program on the FPGA model; writes fpga_report.json and fpga_layers.png."""
+def _cost_on_fpga(args, final, stage, dense=None) -> dict:
+    """Cost the final program on the FPGA model; writes fpga_report.json and fpga_layers.png.
+    With ``dense`` (the input model at the onnx level) it is costed too, with exact nonlinear units."""
     from sliver.backends import fpga
 
     nonlinear = args.nonlinear
@@ -673,7 +741,11 @@ def _cost_on_fpga(args, final, stage) -> dict:
     fpga_report = fpga.cost(final, accel=args.accel, bits=args.bits, nonlinear=nonlinear)
     fpga_report.save(stage)
     totals = fpga_report.to_dict()["totals"]
-    return {"fpga": {"accel": args.accel, "bits": args.bits, "nonlinear": nonlinear, **totals},
+    extra = {}
+    if dense is not None:
+        before = fpga.cost(dense, accel=args.accel, bits=args.bits, nonlinear="exact").totals()
+        extra["fpga_before"] = {k: before[k] for k in ("latency_ms", "energy_mj", "macs", "cycles")}
+    return {**extra, "fpga": {"accel": args.accel, "bits": args.bits, "nonlinear": nonlinear, **totals},
             "fpga_summary": fpga_report.summary(),
             "fpga_files": ["fpga_report.json", "fpga_layers.png"]}
 
@@ -692,19 +764,26 @@ def _quiet_native_stderr():
             os.close(saved)
 
 
+def _change(before, after) -> str:
+    return f"{100.0 * (after - before) / before:+.1f}%" if before else "n/a"
+
+
 def summary(report: dict, out: str) -> str:
     b, a = report["before"], report["after"]
-    change = 100.0 * (a["macs"] - b["macs"]) / b["macs"] if b["macs"] else 0.0
+    targets = report["target"].split(",")
     steps = " | ".join(f"{s['name']} {s['seconds']:.2f}s" for s in report["steps"]) or "(none)"
-    if report["target"] == "fpga":
-        where = f"fpga, {report['fpga']['accel']}, {report['fpga']['bits']}-bit"
-    else:
-        where = f"{report['target']}, {report['tvm_target'].get('mcpu', 'generic')}"
+    where = []
+    if "tvm_target" in report:
+        where.append(f"{targets[0] if targets[0] != 'fpga' else targets[-1]}, {report['tvm_target'].get('mcpu', 'generic')}")
+    if "fpga" in report:
+        where.append(f"fpga, {report['fpga']['accel']}, {report['fpga']['bits']}-bit")
+    recipe = f"  (recipe {report['recipe']})" if "recipe" in report else ""
     lines = [
-        f"sliver: {report['model']} -> {out} ({where})",
-        f"  pipeline  {report['pipeline'] or '(empty)'}",
-        f"  MACs      {b['macs'] / 1e9:.4f} G -> {a['macs'] / 1e9:.4f} G ({change:+.1f}%)"
-        f"   params {b['params'] / 1e6:.3f} M -> {a['params'] / 1e6:.3f} M",
+        f"sliver: {report['model']} -> {out} ({'; '.join(where)})",
+        f"  pipeline  {report['pipeline'] or '(empty)'}{recipe}",
+        f"  MACs      {b['macs'] / 1e9:.4f} G -> {a['macs'] / 1e9:.4f} G ({_change(b['macs'], a['macs'])})"
+        f"   params {b['params'] / 1e6:.3f} M -> {a['params'] / 1e6:.3f} M"
+        + ("   integer-only" if report.get("integer_only") else ""),
     ]
     if "accuracy" in report:
         acc = report["accuracy"]
@@ -712,14 +791,27 @@ def summary(report: dict, out: str) -> str:
         tvm = f", TVM artifact {acc['tvm']:.2f}{unit}" if "tvm" in acc else ""
         lines.append(f"  {acc['metric']:<9} {acc['before']:.2f}{unit} -> {acc['after']:.2f}{unit} "
                      f"({acc['change']:+.2f} pt) on {acc['dataset']}{tvm}")
+        stages = [f"{st['step']} {st['value']:.2f}" for st in acc.get("stages", [])[1:]]
+        if stages:
+            lines.append(f"  stages    {' | '.join(stages)}")
+    latency = report.get("cpu_latency")
+    if latency:
+        before = f"{latency['before_ms']:.3f} ms -> " if "before_ms" in latency else ""
+        change = f" ({_change(latency['before_ms'], latency['after_ms'])})" if "before_ms" in latency else ""
+        lines.append(f"  CPU       {before}{latency['after_ms']:.3f} ms{change} per image, TVM artifact on this machine")
+    if "fpga" in report:
+        f = report["fpga"]
+        fb = report.get("fpga_before")
+        if fb:
+            lines.append(f"  FPGA      {fb['latency_ms']:.4f} ms -> {f['latency_ms']:.4f} ms "
+                         f"({_change(fb['latency_ms'], f['latency_ms'])}), energy {fb['energy_mj']:.4f} mJ -> "
+                         f"{f['energy_mj']:.4f} mJ ({_change(fb['energy_mj'], f['energy_mj'])})")
     ir_dir = ", ir/" if report["files"]["ir"] else ""
-    if report["target"] == "fpga":
-        lines += [
-            f"  steps     {steps}",
-            "  fpga      " + report["fpga_summary"].replace("\n", "\n            "),
-            f"  wrote     {os.path.join(out, 'model.onnx')}, fpga_report.json, fpga_layers.png, report.json{ir_dir}",
-        ]
-    else:
+    lines.append(f"  steps     {steps}" + (f" | tvm-build {report['tvm_build_seconds']:.2f}s" if "tvm_build_seconds" in report else ""))
+    if "fpga" in report:
+        lines.append("  fpga      " + report["fpga_summary"].replace("\n", "\n            "))
+    written = [os.path.join(out, "model.onnx")]
+    if "tvm_target" in report:
         diff = report["max_abs_diff"]
         if diff is None:
             lib = report["check"]["library"]
@@ -727,15 +819,16 @@ def summary(report: dict, out: str) -> str:
                      f"{report['check']['not_run_because']}")
         else:
             where = " (under qemu)" if "library" in report["check"] else ""
-            check = (f"max|TVM - ONNX Runtime|{where} {diff['tvm_vs_onnxruntime']:.2e}, "
+            exact = ", bit-exact" if report.get("integer_only") and diff["tvm_vs_onnxruntime"] == 0 else ""
+            check = (f"max|TVM - ONNX Runtime|{where} {diff['tvm_vs_onnxruntime']:.2e}{exact}, "
                      f"max|TVM - input model| {diff['tvm_vs_input_model']:.2e}")
-        lines += [
-            f"  steps     {steps} | tvm-build {report['tvm_build_seconds']:.2f}s",
-            f"  check     {check}",
-            f"  wrote     {os.path.join(out, 'model.onnx')}, model.so, model.json, report.json{ir_dir}",
-        ]
+        lines.append(f"  check     {check}")
+        written += ["model.so", "model.json"]
+    if "fpga" in report:
+        written += ["fpga_report.json", "fpga_layers.png"]
+    lines.append(f"  wrote     {', '.join(written)}, report.json{ir_dir}")
     if "regions" in report:
-        lines.append(f"  regions {os.path.join(out, 'regions.png')} (IoU with the true boxes: "
+        lines.append(f"  regions   {os.path.join(out, 'regions.png')} (IoU with the true boxes: "
                      f"{', '.join(f'{v:.2f}' for v in report['regions']['iou'])})")
     if "keep_maps" in report:
         kept = "; ".join(f"{name} {'/'.join(map(str, counts))}" for name, counts in report["keep_maps"]["kept_per_stage"].items())
@@ -760,6 +853,11 @@ def main(argv=None) -> int:
     try:
         if args.list_passes:
             print(list_passes())
+            return 0
+        if args.list_recipes:
+            from sliver import passes
+
+            print(passes.recipes.describe())
             return 0
         if args.list_models:
             from sliver import models

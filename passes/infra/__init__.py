@@ -4,5 +4,5 @@
 
 from .base import Pass, get_pass, option, option_docs, register, registered
 from .context import PassContext
-from .pipeline import Pipeline, PipelineResult, parse
+from .pipeline import DumpIR, Instrument, NumericalCheck, Pipeline, PipelineResult, Timing, parse
 from .report import Report, StepReport

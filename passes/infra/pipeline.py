@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 from ...ir.convert import convert_step
 from ...ir.errors import NumericalCheckError, PassError, PassOrderError, PipelineSyntaxError, SliverError
-from ...ir.program import PassRecord, Program, level_index
+from ...ir.program import LEVELS, PassRecord, Program, level_index
 from ...ir.runtime import max_abs_diff, run_program
 from .base import Pass, get_pass, providers_of
 from .context import PassContext
@@ -29,6 +29,9 @@ from .report import Report, StepReport
 
 #: largest output change allowed for a level conversion, relative to the output magnitude
 CONVERSION_TOLERANCE = 1e-4
+
+#: "not given" for the keyword arguments of Pipeline.run that build a context
+_UNSET = object()
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*$")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
@@ -157,32 +160,60 @@ class Pipeline:
         program: Program,
         ctx: PassContext | None = None,
         *,
-        data=None,
-        seed: int = 0,
+        data=_UNSET,
+        seed=_UNSET,
+        progress=_UNSET,
         check: bool = True,
         dump_ir: str | os.PathLike | None = None,
         lower_to: str | None = None,
-        progress: bool = False,
+        instruments: Sequence["Instrument"] = (),
     ) -> "PipelineResult":
         """Validate, then run every pass in order on ``program``.
 
+        The context is built once, by the caller: pass ``ctx`` (a :class:`PassContext`, e.g. with a
+        cost model), or the keyword arguments ``data``, ``seed`` and ``progress`` that build one;
+        giving both is an error (the keywords would otherwise be ignored).
+
         Levels are converted automatically where a pass needs a lower one (and at the end to
-        ``lower_to`` if given). Each step is instrumented: wall time, statistics before and after,
-        the IR text after it (written to ``dump_ir/NN-<pass>.txt`` when ``dump_ir`` is set) and,
-        with ``check``, the largest output change against the previous program on the example
-        inputs (enforced for passes that declare a tolerance).
+        ``lower_to`` if given). Every step (pass or level conversion) goes through the
+        instruments, before and after it: :class:`Timing` and the statistics always; with
+        ``check``, :class:`NumericalCheck` (the largest output change against the previous
+        program on the example inputs, enforced for passes that declare a tolerance); with
+        ``dump_ir``, :class:`DumpIR` (the IR text after each step in ``dump_ir/NN-<step>.txt``);
+        then the caller's ``instruments`` in the order given.
         """
         if not isinstance(program, Program):
             raise SliverError(f"Pipeline.run() takes a sliver Program, got {type(program).__name__}")
+        given = [name for name, value in (("data", data), ("seed", seed), ("progress", progress)) if value is not _UNSET]
         if ctx is None:
-            ctx = PassContext(data=data, seed=seed, progress=progress)
+            ctx = PassContext(
+                data=None if data is _UNSET else data,
+                seed=0 if seed is _UNSET else seed,
+                progress=False if progress is _UNSET else progress,
+            )
+        elif not isinstance(ctx, PassContext):
+            raise SliverError(f"Pipeline.run() takes a PassContext as ctx, got {type(ctx).__name__}")
+        elif given:
+            raise SliverError(
+                f"Pipeline.run() got a context and {', '.join(given)}=: put {' and '.join(given)} into the "
+                "PassContext, or drop ctx and pass them as keywords"
+            )
+        for inst in instruments:
+            if not isinstance(inst, Instrument):
+                raise SliverError(f"instruments are sliver.passes.Instrument objects, got {type(inst).__name__}")
         self.validate(program.level, program.facts)
         if lower_to is not None and level_index(lower_to) < level_index(
             self.passes[-1].level if self.passes else program.level
         ):
             raise PassOrderError(f"cannot end at the {lower_to} level after a lower-level pass")
+        chain: list = [Timing()]
+        if check:
+            chain.append(NumericalCheck())
+        if dump_ir is not None:
+            chain.append(DumpIR(dump_ir))
+        chain.extend(instruments)
         report = Report(pipeline=str(self), seed=ctx.seed)
-        runner = _Runner(report, ctx, check, dump_ir)
+        runner = _Runner(report, ctx, chain)
         runner.start(program)
         for p in self.passes:
             while runner.program.level != p.level:
@@ -191,6 +222,7 @@ class Pipeline:
         if lower_to is not None:
             while runner.program.level != lower_to:
                 runner.convert()
+        runner.finish()
         return PipelineResult(runner.program, report)
 
 
@@ -209,37 +241,118 @@ class PipelineResult:
         return iter((self.program, self.report))
 
 
-class _Runner:
-    """Runs steps one by one and records what each did."""
+# -- instruments ------------------------------------------------------------------------------
+class Instrument:
+    """Something that watches a pipeline run: called before and after every step (a pass or a
+    level conversion). Subclass it and override what you need; raise a
+    :class:`~sliver.ir.errors.SliverError` from :meth:`after` to stop the pipeline.
 
-    def __init__(self, report: Report, ctx: PassContext, check: bool, dump_ir) -> None:
-        self.report, self.ctx, self.check, self.dump_ir = report, ctx, check, dump_ir
-        self.program: Program | None = None
-        self.outputs = None
-        self.step = 0
+    - ``start(program, report)``: once, with the input program;
+    - ``before(name, program)``: before a step named ``name`` (the pass name, or ``to-<level>``);
+    - ``after(step, before, after)``: after it, with its :class:`StepReport` (fill fields or
+      ``step.notes``) and the programs before and after it (``after`` carries the step's facts
+      and history; ``step.lossy`` says whether the step may change outputs);
+    - ``finish(program, report)``: once, with the final program.
+    """
 
-    def start(self, program: Program) -> None:
-        self.program = program
-        self.stats = _totals(program)
-        self.report.before = self.stats
-        self.report.after = self.stats  # until a step changes it (an empty pipeline changes nothing)
-        if self.check:
-            self.outputs = run_program(program, program.example_inputs)
-        if self.dump_ir is not None:
-            os.makedirs(self.dump_ir, exist_ok=True)
-            self._dump("input", program)
+    def start(self, program: Program, report: Report) -> None:
+        pass
+
+    def before(self, name: str, program: Program) -> None:
+        pass
+
+    def after(self, step: StepReport, before: Program, after: Program) -> None:
+        pass
+
+    def finish(self, program: Program, report: Report) -> None:
+        pass
+
+
+class Timing(Instrument):
+    """Wall time of each step (``step.seconds``), the pass's own work and any instrument before it."""
+
+    def before(self, name, program):
+        self._t0 = time.perf_counter()
+
+    def after(self, step, before, after):
+        step.seconds = time.perf_counter() - self._t0
+
+
+class NumericalCheck(Instrument):
+    """The largest output change of each step on the example inputs (``step.max_abs_diff``),
+    enforced (:class:`~sliver.ir.errors.NumericalCheckError`) for steps with a tolerance."""
+
+    def start(self, program, report):
+        self.outputs = run_program(program, program.example_inputs)
+
+    def after(self, step, before, after):
+        if after.level == "tvm":
+            return
+        outputs = run_program(after, after.example_inputs)
+        diff = max_abs_diff(self.outputs, outputs)
+        scale = max([1.0] + [float(abs(o).max()) for o in self.outputs if o.size])
+        step.max_abs_diff = diff
+        tolerance = step.tolerance
+        if tolerance is not None and diff > tolerance * scale:
+            raise NumericalCheckError(
+                f"{step.name} changed the outputs of {after.name} by {diff:.3g} (allowed "
+                f"{tolerance:g} x {scale:.3g}); {step.name} must not change the results: please report it"
+            )
+        self.outputs = outputs
+
+
+class DumpIR(Instrument):
+    """The IR text of the input and after every step, in ``directory/NN-<step>.txt``
+    (``step.ir_path``); each file is written atomically."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = os.fspath(directory)
+        self.index = 0
+
+    def start(self, program, report):
+        os.makedirs(self.directory, exist_ok=True)
+        self._dump("input", program)
+
+    def after(self, step, before, after):
+        self.index += 1
+        step.ir_path = self._dump(step.name, after)
 
     def _dump(self, label: str, program: Program) -> str:
-        path = os.path.join(os.fspath(self.dump_ir), f"{self.step:02d}-{label}.txt")
+        path = os.path.join(self.directory, f"{self.index:02d}-{label}.txt")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             f.write(program.text())
         os.replace(tmp, path)
         return path
 
+
+class _Runner:
+    """Runs steps one by one through the instruments and records what each did."""
+
+    def __init__(self, report: Report, ctx: PassContext, instruments: list) -> None:
+        self.report, self.ctx, self.instruments = report, ctx, instruments
+        self.program: Program | None = None
+
+    def start(self, program: Program) -> None:
+        self.program = program
+        self.stats = _totals(program)
+        self.report.before = self.stats
+        self.report.after = self.stats  # until a step changes it (an empty pipeline changes nothing)
+        for inst in self.instruments:
+            inst.start(program, self.report)
+
+    def finish(self) -> None:
+        for inst in self.instruments:
+            inst.finish(self.program, self.report)
+
+    def _before(self, name: str) -> None:
+        for inst in self.instruments:
+            inst.before(name, self.program)
+
     def convert(self) -> None:
         before = self.program
-        t0 = time.perf_counter()
+        label = f"to-{LEVELS[level_index(before.level) + 1]}"
+        self._before(label)
         after = convert_step(before)
         label = f"to-{after.level}"
         after = after.replace(history=before.history + (PassRecord(label, after.level),))
@@ -247,12 +360,12 @@ class _Runner:
         # (fixed-point activations) are the exception: float re-association across runtimes
         # (1e-7) can move a value across a rounding boundary, so there it is reported only.
         tolerance = None if ROUNDING_FACT in before.facts else CONVERSION_TOLERANCE
-        self._finish(label, after.level, "", before, after, time.perf_counter() - t0, tolerance=tolerance)
+        self._finish(label, after.level, "", before, after, tolerance=tolerance, lossy=False)
 
     def apply(self, p: Pass) -> None:
         before = self.program
+        self._before(p.name)
         self.ctx._begin(p)
-        t0 = time.perf_counter()
         try:
             after = p.run(before, self.ctx)
         except SliverError:
@@ -260,40 +373,30 @@ class _Runner:
         except Exception as e:  # a bug or an unexpected model: name the pass, keep one line
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PassError(f"pass {p.name!r} failed on {before.name}: {type(e).__name__}: {msg}") from e
-        seconds = time.perf_counter() - t0
         if not isinstance(after, Program) or after.level != p.level:
             raise PassError(f"pass {p.name!r} did not return a {p.level}-level Program")
         facts = (after.facts - set(p.invalidates)) | set(p.provides)
         notes = self.ctx._end()
         record = PassRecord(p.name, p.level, p.text(), dict(notes))
         after = after.replace(facts=facts, history=before.history + (record,))
-        self._finish(p.name, p.level, p.text(), before, after, seconds, p.check_tolerance, notes)
+        self._finish(p.name, p.level, p.text(), before, after, p.check_tolerance, notes,
+                     lossy=p.check_tolerance is None)
 
-    def _finish(self, label, level, options, before, after, seconds, tolerance=None, notes=None) -> None:
-        self.step += 1
+    def _finish(self, label, level, options, before, after, tolerance=None, notes=None, lossy=False) -> None:
         stats_after = _totals(after)
         step = StepReport(
             name=label,
             level=level,
             options=options,
-            seconds=seconds,
+            seconds=0.0,
             before=self.stats,
             after=stats_after,
             notes=dict(notes or {}),
+            tolerance=tolerance,
+            lossy=lossy,
         )
-        if self.check and after.level != "tvm":
-            outputs = run_program(after, after.example_inputs)
-            diff = max_abs_diff(self.outputs, outputs)
-            scale = max([1.0] + [float(abs(o).max()) for o in self.outputs if o.size])
-            step.max_abs_diff = diff
-            if tolerance is not None and diff > tolerance * scale:
-                raise NumericalCheckError(
-                    f"{label} changed the outputs of {after.name} by {diff:.3g} (allowed "
-                    f"{tolerance:g} x {scale:.3g}); {label} must not change the results: please report it"
-                )
-            self.outputs = outputs
-        if self.dump_ir is not None:
-            step.ir_path = self._dump(label, after)
+        for inst in self.instruments:
+            inst.after(step, before, after)
         self.report.steps.append(step)
         self.program, self.stats = after, stats_after
         self.report.after = stats_after

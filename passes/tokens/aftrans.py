@@ -80,6 +80,7 @@ from ...ir.program import Program
 from ...ir.torch_level import SliverTracer, retrace
 from ..infra.base import Pass, option, register
 from ..infra.facts import TOKEN_PRUNED, TWO_SCALE
+from ..infra.pipeline import Instrument
 from ..transformer import block_with_probs, tokens_in, transformer_blocks, check_blocks
 from .lvtp import patch_size_of
 
@@ -506,3 +507,49 @@ def draw(program: Program, images, path: str, *, truth=None, mean=0.0, std=1.0, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return boxes.tolist()
+
+
+def draw_small_digits(program: Program, path: str, count: int = 8) -> dict:
+    """The SACM regions of ``count`` small-digit test canvases (resized to the model's input) in
+    red, their true digit boxes in green, drawn into the PNG at ``path``; returns ``{"file",
+    "boxes", "iou"}`` (IoU of each region with its true box)."""
+    import os
+
+    from ...models import data as datasets
+
+    if TWO_SCALE not in program.facts:
+        raise PassError("the aftrans regions need the aftrans pass in the pipeline")
+    canvases = datasets.small_digits("test").take(count)
+    _, _, h, w = (int(d) for d in program.example_inputs[0].shape)
+    images, truth = canvases.images, canvases.meta["boxes"][:len(canvases)].double()
+    if tuple(images.shape[-2:]) != (h, w):
+        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+        truth = truth * torch.tensor([h, w, h, w], dtype=torch.float64) / datasets.SMALL_SIZE
+    boxes = draw(program, images.numpy(), path, truth=truth.numpy(), mean=datasets.DIGIT_MEAN, std=datasets.DIGIT_STD)
+    return {"file": os.path.basename(path), "boxes": boxes,
+            "iou": [round(float(v), 4) for v in iou(np.asarray(boxes), truth.numpy())]}
+
+
+class Regions(Instrument):
+    """A pipeline instrument that draws the aftrans regions of the last torch-level program (just
+    before the conversion to ONNX, or the final program) with :func:`draw_small_digits` into the
+    PNG at ``path``; ``summary`` is then its result.
+
+        result = pipe.run(program, instruments=[Regions("build/regions.png")])
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.summary: dict | None = None
+
+    def start(self, program, report) -> None:
+        if program.level != "torch":
+            raise PassError("the aftrans regions need a torch-level model (a zoo name) and the aftrans pass")
+
+    def after(self, step, before, after) -> None:
+        if self.summary is None and before.level == "torch" and after.level != "torch":
+            self.summary = draw_small_digits(before, self.path)
+
+    def finish(self, program, report) -> None:
+        if self.summary is None and program.level == "torch":
+            self.summary = draw_small_digits(program, self.path)

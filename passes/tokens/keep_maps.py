@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...ir.errors import PassError
+from ...ir.errors import ModelInputError, PassError
+from ..infra.pipeline import Instrument
 from ...ir.program import Program
 from .lvtp import patch_size_of
 from .common import recording_selections, tokens_in, transformer_blocks
@@ -120,3 +121,32 @@ def draw(program: Program, images, path: str, title: str | None = None) -> dict:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return counts
+
+
+class KeepMaps(Instrument):
+    """A pipeline instrument that draws the keep maps of the last torch-level program (the one
+    the token passes left, just before the conversion to ONNX, or the final program) into the PNG
+    at ``path`` (:func:`draw` on :func:`default_images`). ``kept`` is then ``{image title: [kept
+    patches per stage]}``.
+
+        result = pipe.run(program, data=..., instruments=[KeepMaps("build/keep_maps.png")])
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.kept: dict | None = None
+
+    def start(self, program, report) -> None:
+        if program.level != "torch":
+            raise ModelInputError("keep maps need a torch-level model (a zoo name) and a token pass (evit, heatvit, asvit, lvtp)")
+
+    def after(self, step, before, after) -> None:
+        if self.kept is None and before.level == "torch" and after.level != "torch":
+            self._draw(before)
+
+    def finish(self, program, report) -> None:
+        if self.kept is None and program.level == "torch":
+            self._draw(program)
+
+    def _draw(self, program) -> None:
+        self.kept = draw(program, default_images(program), self.path)

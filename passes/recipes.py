@@ -1,0 +1,92 @@
+"""Recipes: named, documented pipelines for the common goals.
+
+    from sliver import passes
+    text = passes.recipes.get("int-vit-fpga").pipeline      # pipeline text
+    result = passes.recipes.parse("int-cnn").run(program, data=data.context_data("digits"))
+
+    python tools/compile.py tiny_deit --data digits --recipe int-vit-fpga --out build/t
+    python tools/compile.py --list-recipes
+
+A recipe is pipeline text and nothing else: ``--recipe NAME`` expands to it, the report and the
+summary print the text back, and ``--pipeline`` with that text does exactly the same. The texts
+are tuned on the tiny zoo models and digits (block indices name blocks of a 12-block ViT; a model
+of another depth needs its own ``blocks=``); on another model, start from the recipe's text and
+adjust it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    goal: str  # one line: what the result is and where it runs
+    models: str  # the models it is meant for
+    pipeline: str  # pipeline text (canonical form)
+    notes: str = ""  # how it was chosen, what it trades
+
+    def parse(self):
+        from .infra.pipeline import parse
+
+        return parse(self.pipeline)
+
+
+_RECIPES = (
+    Recipe(
+        name="int-vit-fpga",
+        goal="integer-only ViT for the FPGA: learned token selectors, polynomial nonlinears, power-of-two "
+        "W4A4, approximate multipliers, scales folded into shifts",
+        models="ViTs (tiny_deit, deit_*)",
+        pipeline="heatvit{blocks=1,2 keep=0.7 epochs=2 warm_start=5},poly-act,rapq{wbits=4 abits=4},appmul,pot-shift",
+        notes="HeatViT selectors early (blocks 1 and 2) prune ~30% of the tokens per stage, so most blocks run "
+        "on the shorter sequence; poly-act before the quantiser so that it quantises the approximations it "
+        "will run; appmul picks multipliers on the quantised layers; pot-shift last makes it integer-only.",
+    ),
+    Recipe(
+        name="int-cnn",
+        goal="integer-only CNN: channel pruning, power-of-two W4A4, approximate multipliers, shifts",
+        models="CNNs (tiny_resnet, tiny_mobilenet_v2, resnet18, ...)",
+        pipeline="adapruner,rapq{wbits=4 abits=4},appmul,pot-shift",
+        notes="AdaPruner removes ~1/3 of the MACs and fine-tunes; the quantiser then calibrates the pruned "
+        "network, appmul substitutes multipliers per layer and pot-shift folds every scale into shifts.",
+    ),
+    Recipe(
+        name="float-vit-cpu",
+        goal="float ViT for a CPU: token pruning only (no quantisation), built by TVM",
+        models="ViTs (tiny_deit, deit_*)",
+        pipeline="evit{blocks=3,6,9 keep=0.7}",
+        notes="EViT needs no training: it keeps the patches the CLS token attends to most and fuses the rest "
+        "into one token, so every later block runs on fewer tokens.",
+    ),
+)
+
+RECIPES: dict = {r.name: r for r in _RECIPES}
+
+
+def get(name: str) -> Recipe:
+    """The recipe called ``name`` (a one-line error naming the recipes otherwise)."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(RECIPES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise PipelineError(f"unknown recipe {name!r}; {hint}recipes: {', '.join(RECIPES)} (--list-recipes)") from None
+
+
+def parse(name: str):
+    """The :class:`~sliver.passes.Pipeline` of recipe ``name``."""
+    return get(name).parse()
+
+
+def describe() -> str:
+    """Every recipe with its goal and pipeline text (what ``--list-recipes`` prints)."""
+    lines = []
+    for r in _RECIPES:
+        lines += [f"{r.name}  {r.goal}", f"    for: {r.models}", f"    pipeline: {r.pipeline}"]
+    return "\n".join(lines)
