@@ -195,3 +195,88 @@ def test_registry_lists_real_passes_with_options():
     rows = passes.option_docs(reg["test-demo"])
     assert rows[0] == ("blocks", "a comma-separated list of an integer", "3,6,9", "block indices")
     assert isinstance(Program, type)
+
+
+# -- one context, instruments, conflicts, recipes ------------------------------------------------
+def test_a_context_or_its_keywords_not_both(make_program):
+    prog = make_program("tiny_vgg")
+    ctx = passes.PassContext(seed=3)
+    with pytest.raises(errors.SliverError, match="got a context and data=, seed=: put data and seed into the PassContext"):
+        passes.parse("test-demo").run(prog, ctx, data={"train": None}, seed=3)
+    assert passes.parse("test-demo").run(prog, ctx, check=False).report.seed == 3
+    assert passes.parse("test-demo").run(prog, seed=5, check=False).report.seed == 5
+
+
+class _Recorder(passes.Instrument):
+    def __init__(self):
+        self.calls = []
+
+    def start(self, program, report):
+        self.calls.append(("start", program.level))
+
+    def before(self, name, program):
+        self.calls.append(("before", name, program.level))
+
+    def after(self, step, before, after):
+        self.calls.append(("after", step.name, before.level, after.level, step.lossy))
+
+    def finish(self, program, report):
+        self.calls.append(("finish", program.level, len(report.steps)))
+
+
+def test_instruments_see_every_step_before_and_after(make_program):
+    rec = _Recorder()
+    result = passes.parse("test-demo,cleanup").run(make_program("tiny_vgg"), instruments=[rec], check=False)
+    assert rec.calls == [
+        ("start", "torch"),
+        ("before", "test-demo", "torch"), ("after", "test-demo", "torch", "torch", True),
+        ("before", "to-onnx", "torch"), ("after", "to-onnx", "torch", "onnx", False),
+        ("before", "cleanup", "onnx"), ("after", "cleanup", "onnx", "onnx", False),
+        ("finish", "onnx", 3),
+    ]
+    assert [s.max_abs_diff for s in result.report.steps] == [None, None, None]  # check=False: no NumericalCheck
+    with pytest.raises(errors.SliverError, match="instruments are sliver.passes.Instrument objects"):
+        passes.parse("test-demo").run(make_program("tiny_vgg"), instruments=[object()])
+
+
+class _StopAfter(passes.Instrument):
+    def after(self, step, before, after):
+        if step.name == "test-demo":
+            raise errors.PassError("stopped after test-demo")
+
+
+def test_an_instrument_stops_the_pipeline(make_program):
+    with pytest.raises(errors.PassError, match="stopped after test-demo"):
+        passes.parse("test-demo,test-crash").run(make_program("tiny_vgg"), instruments=[_StopAfter()])
+
+
+@register
+class _FloatOnly(Pass):
+    name = "test-float-only"
+    level = "torch"
+    refuses = {"demo-done": ""}  # the default fix: put this pass first
+
+    def run(self, program, ctx):
+        return program
+
+
+def test_conflicting_order_is_refused_naming_the_pair():
+    with pytest.raises(errors.PassOrderError) as info:
+        passes.parse("test-demo,test-float-only").validate("torch")
+    assert str(info.value) == ("pass 'test-float-only' (#2) cannot run after 'test-demo' (#1), which made the program "
+                               "'demo-done'; put test-float-only before test-demo")
+    passes.parse("test-float-only,test-demo").validate("torch")
+    with pytest.raises(errors.PassOrderError, match=r"after 'cleanup', #1\); put fold-bn before cleanup"):
+        passes.parse("cleanup,fold-bn").validate("torch")
+
+
+def test_recipes_are_pipelines_that_print_back():
+    from sliver.passes import recipes
+
+    assert {"int-vit-fpga", "int-cnn", "float-vit-cpu"} <= set(recipes.RECIPES)
+    for recipe in recipes.RECIPES.values():
+        assert str(recipe.parse()) == recipe.pipeline
+        recipe.parse().validate("torch")
+    assert "pot-shift" in recipes.get("int-vit-fpga").pipeline and "poly-act" in recipes.get("int-vit-fpga").pipeline
+    with pytest.raises(errors.PipelineError, match="unknown recipe 'int-vit'; did you mean 'int-vit-fpga'"):
+        recipes.get("int-vit")

@@ -37,7 +37,7 @@ def test_float_token_scores_are_refused_by_pot_shift(pipeline, first):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("pass 'pot-shift' (#")
-    assert f"cannot follow {first!r}" in msg and "use evit" in msg and "allow_float=true" in msg
+    assert f"cannot run after {first!r}" in msg and "use evit" in msg and "allow_float=true" in msg
 
 
 def test_allow_float_and_evit_pass_validation():

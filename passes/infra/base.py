@@ -11,6 +11,9 @@ A pass is a class with:
   ``--list-passes``; an optional ``validate()`` method checks only what no bound can say (relations
   between options, the form of a string);
 - ``requires`` / ``provides`` / ``invalidates``: facts (strings) about the program;
+- ``conflicts``: facts that must not hold when the pass runs (it cannot work on such a program,
+  e.g. a float-only rewrite after a quantiser); the pipeline is then refused, naming the pass that
+  established the fact and the order that works;
 - ``check_tolerance``: the largest allowed change of the outputs, relative to their magnitude
   (``max|new - old| <= tol * max(1, max|old|)``), or ``None`` for passes that trade accuracy
   for cost (their change is reported, not enforced);
@@ -57,7 +60,7 @@ class Pass:
     provides: ClassVar[tuple] = ()
     invalidates: ClassVar[tuple] = ()
     #: facts this pass cannot run after: fact -> the one-line fix (the order or option that
-    #: works); see :meth:`refused_facts`
+    #: works; empty: "put this pass before the one that made the fact"); see :meth:`refused_facts`
     refuses: ClassVar[dict] = {}
     check_tolerance: ClassVar[float | None] = None
     Options: ClassVar[type] = NoOptions

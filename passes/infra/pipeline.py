@@ -119,18 +119,28 @@ class Pipeline:
 
     # -- validation -------------------------------------------------------------------------
     def validate(self, level: str = "torch", facts: Iterable[str] = ()) -> None:
-        """Check the order before anything runs: levels only go down, and every fact a pass
-        requires is provided by the program or an earlier pass."""
+        """Check the order before anything runs: levels only go down, every fact a pass requires
+        is provided by the program or an earlier pass, and no fact a pass conflicts with holds.
+        A refusal is one line naming the pass, the earlier pass that is the reason, and the order
+        that works."""
         current = level_index(level)
-        have = set(facts)
-        by = {}  # fact -> the pass that provided it
+        lowered_by = None  # (index, name) of the pass that took the program to the current level
+        have = {fact: None for fact in facts}  # fact -> (index, name) of the pass that provided it
         for i, p in enumerate(self.passes):
             if level_index(p.level) < current:
+                if lowered_by is None:
+                    raise PassOrderError(
+                        f"pass {p.name!r} (#{i + 1}) runs at the {p.level} level, but the program is already "
+                        f"at the {_level_name(current)} level there; a {p.level}-level pass needs a "
+                        f"{p.level}-level model (for torch: a zoo model or a traced nn.Module)"
+                    )
+                k, name = lowered_by
                 raise PassOrderError(
                     f"pass {p.name!r} (#{i + 1}) runs at the {p.level} level, but the program is already "
-                    f"at the {_level_name(current)} level there; move {p.name} before the "
-                    f"{_level_name(current)}-level passes"
+                    f"at the {_level_name(current)} level there (after {name!r}, #{k + 1}); put {p.name} before {name}"
                 )
+            if level_index(p.level) > current:
+                lowered_by = (i, p.name)
             current = level_index(p.level)
             for fact in p.requires:
                 if fact not in have:
@@ -146,13 +156,21 @@ class Pipeline:
                     )
             for fact, fix in p.refused_facts().items():
                 if fact in have:
+                    source = have[fact]
+                    if source is None:
+                        raise PassOrderError(
+                            f"pass {p.name!r} (#{i + 1}) cannot run on a program that is already {fact!r}; "
+                            f"{fix or f'run {p.name} on the model before that'}"
+                        )
+                    k, name = source
                     raise PassOrderError(
-                        f"pass {p.name!r} (#{i + 1}) cannot follow {by.get(fact, 'the program')!r} "
-                        f"({fact}): {fix}"
+                        f"pass {p.name!r} (#{i + 1}) cannot run after {name!r} (#{k + 1}), which made the "
+                        f"program {fact!r}; {fix or f'put {p.name} before {name}'}"
                     )
-            have -= set(p.invalidates)
-            have |= set(p.provides)
-            by.update({fact: p.name for fact in p.provides})
+            for fact in p.invalidates:
+                have.pop(fact, None)
+            for fact in p.provides:
+                have.setdefault(fact, (i, p.name))
 
     # -- running ----------------------------------------------------------------------------
     def run(
@@ -195,7 +213,7 @@ class Pipeline:
             raise SliverError(f"Pipeline.run() takes a PassContext as ctx, got {type(ctx).__name__}")
         elif given:
             raise SliverError(
-                f"Pipeline.run() got a context and {', '.join(given)}=: put {' and '.join(given)} into the "
+                f"Pipeline.run() got a context and {', '.join(g + '=' for g in given)}: put {' and '.join(given)} into the "
                 "PassContext, or drop ctx and pass them as keywords"
             )
         for inst in instruments:
