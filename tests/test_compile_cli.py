@@ -82,7 +82,11 @@ def test_compile_a_users_onnx_file_without_touching_it(tmp_path):
         (["CELU", "--pipeline", "cleanup"], ["TVM cannot import op Celu (node 'n0')"]),
         (["resnet99"], ["unknown", "resnet99", "resnet18"]),
         (["tiny_vgg", "--input-shape", "1,3,x"], ["--input-shape", "1,3,224,224"]),
-        (["tiny_vgg", "--target", "gpu"], ["invalid choice: 'gpu'"]),
+        (["tiny_vgg", "--target", "gpu"], ["--target 'gpu'", "x86,fpga"]),
+        (["tiny_vgg", "--target", "x86,arm"], ["--target 'x86,arm'", "one of x86/arm with fpga"]),
+        (["tiny_deit", "--recipe", "int-vit"], ["unknown recipe 'int-vit'", "did you mean 'int-vit-fpga'"]),
+        (["tiny_deit", "--recipe", "int-vit-fpga", "--pipeline", "evit"], ["--recipe or --pipeline, not both"]),
+        (["tiny_vgg", "--max-drop", "1"], ["--max-drop needs --data"]),
         (["tiny_vgg", "--data", "nowhere/d.npz"], ["no such data file or directory: nowhere/d.npz"]),
         (["tiny_vgg", "--data", "digits", "--split", "tset"], ["unknown split 'tset'", "did you mean 'test'"]),
         (["resnet18", "--data", "digits"], ["only random ones", "tiny_resnet"]),
@@ -121,6 +125,32 @@ def test_data_scores_the_trained_model_before_after_and_as_artifact(tmp_path):
     assert acc["before"] == pytest.approx(checkpoint["scores"]["test"], abs=1e-9)  # the trained weights were used
     assert abs(acc["after"] - acc["before"]) <= 0.2 and abs(acc["tvm"] - acc["before"]) <= 0.2  # exact rewrites
     assert f"accuracy  {acc['before']:.2f}% -> {acc['after']:.2f}%" in proc.stdout
+
+
+def test_list_recipes_prints_each_recipe_and_its_pipeline_text():
+    from sliver.passes import recipes
+
+    proc = compile_("--list-recipes")
+    assert proc.returncode == 0
+    for recipe in recipes.RECIPES.values():
+        assert f"{recipe.name}  {recipe.goal}" in proc.stdout and f"    pipeline: {recipe.pipeline}" in proc.stdout
+
+
+def test_latency_aware_heatvit_works_from_the_command_line(tmp_path):
+    """The context compile.py builds carries the FPGA cost model of --accel/--bits."""
+    out = tmp_path / "latency"
+    proc = compile_("tiny_deit", "--pipeline", "heatvit{epochs=0 latency=0.5}", "--target", "fpga", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    from sliver.backends import fpga
+    from sliver.passes.tokens.heatvit import schedule_latency_ms
+
+    step = json.loads((out / "report.json").read_text())["steps"][0]
+    choice = step["notes"]["latency_choice"]
+    table = fpga.CostModel(accel="zcu102", bits=8).block_latency_table(64, 4, 2.0, token_counts=range(2, 67))
+    assert step["name"] == "heatvit"
+    assert choice["pruned_ms"] == pytest.approx(schedule_latency_ms(table, 12, 64, choice["blocks"], choice["keep"]))
+    assert choice["pruned_ms"] <= 0.5 * 12 * table[65]
+    assert "heatvit{epochs=0 latency=0.5}" in proc.stdout
 
 
 def test_list_passes_documents_options():

@@ -1,8 +1,16 @@
 #!/usr/bin/env python3
-"""Accuracy versus MACs of one trained tiny model under several pipelines, as a PNG (and JSON).
+"""Accuracy versus cost of one trained tiny model under several pipelines, as a PNG (and JSON).
 
     python tools/report.py tiny_deit --pipeline fold-bn --pipeline fold-bn,cleanup --out build/deit.png
     python tools/report.py tiny_resnet --pipeline "fold-bn,cleanup" --checkpoint build/resnet.pt --out r.png
+    python tools/report.py tiny_deit --recipe int-vit-fpga --recipe float-vit-cpu --out build/deit-recipes.png
+
+``--recipe NAME`` (repeatable) adds the composition of a recipe (``sliver.passes.recipes``): every
+pass of it alone (with the earlier passes of the recipe it requires, e.g. ``rapq,pot-shift``), then
+the whole recipe. Each row is also costed on the FPGA model (``--accel``, ``--bits``; latency and
+energy of the program the pipeline ends with, at the onnx level), the picture has two panels
+(score versus MACs, score versus FPGA energy) and a composition table goes next to OUT with
+``.md``. Pipelines that share a prefix (a recipe and its passes alone) run that prefix once.
 
 The model is a trained tiny zoo model: from ``--checkpoint`` (written by tools/train.py) or, by
 default, from the per-machine training cache (trained there on first use, about a minute). The
@@ -35,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="tiny zoo model (tiny_deit, tiny_resnet, tiny_mobilenet_v2, tiny_vgg, tiny_segmenter)")
     p.add_argument("--pipeline", action="append", default=[], help="a pipeline; repeat for more (the dense "
                                                                        "model is always included)")
+    p.add_argument("--recipe", action="append", default=[], help="a recipe: its passes alone and the whole "
+                                                                 "recipe (repeat for more; --list-recipes of compile.py)")
+    p.add_argument("--accel", default="zcu102", help="FPGA accelerator preset for the energy axis (default: zcu102)")
+    p.add_argument("--bits", type=int, default=8, help="bit width of float values on the FPGA model (default: 8)")
     p.add_argument("--out", required=True, help="PNG path; the rows go to the same path with .json")
     p.add_argument("--checkpoint", help="checkpoint from tools/train.py (default: the training cache)")
     p.add_argument("--split", default="test", help="split to score on (default: test)")
@@ -57,31 +69,74 @@ def load_trained(model: str, checkpoint: str | None, seed: int):
     return training.cached(model, seed=seed, progress=True)
 
 
+def composition(recipe_name: str) -> list:
+    """(label, pipeline text) rows of a recipe: each pass alone (with the earlier passes of the
+    recipe that provide what it requires), then the whole recipe."""
+    from sliver import passes
+
+    recipe = passes.recipes.get(recipe_name)
+    steps = recipe.parse().passes
+    rows, seen = [], set()
+    for k, p in enumerate(steps):
+        keep, needed = {k}, set(p.requires)
+        for j in range(k - 1, -1, -1):  # the latest earlier pass providing each required fact
+            provided = needed & set(steps[j].provides)
+            if provided:
+                keep.add(j)
+                needed = (needed - provided) | set(steps[j].requires)
+        text = str(passes.Pipeline([steps[j] for j in sorted(keep)]))
+        if text not in seen and text != recipe.pipeline:
+            seen.add(text)
+            rows.append((f"{p.name} alone", text))
+    rows.append((f"recipe {recipe.name}", recipe.pipeline))
+    return rows
+
+
 def measure(net, model: str, pipelines, *, dataset: str, split: str = "test", seed: int = 0,
-            tvm: bool = False, limit: int | None = None) -> list:
-    """One row per pipeline (the dense model first): MACs per image, params, score, seconds."""
+            tvm: bool = False, limit: int | None = None, accel: str = "zcu102", bits: int = 8) -> list:
+    """One row per pipeline (the dense model first): MACs per image, params, score, FPGA latency
+    and energy, seconds. ``pipelines`` are texts or (label, text) pairs. A prefix shared by
+    several pipelines runs once (its program is kept and the rest runs on it)."""
     import torch
 
     from sliver import backends, ir, models, passes
+    from sliver.backends import fpga
     from sliver.backends.evaluate import score
     from sliver.models import data as datasets
 
     example = torch.zeros(models.input_shape(model))
     program = ir.trace(net, example, name=model)
     data = datasets.context_data(dataset)
-    texts = [""] + [p for p in pipelines if p.strip()]
-    parsed = [passes.parse(t) for t in texts]  # every pipeline parses before anything runs
+    labelled = [("dense", "")] + [p if isinstance(p, tuple) else ("", p) for p in pipelines
+                                  if (p[1] if isinstance(p, tuple) else p).strip()]
+    parsed = [passes.parse(t) for _, t in labelled]  # every pipeline parses before anything runs
     for pipe in parsed:
         pipe.validate(program.level, program.facts)
+    cost_model = fpga.CostModel(accel=accel, bits=bits)
+    prefixes = {(): program}  # pass texts -> program after them
+
+    def run(pipe):
+        texts = tuple(p.text() for p in pipe.passes)
+        k = max(n for n in range(len(texts) + 1) if texts[:n] in prefixes)
+        current = prefixes[texts[:k]]
+        for n in range(k, len(texts)):
+            ctx = passes.PassContext(data=data, seed=seed, cost_model=cost_model)
+            current = passes.Pipeline([pipe.passes[n]]).run(current, ctx).program
+            prefixes[texts[:n + 1]] = current
+        return current
+
     rows = []
-    for text, pipe in zip(texts, parsed):
+    for (label, text), pipe in zip(labelled, parsed):
         t0 = time.perf_counter()
-        result = pipe.run(program, data=data, seed=seed)
-        final = result.program
-        stats = final.stats().totals() if final.level != "tvm" else result.report.after or {}
+        final = run(pipe)
+        stats = final.stats().totals()
         batch = program.input_shapes[0][0]
         evaluation = score(final, split, data=dataset, limit=limit)
+        lowered = final if final.level != "torch" else ir.to_onnx(final)
+        nonlinear = "poly" if "poly-act" in lowered.facts else "exact"
+        fpga_totals = fpga.cost(lowered, accel=accel, bits=bits, nonlinear=nonlinear).totals()
         row = {
+            "label": label or str(pipe),
             "pipeline": str(pipe) or "(dense)",
             "level": final.level,
             "macs": stats.get("macs", 0) // batch,
@@ -89,15 +144,35 @@ def measure(net, model: str, pipelines, *, dataset: str, split: str = "test", se
             "metric": evaluation.metric,
             "score": evaluation.value,
             "dataset": evaluation.dataset,
+            "integer_only": "integer-only" in final.facts,
+            "fpga_latency_ms": fpga_totals["latency_ms"] / batch,
+            "fpga_energy_mj": fpga_totals["energy_mj"] / batch,
         }
         if tvm:
-            lowered = final if final.level != "torch" else ir.to_onnx(final)
             row["tvm_score"] = score(backends.tvm.build(lowered, "x86"), split, data=dataset, limit=limit).value
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"[report] {row['pipeline']}: {row['metric']} {row['score']:.2f}%, {row['macs'] / 1e6:.2f} MMACs",
-              file=sys.stderr, flush=True)
+        print(f"[report] {row['pipeline']}: {row['metric']} {row['score']:.2f}%, {row['macs'] / 1e6:.2f} MMACs, "
+              f"FPGA {row['fpga_energy_mj']:.4f} mJ", file=sys.stderr, flush=True)
     return rows
+
+
+def table(rows: list) -> str:
+    """The composition table (Markdown): one row per pipeline, changes against the dense model."""
+    dense = rows[0]
+
+    def rel(key, row):
+        return f"{100.0 * (row[key] - dense[key]) / dense[key]:+.1f}%" if dense[key] else "n/a"
+
+    lines = [f"| row | pipeline | MMACs | FPGA ms | FPGA mJ | {dense['metric']} % | change pt | integer-only |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['label']} | `{row['pipeline']}` | {row['macs'] / 1e6:.2f} ({rel('macs', row)}) | "
+            f"{row['fpga_latency_ms']:.4f} ({rel('fpga_latency_ms', row)}) | "
+            f"{row['fpga_energy_mj']:.4f} ({rel('fpga_energy_mj', row)}) | {row['score']:.2f} | "
+            f"{row['score'] - dense['score']:+.2f} | {'yes' if row['integer_only'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list, path: str, title: str) -> str:
@@ -107,29 +182,34 @@ def plot(rows: list, path: str, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
+    axes_x = [("macs", 1e-6, "MACs per image (millions)")]
+    if rows and all("fpga_energy_mj" in r for r in rows):
+        axes_x.append(("fpga_energy_mj", 1.0, "FPGA energy per image (mJ)"))
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(7.2 * len(axes_x), 4.6), dpi=120, squeeze=False)
     markers = "os^Dvp<>hX"
-    seen: dict = {}
-    for i, row in enumerate(rows):
-        dense = i == 0
-        x, y = row["macs"] / 1e6, row["score"]
-        label = f"{i}: {row['pipeline']}" + (f"  (tvm {row['tvm_score']:.2f}%)" if "tvm_score" in row else "")
-        ax.scatter([x], [y], s=90 if dense else 45, marker="*" if dense else markers[(i - 1) % len(markers)],
-                   color="black" if dense else f"C{(i - 1) % 10}", zorder=4 if dense else 3, label=label)
-        stacked = seen.get((round(x, 3), round(y, 2)), 0)  # coinciding points: number them side by side
-        seen[(round(x, 3), round(y, 2))] = stacked + 1
-        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(7 + 9 * stacked, 5), fontsize=8)
     metric = "mIoU" if rows and rows[0]["metric"] == "miou" else "accuracy"
-    ax.set_xlabel("MACs per image (millions)")
-    ax.set_ylabel(f"{metric} on {rows[0]['dataset'] if rows else ''} (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    xs = [r["macs"] / 1e6 for r in rows]
     ys = [r["score"] for r in rows] + [r["tvm_score"] for r in rows if "tvm_score" in r]
-    if xs:
-        ax.set_xlim(0, max(xs) * 1.15 or 1)
-        ax.set_ylim(max(0.0, min(ys) - 3), min(100.5, max(ys) + 1.5))
-    ax.legend(fontsize=7, loc="lower left", frameon=True)
+    for ax, (key, scale, xlabel) in zip(axes[0], axes_x):
+        seen: dict = {}
+        for i, row in enumerate(rows):
+            dense = i == 0
+            x, y = row[key] * scale, row["score"]
+            name = row.get("label") or row["pipeline"]
+            label = f"{i}: {name}" + (f"  (tvm {row['tvm_score']:.2f}%)" if "tvm_score" in row else "")
+            ax.scatter([x], [y], s=90 if dense else 45, marker="*" if dense else markers[(i - 1) % len(markers)],
+                       color="black" if dense else f"C{(i - 1) % 10}", zorder=4 if dense else 3, label=label)
+            stacked = seen.get((round(x, 4), round(y, 2)), 0)  # coinciding points: number them side by side
+            seen[(round(x, 4), round(y, 2))] = stacked + 1
+            ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(7 + 9 * stacked, 5), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{metric} on {rows[0]['dataset'] if rows else ''} (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        xs = [r[key] * scale for r in rows]
+        if xs:
+            ax.set_xlim(0, max(xs) * 1.15 or 1)
+            ax.set_ylim(max(0.0, min(ys) - 3), min(100.5, max(ys) + 1.5))
+        ax.legend(fontsize=7, loc="lower left", frameon=True)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.png"
@@ -151,9 +231,20 @@ def main(argv=None) -> int:
         datasets.check_split(args.split)
         config = training.config_for(args.model, seed=args.seed)  # also rejects untrainable models
         net, ckpt = load_trained(args.model, args.checkpoint, args.seed)
-        rows = measure(net, args.model, args.pipeline, dataset=config.dataset, split=args.split,
-                       seed=args.seed, tvm=args.tvm, limit=args.limit)
-        plot(rows, args.out, f"{args.model}: {rows[0]['metric']} vs MACs ({rows[0]['dataset']})")
+        from sliver import passes
+
+        for name in args.recipe:
+            passes.recipes.get(name)  # every recipe exists before anything runs
+        pipelines = list(args.pipeline) + [row for name in args.recipe for row in composition(name)]
+        rows = measure(net, args.model, pipelines, dataset=config.dataset, split=args.split,
+                       seed=args.seed, tvm=args.tvm, limit=args.limit, accel=args.accel, bits=args.bits)
+        plot(rows, args.out, f"{args.model}: {rows[0]['metric']} vs cost ({rows[0]['dataset']})")
+        md_path = os.path.splitext(args.out)[0] + ".md"
+        tmp = md_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{args.model} on {rows[0]['dataset']}, FPGA model {args.accel} at {args.bits} bits\n\n")
+            f.write(table(rows))
+        os.replace(tmp, md_path)
         json_path = os.path.splitext(args.out)[0] + ".json"
         tmp = json_path + ".tmp"
         with open(tmp, "w") as f:
@@ -164,8 +255,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     for row in rows:
-        print(f"{row['pipeline']:<40}{row['macs'] / 1e6:>10.2f} MMACs{row['score']:>9.2f}% {row['metric']}")
-    print(f"wrote {args.out} and {json_path}")
+        print(f"{row['pipeline']:<40}{row['macs'] / 1e6:>10.2f} MMACs{row['fpga_energy_mj']:>9.4f} mJ"
+              f"{row['score']:>9.2f}% {row['metric']}")
+    print(f"wrote {args.out}, {json_path} and {md_path}")
     return 0
 
 

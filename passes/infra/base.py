@@ -11,9 +11,10 @@ A pass is a class with:
   ``--list-passes``; an optional ``validate()`` method checks only what no bound can say (relations
   between options, the form of a string);
 - ``requires`` / ``provides`` / ``invalidates``: facts (strings) about the program;
-- ``conflicts``: facts that must not hold when the pass runs (it cannot work on such a program,
-  e.g. a float-only rewrite after a quantiser); the pipeline is then refused, naming the pass that
-  established the fact and the order that works;
+- ``refuses``: facts that must not hold when the pass runs (it cannot work on such a program,
+  e.g. a float-only rewrite after a quantiser), each with its one-line fix (empty: put this pass
+  before the one that made the fact); the pipeline is then refused before anything runs, naming
+  the pass that established the fact and the fix. ``refused_facts()`` may narrow them by option;
 - ``check_tolerance``: the largest allowed change of the outputs, relative to their magnitude
   (``max|new - old| <= tol * max(1, max|old|)``), or ``None`` for passes that trade accuracy
   for cost (their change is reported, not enforced);

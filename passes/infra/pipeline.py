@@ -120,7 +120,7 @@ class Pipeline:
     # -- validation -------------------------------------------------------------------------
     def validate(self, level: str = "torch", facts: Iterable[str] = ()) -> None:
         """Check the order before anything runs: levels only go down, every fact a pass requires
-        is provided by the program or an earlier pass, and no fact a pass conflicts with holds.
+        is provided by the program or an earlier pass, and no fact a pass refuses holds.
         A refusal is one line naming the pass, the earlier pass that is the reason, and the order
         that works."""
         current = level_index(level)

@@ -47,7 +47,7 @@ from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ...models.trainer import fit, frozen_copy, source
 from ..infra.base import Pass, option, register
-from ..infra.facts import CHANNEL_PRUNED
+from ..infra.facts import APPMUL, CHANNEL_PRUNED, QUANTIZED_POT
 from .channels import ChannelGraph, WidthPlan, has_bn_everywhere, unit_scores
 
 CRITERIA = ("l1-norm", "bn-scale", "geometric-median", "random")
@@ -75,6 +75,7 @@ class AdaPruner(Pass):
     level = "torch"
     summary = "channel pruning to a FLOPs budget: BN-scale bisection, adaptive weight inheritance, fine-tuning"
     provides = (CHANNEL_PRUNED,)
+    refuses = {QUANTIZED_POT: "", APPMUL: ""}
     Options = AdaPrunerOptions
 
     def run(self, program: Program, ctx) -> Program:

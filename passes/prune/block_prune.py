@@ -33,7 +33,7 @@ from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ...models.trainer import fit, source
 from ..infra.base import Pass, option, register
-from ..infra.facts import BLOCK_SPARSE
+from ..infra.facts import APPMUL, BLOCK_SPARSE, QUANTIZED_POT
 
 
 #: default fine-tuning: zeroing half of the tiles without it took the trained tiny_resnet from
@@ -79,6 +79,7 @@ class BlockPrune(Pass):
     level = "torch"
     summary = "block-structured weight sparsity (zero tiles) for conv/linear layers"
     provides = (BLOCK_SPARSE,)
+    refuses = {QUANTIZED_POT: "", APPMUL: ""}
     Options = BlockPruneOptions
 
     def run(self, program: Program, ctx) -> Program:

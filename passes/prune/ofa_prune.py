@@ -43,7 +43,7 @@ from ...ir.torch_level import propagate_shapes, retrace
 from ...models.trainer import fit, source
 from .adapruner import channel_importance, prunable_graph, recalibrate_bn, sparse_train
 from ..infra.base import Pass, option, register
-from ..infra.facts import CHANNEL_PRUNED
+from ..infra.facts import APPMUL, CHANNEL_PRUNED, QUANTIZED_POT
 from .channels import ChannelGraph, WidthPlan, unit_scores
 
 
@@ -111,6 +111,7 @@ class OFAPrune(Pass):
     level = "torch"
     summary = "once-for-all cohort of pruned networks for (FLOPs budget, resolution) pairs"
     provides = (CHANNEL_PRUNED,)
+    refuses = {QUANTIZED_POT: "", APPMUL: ""}
     Options = OFAPruneOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -38,7 +38,7 @@ from ...ir.program import Program
 from ...ir.torch_level import is_attention, retrace
 from ..infra.base import Pass, option, register
 from ...ir import opdefs
-from ..infra.facts import POLY_ACT, ROUNDING_FACT
+from ..infra.facts import APPMUL, POLY_ACT, QUANTIZED_POT, ROUNDING_FACT
 from ..transformer import ATTENTION_LAYOUTS, ProbsAttention
 
 # I-BERT's constants (second-order erf and exp polynomials): one definition, in sliver.ir.opdefs
@@ -174,6 +174,7 @@ class PolyAct(Pass):
     level = "torch"
     summary = "GELU, softmax (exp) and sigmoid -> HeatViT's polynomial / piecewise-linear forms"
     provides = (POLY_ACT,)
+    refuses = {QUANTIZED_POT: "", APPMUL: ""}
     Options = PolyActOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -58,7 +58,7 @@ from ...ir.torch_level import is_attention, retrace
 from ..infra.base import Pass, option, register
 from ..infra.context import as_pass_data
 from ..fold_bn import fold_batchnorm
-from ..infra.facts import QUANTIZED_POT, ROUNDING_FACT
+from ..infra.facts import APPMUL, QUANTIZED_POT, ROUNDING_FACT
 from ..transformer import TokenFusion
 from .poly_act import PolyGELU
 from ..qlayers import (
@@ -413,6 +413,7 @@ class RAPQ(Pass):
     level = "torch"
     summary = "power-of-two post-training quantisation (RAPQ): integer exponents, learned rounding"
     provides = (QUANTIZED_POT, ROUNDING_FACT)
+    refuses = {APPMUL: ""}
     check_tolerance = None
     Options = RAPQOptions
     method = "rapq"

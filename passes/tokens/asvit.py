@@ -44,7 +44,7 @@ from torch import nn
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
-from ..infra.facts import FLOAT_TOKEN_SCORES, TOKEN_PRUNED
+from ..infra.facts import APPMUL, FLOAT_TOKEN_SCORES, QUANTIZED_POT, TOKEN_PRUNED
 from .common import (
     attention_step,
     block_dims,
@@ -157,6 +157,7 @@ class ASViT(Pass):
     level = "torch"
     summary = "AS-ViT: learnable per-stage thresholds on head-weighted class attention, MAC-budget loss"
     provides = (TOKEN_PRUNED, FLOAT_TOKEN_SCORES)
+    refuses = {QUANTIZED_POT: "", APPMUL: ""}
     Options = ASViTOptions
 
     def run(self, program: Program, ctx) -> Program:

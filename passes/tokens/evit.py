@@ -23,7 +23,7 @@ from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
-from ..infra.facts import TOKEN_PRUNED
+from ..infra.facts import APPMUL, QUANTIZED_POT, TOKEN_PRUNED
 from .common import (
     attention_step,
     check_blocks,
@@ -75,6 +75,7 @@ class EViT(Pass):
     level = "torch"
     summary = "EViT: keep the top-k patch tokens by CLS attention, fuse the rest (training-free)"
     provides = (TOKEN_PRUNED,)
+    refuses = {QUANTIZED_POT: "", APPMUL: ""}
     Options = EViTOptions
 
     def run(self, program: Program, ctx) -> Program:

@@ -55,7 +55,7 @@ from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ...models import trainer
 from ..infra.base import Pass, option, register
-from ..infra.facts import FLOAT_TOKEN_SCORES, TOKEN_PRUNED
+from ..infra.facts import APPMUL, FLOAT_TOKEN_SCORES, QUANTIZED_POT, TOKEN_PRUNED
 from .common import (
     TokenPolicy,
     attention_step,
@@ -171,6 +171,7 @@ class HeatViT(Pass):
     level = "torch"
     summary = "HeatViT: trained multi-head token selectors with a package token (static top-k)"
     provides = (TOKEN_PRUNED, FLOAT_TOKEN_SCORES)
+    refuses = {QUANTIZED_POT: "", APPMUL: ""}
     Options = HeatViTOptions
 
     def run(self, program: Program, ctx) -> Program:

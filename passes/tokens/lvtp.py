@@ -75,7 +75,7 @@ from ...ir.errors import PassError, UnsupportedOpError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
-from ..infra.facts import TOKEN_PRUNED
+from ..infra.facts import APPMUL, QUANTIZED_POT, TOKEN_PRUNED
 from .common import (
     OnnxTopK,
     attention_step,
@@ -277,6 +277,7 @@ class LVTP(Pass):
     level = "torch"
     summary = "LVTP: training-free progressive token pruning (Tsallis entropy + Sobel edges), grid restored for dense heads"
     provides = (TOKEN_PRUNED,)
+    refuses = {QUANTIZED_POT: "", APPMUL: ""}
     Options = LVTPOptions
 
     def run(self, program: Program, ctx) -> Program:
