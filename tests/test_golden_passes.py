@@ -14,7 +14,7 @@ from sliver.models import data as datasets
 #: option overrides that make a pass cheap without changing the structure it produces
 CHEAP = {
     "heatvit": {"epochs": 0, "warm_start": 0},
-    "asvit": {"epochs": 0},
+    "asvit": {"epochs": 1, "batch_size": 32},
     "adapruner": {"sparse_epochs": 0, "finetune_epochs": 0, "proxy_images": 32, "batch_size": 32},
     "ofa-prune": {"search_epochs": 1, "train_epochs": 0, "batch_size": 32},
     "rapq": {"calib_images": 8, "iters": 1},
