@@ -60,30 +60,15 @@ def test_fuzz_classifies_a_traceback_as_a_defect(tmp_path):
     """The verdicts are real: a library call that raises an internal exception is a defect, a
     typed one-line error is a refusal, and a wrapped internal exception is a defect."""
     scratch = str(tmp_path)
-    case = fuzz.Case("checkpoint", "raises", call=("_raise_for_test", ("key",)), timeout=60)
+    case = fuzz.Case("checkpoint", "raises", call=("call_selftest", ("key",)), timeout=60)
     assert fuzz.classify(case, scratch).verdict == "defect"
-    case = fuzz.Case("checkpoint", "typed", call=("_raise_for_test", ("typed",)), timeout=60)
+    case = fuzz.Case("checkpoint", "typed", call=("call_selftest", ("typed",)), timeout=60)
     assert fuzz.classify(case, scratch).verdict == "refused"
-    case = fuzz.Case("checkpoint", "wrapped", call=("_raise_for_test", ("wrapped",)), timeout=60)
+    case = fuzz.Case("checkpoint", "wrapped", call=("call_selftest", ("wrapped",)), timeout=60)
     assert fuzz.classify(case, scratch).verdict == "defect"
-    case = fuzz.Case("checkpoint", "hang", call=("_raise_for_test", ("hang",)), timeout=2)
+    case = fuzz.Case("checkpoint", "hang", call=("call_selftest", ("hang",)), timeout=2)
     assert fuzz.classify(case, scratch).detail.startswith("hang")
-
-
-def _raise_for_test(how):
-    def go():
-        if how == "key":
-            return {}["missing"]
-        if how == "typed":
-            raise errors.DataError("the data is bad; give good data")
-        if how == "wrapped":
-            raise errors.DataError("loading failed: KeyError: 'x'")
-        time.sleep(60)
-
-    return fuzz._typed(go)
-
-
-fuzz._raise_for_test = _raise_for_test
+    fuzz.close_runner()
 
 
 # -- hostile files --------------------------------------------------------------------------------
@@ -422,7 +407,7 @@ def test_cache_two_processes_one_entry_and_corrupt_entry_rebuilt(tmp_path, monke
     from sliver.models import training
 
     cache = str(tmp_path / "cache")
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a fork of this process deadlocks once torch has run an operator
     queue = ctx.Queue()
     procs = [ctx.Process(target=_cached_worker, args=(cache, queue)) for _ in range(2)]
     for p in procs:

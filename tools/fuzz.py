@@ -21,8 +21,9 @@ Kinds (case ``i`` is of kind ``i mod 5`` unless ``--kinds`` narrows them):
 - ``artifact``: ``backends.tvm.load`` of an artifact directory whose model.so or model.json
   was truncated, altered or removed; the library must not be loaded (mapped) when refused.
 
-Each case runs in a child process forked from this one (so imports are paid once) with a
-timeout. The verdict:
+Each case runs with a timeout in a child forked from a clean runner process that has imported
+sliver, torch and TVM once (forking the fuzzer itself deadlocks once torch has run an operator).
+The verdict:
 
 - compiled: exit 0 (or the library call returned) and the output is complete;
 - refused: exit 2 with exactly one ``error:`` line that is not a wrapped internal exception
@@ -45,6 +46,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,69 +106,155 @@ def _tree_digest(path: str) -> dict:
     return found
 
 
+def _case_child(request: dict) -> None:
+    """The forked child of the zygote: run one case with its output in files, then _exit."""
+    code = 98
+    try:
+        os.setpgid(0, 0)
+        if request["memory_limit"]:  # a runaway case fails alone instead of waking the kernel's OOM killer
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (request["memory_limit"], request["memory_limit"]))
+        fo = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fe = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fo, 1)
+        os.dup2(fe, 2)
+        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            if request["argv"] is not None:
+                import compile as compile_tool
+
+                code = int(compile_tool.main(request["argv"]) or 0)
+            else:
+                name, args = request["call"]
+                result = globals()[name](*args)
+                with open(request["result"], "w") as f:
+                    json.dump(result, f)
+                code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 2
+        except BaseException:
+            traceback.print_exc()
+            code = 99
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _zygote_main() -> int:
+    """``fuzz.py --zygote``: import what the cases need, never run an operator, then fork one
+    child per request read from stdin (one JSON line) and answer with its exit status.
+
+    Cases are not forked from the fuzzing process itself: once torch (OpenMP) or TVM have run a
+    parallel operator there, a forked child that runs one deadlocks on the pool's state (measured:
+    a conv in a child forked after a conv in the parent never returns). This process has no pool
+    yet, so its children start clean, and the imports are still paid once."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever an import prints must not corrupt the protocol
+    import compile as _compile_tool  # noqa: F401 - imported once here, inherited by every child
+    import tvm  # noqa: F401
+
+    from sliver import backends, passes  # noqa: F401
+
+    def stop(signum, _frame):
+        if _CURRENT[0]:
+            try:
+                os.killpg(_CURRENT[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the fuzzer decides; it terminates us
+    print("ready", file=proto)
+    for line in sys.stdin:
+        request = json.loads(line)
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            _case_child(request)
+        _CURRENT[0] = pid
+        deadline = t0 + request["timeout"]
+        status = None
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.perf_counter() > deadline:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                os.waitpid(pid, 0)
+                status = None
+                break
+            time.sleep(0.05)
+        _CURRENT[0] = 0
+        if status is None:
+            answer = {"status": "hang", "rc": None}
+        elif os.WIFSIGNALED(status):
+            answer = {"status": f"signal {os.WTERMSIG(status)}", "rc": None}
+        else:
+            answer = {"status": "exit", "rc": os.WEXITSTATUS(status)}
+        answer["seconds"] = time.perf_counter() - t0
+        print(json.dumps(answer), file=proto)
+    return 0
+
+
+class _Zygote:
+    """The fuzzer's handle on its zygote process (see _zygote_main)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--zygote"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"fuzz: the case runner did not start (exit {self.proc.wait()})")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"fuzz: the case runner died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+            self.proc.wait()
+
+
+_ZYGOTE: list = []
+
+
+def _zygote() -> _Zygote:
+    if not _ZYGOTE or not _ZYGOTE[0].alive():
+        _ZYGOTE[:] = [_Zygote()]
+    return _ZYGOTE[0]
+
+
+def close_runner() -> None:
+    """Stop the case runner (run() does this when it ends)."""
+    if _ZYGOTE:
+        _ZYGOTE.pop().close()
+
+
 def _run_child(case: Case, scratch: str) -> tuple:
-    """Fork, run the case, return (status, rc, stdout, stderr, result json or None, seconds)."""
+    """Run the case in a child of the zygote; (status, rc, stdout, stderr, result json or None, seconds)."""
     out_file, err_file, res_file = (os.path.join(scratch, n) for n in ("stdout", "stderr", "result.json"))
     for f in (out_file, err_file, res_file):
         if os.path.exists(f):
             os.unlink(f)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    t0 = time.perf_counter()
-    pid = os.fork()
-    _CURRENT[0] = pid
-    if pid == 0:  # child
-        code = 98
-        try:
-            os.setpgid(0, 0)
-            if MEMORY_LIMIT:  # a runaway case fails alone instead of waking the kernel's OOM killer
-                import resource
-
-                resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-            fo = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            fe = os.open(err_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fo, 1)
-            os.dup2(fe, 2)
-            sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-            sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            try:
-                if case.argv is not None:
-                    import compile as compile_tool
-
-                    code = int(compile_tool.main(case.argv) or 0)
-                else:
-                    name, args = case.call
-                    result = globals()[name](*args)
-                    with open(res_file, "w") as f:
-                        json.dump(result, f)
-                    code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 2
-            except BaseException:
-                traceback.print_exc()
-                code = 99
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-    deadline = t0 + case.timeout
-    status = None
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.perf_counter() > deadline:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-            status = None
-            break
-        time.sleep(0.05)
-    seconds = time.perf_counter() - t0
+    request = {"argv": case.argv, "call": case.call, "stdout": out_file, "stderr": err_file, "result": res_file,
+               "timeout": case.timeout, "memory_limit": MEMORY_LIMIT}
+    answer = _zygote().run(request)
     read = lambda p: open(p, errors="replace").read() if os.path.exists(p) else ""  # noqa: E731
     result = None
     if os.path.exists(res_file):
@@ -174,11 +262,7 @@ def _run_child(case: Case, scratch: str) -> tuple:
             result = json.loads(read(res_file))
         except ValueError:
             result = None
-    if status is None:
-        return "hang", None, read(out_file), read(err_file), result, seconds
-    if os.WIFSIGNALED(status):
-        return f"signal {os.WTERMSIG(status)}", None, read(out_file), read(err_file), result, seconds
-    return "exit", os.WEXITSTATUS(status), read(out_file), read(err_file), result, seconds
+    return answer["status"], answer["rc"], read(out_file), read(err_file), result, answer["seconds"]
 
 
 def _one_line_refusal(message: str) -> str | None:
@@ -291,6 +375,31 @@ def _typed(fn):
         return {"status": "refused", "message": str(e)}
 
 
+def call_build_artifact(onnx_path: str, out: str) -> dict:
+    from sliver import backends, ir
+
+    backends.tvm.build(ir.load_onnx(onnx_path), target="x86").save(out)
+    return {"status": "ok", "message": "built"}
+
+
+def call_selftest(how: str) -> dict:
+    """A call whose verdict is known, to check the classifier itself: ``key`` raises an internal
+    exception (defect), ``typed`` a one-line typed error (refused), ``wrapped`` a typed error that
+    carries an internal exception (defect), ``hang`` sleeps past any test timeout."""
+    from sliver.ir import errors
+
+    def go():
+        if how == "key":
+            return {}["missing"]
+        if how == "typed":
+            raise errors.DataError("the data is bad; give good data")
+        if how == "wrapped":
+            raise errors.DataError("loading failed: KeyError: 'x'")
+        time.sleep(60)
+
+    return _typed(go)
+
+
 def call_load_checkpoint(path: str, marker: str) -> dict:
     from sliver.models import training
 
@@ -385,24 +494,15 @@ class Assets:
         self.checkpoint = os.path.join(work, "tiny_vgg.pt")
         cfg = training.config_for("tiny_vgg")
         training.save_checkpoint(training.TrainResult(net, cfg, "accuracy", {"test": 10.0}, 0.0), self.checkpoint)
-        # an artifact of the small model, built in a child so this process never loads TVM code
+        # an artifact of the small model, built by the case runner so this process never loads TVM code
         self.artifact = os.path.join(work, "artifact")
         if not os.path.exists(os.path.join(self.artifact, "model.json")):
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    from sliver import backends
-
-                    path = os.path.join(work, "small.onnx")
-                    onnx.save(self.small, path)
-                    backends.tvm.build(ir.load_onnx(path), target="x86").save(self.artifact)
-                    code = 0
-                finally:
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            if status != 0:
-                raise SystemExit("fuzz: building the base artifact failed")
+            path = os.path.join(work, "small.onnx")
+            onnx.save(self.small, path)
+            case = Case("artifact", "base", call=("call_build_artifact", (path, self.artifact)), timeout=900)
+            status, rc, _out, err, _result, _seconds = _run_child(case, work)
+            if (status, rc) != ("exit", 0):
+                raise SystemExit(f"fuzz: building the base artifact failed ({status} {rc}):\n{err[-2000:]}")
         # the secret next to (outside) every case folder: hostile models point at it
         self.secret = os.path.join(work, "secret.bin")
         with open(self.secret, "wb") as f:
@@ -999,10 +1099,6 @@ def run(n: int, seed: int, kinds=KINDS, target: str = "mixed", work: str | None 
     own = work is None
     work = work or tempfile.mkdtemp(prefix="sliver-fuzz-")
     assets = Assets(os.path.join(work, "assets"), seed)
-    import compile as _compile_tool  # noqa: F401 - imported once here, inherited by every child
-    import tvm  # noqa: F401
-
-    from sliver import backends, passes  # noqa: F401
     counts = {k: {"compiled": 0, "refused": 0, "defect": 0} for k in kinds}
     defects, composition = [], []
     scratch = os.path.join(work, "scratch")
@@ -1034,6 +1130,7 @@ def run(n: int, seed: int, kinds=KINDS, target: str = "mixed", work: str | None 
         print(line, file=stream, flush=True)
         if verdict.verdict != "defect":
             shutil.rmtree(case_dir, ignore_errors=True)
+    close_runner()
     if own and not defects and not composition:
         shutil.rmtree(work, ignore_errors=True)
     return {"counts": counts, "defects": defects, "composition": composition, "seconds": time.perf_counter() - t0,
@@ -1052,6 +1149,8 @@ def format_counts(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--zygote"]:  # the case runner (internal)
+        return _zygote_main()
     p = argparse.ArgumentParser(description="Fuzz sliver with random and hostile inputs.")
     p.add_argument("n", type=int, help="number of cases (spread evenly over the kinds)")
     p.add_argument("--seed", type=int, default=0)
@@ -1064,11 +1163,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def stop(signum, _frame):
-        if _CURRENT[0]:
-            try:
-                os.killpg(_CURRENT[0], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        close_runner()  # the runner kills the running case's process group
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

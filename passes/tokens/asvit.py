@@ -54,6 +54,7 @@ from .common import (
     policy_mode,
     mlp_step,
     record_selection,
+    TokenPolicy,
     select_tokens,
     tokens_in,
     transformer_blocks,

@@ -129,3 +129,16 @@ def distill_fine_tune(gm, teacher, first_target: str, stages, stage_params, extr
     finally:
         gm.to("cpu")
         teacher.to("cpu")
+
+
+class _PolicyHook:
+    """Trainer hooks of a token-policy fine-tune: a fresh policy per batch, the pass's own loss."""
+
+    def __init__(self, state: TokenPolicy, extra_loss) -> None:
+        self.state, self._extra = state, extra_loss
+
+    def before_batch(self, batch) -> None:
+        self.state.reset()
+
+    def extra_loss(self):
+        return self._extra(self.state)
