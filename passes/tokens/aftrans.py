@@ -81,6 +81,7 @@ from ...ir.torch_level import SliverTracer, retrace
 from ..infra.base import Pass, option, register
 from ..infra.facts import TOKEN_PRUNED, TWO_SCALE
 from ..infra.pipeline import Instrument
+from ...models.trainer import fit, source
 from ..transformer import block_with_probs, tokens_in, transformer_blocks, check_blocks
 from .lvtp import patch_size_of
 
@@ -286,11 +287,12 @@ def scale_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def fine_tune(model: nn.Module, train_set, *, epochs: int, lr: float, batch_size: int, seed: int,
-              weight_decay: float = 0.05, progress=None) -> list:
+              weight_decay: float = 0.05, progress=None, ctx=None) -> list:
     """Fine-tune ``model`` on ``train_set`` with :func:`scale_loss`: AdamW, cosine learning rate
     from ``lr`` to 0 over all steps, batches shuffled by ``seed``; the ragged last batch is dropped.
-    Returns the mean loss per epoch; the model is left in eval mode. (One loop, shared by the pass
-    and the single-scale baseline of the measurements.)"""
+    Returns the mean loss per epoch; the model is left in eval mode. Runs through the trainer
+    (:func:`sliver.models.trainer.fit`; with ``ctx``, the losses go to the report's ``train_loss``),
+    shared by the pass and the single-scale baseline of the measurements."""
     if getattr(train_set, "task", "classification") != "classification":
         raise DataError(f"aftrans fine-tunes a classifier; {getattr(train_set, 'name', 'the data')} is not a "
                         "classification set (use --data small-digits or digits)")
@@ -298,27 +300,10 @@ def fine_tune(model: nn.Module, train_set, *, epochs: int, lr: float, batch_size
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = max(1, epochs * (len(train_set) // batch_size))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    history = []
-    model.train()
-    try:
-        for epoch in range(epochs):
-            loader = train_set.loader(batch_size, shuffle=True, seed=seed + epoch, drop_last=True)
-            batches = progress(loader, f"epoch {epoch + 1}/{epochs}", total=len(loader)) if progress else loader
-            total, count = 0.0, 0
-            for images, labels in batches:
-                loss = scale_loss(model, images, labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                schedule.step()
-                total += float(loss.detach()) * len(labels)
-                count += len(labels)
-            history.append(round(total / max(count, 1), 4))
-    finally:
-        model.eval()
-    if not all(math.isfinite(h) for h in history):
-        raise PassError(f"aftrans fine-tuning diverged (losses {history}); lower lr")
-    return history
+    data = source(train_set, batch_size, seed=seed, phase="fine-tune", drop_last=True)
+    return fit(model, data, opt, epochs=epochs, what="aftrans fine-tuning", phase="fine-tune",
+               loss=lambda net, batch: scale_loss(net, batch.x, batch.y), scheduler=schedule, ctx=ctx,
+               progress=progress)
 
 
 # -- the pass -----------------------------------------------------------------------------------
@@ -387,9 +372,12 @@ class AFTrans(Pass):
         model = TwoScaleViT(stem, modules, tail, collected, sacm, o.local_weight, o.with_region)
         self._check_collected(model, program)
         if o.epochs > 0:
-            history = fine_tune(model, ctx.training_data(self.name), epochs=o.epochs, lr=o.lr,
-                                batch_size=o.batch_size, seed=ctx.seed, progress=ctx.progress)
-            ctx.record("train_loss", history)
+            try:
+                model.to(ctx.device)
+                fine_tune(model, ctx.training_data(self.name), epochs=o.epochs, lr=o.lr,
+                          batch_size=o.batch_size, seed=ctx.seed, ctx=ctx)
+            finally:
+                model.to("cpu")
         model.eval()
         graph = SliverTracer(leaf_modules=(SACM,)).trace(model)
         traced = torch.fx.GraphModule(model, graph, class_name="TwoScaleViT")

@@ -13,13 +13,10 @@ Defaults follow EViT's DeiT setting: blocks 3, 6, 9 (0-indexed), keep 0.7.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
 from ..infra.base import Pass, option, register
@@ -27,9 +24,11 @@ from ..infra.facts import APPMUL, QUANTIZED_POT, TOKEN_PRUNED
 from .common import (
     attention_step,
     check_blocks,
+    fit,
     frozen_copy,
     keep_count,
     mlp_step,
+    source,
     tokens_in,
     TokenFusion,
 )
@@ -100,7 +99,7 @@ class EViT(Pass):
         ctx.record("tokens", schedule)
         if train_set is not None:
             gm.recompile()
-            ctx.record("train_loss", _fine_tune(gm, teacher, self.options, train_set, ctx))
+            _fine_tune(gm, teacher, self.options, train_set, ctx)
         return retrace(program, gm)
 
 
@@ -109,29 +108,13 @@ def _fine_tune(gm, teacher, o, train_set, ctx) -> list:
     2022, Sec. 4: the selection is not learned, the backbone learns to work with it). Here: the
     static top-k selection itself (gradients reach the kept tokens through the gather and the
     fused token through its weights), loss = cross-entropy + ``distill_weight`` x KL to the dense
-    model (DeiT-style soft distillation, as the learned selectors of sliver use), AdamW. Returns
-    the mean loss per epoch."""
+    model (DeiT-style soft distillation, as the learned selectors of sliver use), AdamW, through
+    the trainer (:func:`sliver.models.trainer.fit`, report key ``train_loss``) on ``ctx.device``.
+    Returns the mean loss per epoch."""
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=o.lr, weight_decay=0.01)
-    history = []
-    gm.train()
     try:
-        for epoch in range(o.epochs):
-            total, count = 0.0, 0
-            loader = train_set.loader(o.batch_size, shuffle=True, seed=ctx.seed + epoch)
-            for images, labels in ctx.progress(loader, f"epoch {epoch + 1}/{o.epochs}", total=len(loader)):
-                logits = gm(images)
-                with torch.no_grad():
-                    soft = teacher(images).softmax(dim=-1)
-                loss = F.cross_entropy(logits, labels) + o.distill_weight * F.kl_div(
-                    logits.log_softmax(dim=-1), soft, reduction="batchmean")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(labels)
-                count += len(labels)
-            history.append(round(total / max(count, 1), 4))
+        gm.to(ctx.device)
+        return fit(gm, source(train_set, o.batch_size, seed=ctx.seed, phase="fine-tune"), opt, epochs=o.epochs,
+                   what="evit fine-tuning", phase="fine-tune", teacher=teacher, distill=o.distill_weight, ctx=ctx)
     finally:
-        gm.eval()
-    if not all(math.isfinite(h) for h in history):
-        raise PassError(f"evit fine-tuning diverged (losses {history}); lower lr")
-    return history
+        gm.to("cpu")
