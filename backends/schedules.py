@@ -1134,7 +1134,7 @@ AVX512_INTRIN = "dot_16x4_avx512"
 
 def _load_tvm_intrinsics(arch: str):
     """TVM's ``tvm.s_tir.tensor_intrin.<arch>`` module, loaded on its own: importing the package
-    runs its CUDA intrinsics too, which took 54 s on this machine (TVM_NOTES); the module is
+    runs its CUDA intrinsics too, which took 54 s on this machine (measured); the module is
     registered under its own name, so a later import of the package reuses it."""
     import importlib.util
     import os

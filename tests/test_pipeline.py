@@ -197,7 +197,7 @@ def test_registry_lists_real_passes_with_options():
     assert isinstance(Program, type)
 
 
-# -- one context, instruments, conflicts, recipes ------------------------------------------------
+# -- one context, instruments, refusals, recipes ------------------------------------------------
 def test_a_context_or_its_keywords_not_both(make_program):
     prog = make_program("tiny_vgg")
     ctx = passes.PassContext(seed=3)

@@ -141,8 +141,8 @@ def list_passes() -> str:
             lines.append(f"    requires: {', '.join(cls.requires)}")
         if cls.provides:
             lines.append(f"    provides: {', '.join(cls.provides)}")
-        if cls.conflicts:
-            lines.append(f"    refused after: {', '.join(cls.conflicts)}")
+        for fact, fix in cls.refuses.items():
+            lines.append(f"    refused after: {fact}" + (f" ({fix})" if fix else ""))
         for opt, ty, default, doc in passes.option_docs(cls):
             lines.append(f"    {opt}: {ty}, default {default}. {doc}".rstrip())
     return "\n".join(lines)
