@@ -161,6 +161,39 @@ def test_max_loss_searches_the_budget_by_measured_loss():
         passes.parse("appmul{max_loss=-1}")
 
 
+def test_max_drop_searches_the_budget_by_held_out_accuracy():
+    from sliver.passes.appmul import sensitivity
+
+    program = trained_program("tiny_resnet")
+    train, val = data.digits("train"), data.digits("val").take(96)
+    res = passes.parse("appmul{bits=3 images=16 max_drop=2}").run(program, data={"train": train, "val": val},
+                                                                    seed=0, check=False)
+    notes = res.report.steps[-1].notes
+    tried = notes["budget_search"]
+    assert len(tried) >= 16 and all("val_accuracy_drop" in t for t in tried)
+    gm = res.program.module
+    layers = [m for m in gm.modules() if isinstance(m, AppMulLayer)]
+    approx = sensitivity.accuracy(gm, val.images, val.targets)
+    for m in layers:
+        m.set_multiplier(None)
+    exact = sensitivity.accuracy(gm, val.images, val.targets)
+    assert exact == pytest.approx(notes["val_accuracy_exact"], abs=1e-3)
+    assert exact - approx <= 2.0 + 1e-9  # the winner stays within max_drop points on val
+    feasible = [t["energy_value"] for t in tried if t["val_accuracy_drop"] <= 2.0]
+    if feasible:  # and it is the feasible selection saving the most energy
+        lib = library.load()
+        value = sum(r["macs"] * (lib.exact(3, True).stats["energy"] - lib[r["multiplier"]].stats["energy"])
+                    for r in notes["layers"])
+        assert value == pytest.approx(max(feasible), rel=1e-5)
+    with pytest.raises(PassError, match="held-out 'val' split"):
+        passes.parse("appmul{bits=3 images=8 max_drop=1}").run(program, data={"train": train}, check=False)
+    with pytest.raises(PassError, match="not both"):
+        passes.parse("appmul{bits=3 images=8 max_drop=1 max_loss=0.1}").run(program, data={"train": train, "val": val},
+                                                                              check=False)
+    with pytest.raises(OptionValueError, match="max_drop"):
+        passes.parse("appmul{max_drop=-1}")
+
+
 def _mixed_precision_result(model: str, bits: list, budget: float, costs: str = "taylor"):
     """Run ``appmul{budget bits costs}`` (one width per layer) on the trained float ``model``; return
     (multiplier energy saved, appmul accuracy, exact-multiplier accuracy) on the 360 digits test

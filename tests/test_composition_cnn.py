@@ -21,8 +21,9 @@ from sliver.models import data
 
 torch.set_num_threads(1)
 
-#: the integer-CNN pipeline of docs/composition.md (channel pruning, PoT W4A4, AppMul, shifts)
-INTEGER_CNN = "adapruner,rapq{wbits=4 abits=4},appmul{max_loss=0.05},pot-shift,cleanup"
+#: the integer-CNN pipeline of docs/composition.md (channel pruning, PoT W4A4, AppMul, shifts): the
+#: int-cnn recipe
+INTEGER_CNN = passes.recipes.get("int-cnn").pipeline
 
 
 def _images(n=8):
@@ -30,8 +31,15 @@ def _images(n=8):
 
 
 def _run_each(program, x):
-    """Outputs of ``program`` on each image of ``x`` (the onnx level has batch 1)."""
-    return np.concatenate([program.run([x[i:i + 1]])[0] for i in range(len(x))])
+    """Outputs of the onnx-level ``program`` on each image of ``x`` (batch 1), through one ONNX
+    Runtime session (``program.run`` builds a session per call: 360 of them on an AppMul program
+    peaked above 20 GB)."""
+    from sliver.ir.runtime import onnxruntime_session
+
+    sess = onnxruntime_session(program.module)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: np.ascontiguousarray(x[i:i + 1], np.float32)})[0]
+                           for i in range(len(x))])
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +140,12 @@ def test_block_prune_fine_tunes_by_default():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 06:38 UTC: appmul{max_loss=0.05} saves 5.02% multiplier "
-                   "energy, below the 25% of the acceptance; everything else holds (docs/composition.md)")
 def test_integer_cnn_recipe_on_trained_tiny_resnet():
     """The acceptance of issue #16 for tiny_resnet (docs/composition.md): integer-only, >= 30% fewer
-    MACs, >= 25% multiplier energy saved, <= 1.5 points below dense, and the torch-level program,
-    ONNX Runtime and TVM computing the same outputs on the digits test split."""
+    MACs, <= 1.5 points below dense, the torch-level program, ONNX Runtime and TVM computing the
+    same outputs on the digits test split (all asserted), and >= 25% multiplier energy saved: not
+    reached at W4A4 (measured 14.5%, docs/composition.md), so that one line is an xfail after a
+    floor at the measured level has been asserted."""
     from trained import trained_program
 
     from sliver import backends
@@ -150,15 +158,21 @@ def test_integer_cnn_recipe_on_trained_tiny_resnet():
     final = passes.Pipeline([p for p in pipe.passes if p.level != "torch"]).run(
         ir.convert(torch_part.program, "onnx"), data=ctx_data, check=False).program
     assert "integer-only" in final.facts
-    notes = {s.name: s.notes for s in torch_part.report.steps}
-    assert notes["appmul"]["multiplier_energy_saved"] >= 0.25
     dense = stats.program_stats(ir.convert(prog, "onnx"))
     assert stats.program_stats(final).macs <= 0.70 * dense.macs
     test = data.digits("test")
     x = test.images.numpy()
-    want = torch_part.program.run([x])[0]
+    # in batches: the emulated approximate layers hold one table term per weight value (360 at once: > 20 GB)
+    want = np.concatenate([torch_part.program.run([x[i:i + 40]])[0] for i in range(0, len(x), 40)])
     assert np.array_equal(_run_each(final, x), want)
     artifact = backends.tvm.build(final, target="x86")
     assert np.array_equal(np.concatenate([artifact.run([x[i:i + 1]])[0] for i in range(len(x))]), want)
     accuracy = 100.0 * float((want.argmax(1) == test.targets.numpy()).mean())
     assert accuracy >= evaluate(prog, data="digits", split="test") - 1.5
+    notes = {s.name: s.notes for s in torch_part.report.steps}["appmul"]
+    # the multipliers were chosen on the held-out val split: within 1 point of exact multipliers there
+    assert evaluate(torch_part.program, data="digits", split="val") >= notes["val_accuracy_exact"] - 1.0 - 1e-9
+    saved = notes["multiplier_energy_saved"]
+    assert saved >= 0.10, saved  # measured 0.1446 (docs/composition.md)
+    if saved < 0.25:
+        pytest.xfail(f"multiplier energy saved {saved:.1%} < 25% at W4A4 (everything else holds; docs/composition.md)")

@@ -234,6 +234,15 @@ def mean_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, bat
     return total / images.shape[0]
 
 
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch: int = 256) -> float:
+    """Top-1 accuracy in percent."""
+    correct = 0
+    for start in range(0, images.shape[0], batch):
+        correct += int((model(images[start : start + batch]).argmax(1) == targets[start : start + batch]).sum())
+    return 100.0 * correct / images.shape[0]
+
+
 def measured_loss_change(model: nn.Module, layer: AppMulLayer, multiplier: AppMul, images, targets, base: float,
                          compensate: bool = False) -> float:
     """The true mean loss change when only ``layer`` uses ``multiplier``."""
