@@ -174,7 +174,7 @@ def test_any_torch_dataset_calibrates_like_sliver_sets(make_program):
     prog = make_program("tiny_resnet")
     calib = D.calibration("digits").take(32)
     plain = torch.utils.data.TensorDataset(calib.images.clone(), calib.targets.clone())
-    pipe = "rapq{wbits=8 abits=8 calib_images=32}"
+    pipe = "rapq{wbits=8 abits=8 calib_images=32 iters=20}"  # learned rounding on, kept short
     a = passes.parse(pipe).run(prog, data={"calib": calib}).program
     b = passes.parse(pipe).run(prog, data={"calib": plain}).program
     np.testing.assert_array_equal(a.run()[0], b.run()[0])

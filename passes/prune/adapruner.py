@@ -25,7 +25,10 @@ Steps, as in the paper, on the dependency-aware channel groups of :mod:`.channel
    cross-entropy on the validation split (or those training images when no ``val`` split is given)
    is kept.
 5. Fine-tuning: ``finetune_epochs`` of AdamW (cosine learning rate) on cross-entropy plus
-   ``distill`` x KL divergence to the dense model's predictions.
+   ``distill`` x KL divergence to the dense model's predictions. The paper fine-tunes the
+   sub-network to convergence; the default, 8 epochs, is where the fine-tuning loss levels off on
+   the tiny digits models (tiny MobileNetV2 at 0.67 FLOPs: 0.400, 0.168, 0.122, 0.099, 0.089,
+   0.089, 0.092, 0.087 per epoch; stopped at 4 it scored 96.39% against 97.22% at 8, dense 98.06%).
 
 The pruned program is a plain smaller network (sliced weights, no masks): it exports to ONNX and
 builds with TVM as it is. ``flops`` counts MACs with sliver's convention (``sliver.ir.stats``).
@@ -62,7 +65,7 @@ class AdaPrunerOptions:
     criterion: Literal["auto", "l1-norm", "bn-scale", "geometric-median", "random"] = option("auto", "weight-inheritance criterion; auto picks by a proxy evaluation")
     sparse_epochs: int = option(1, "epochs of L1-on-gamma sparse training", ge=0)
     sparsity: float = option(0.5, "L1 coefficient on the BN gammas (proximal shrink lr x sparsity per step)", ge=0.0)
-    finetune_epochs: int = option(4, "fine-tuning epochs after pruning", ge=0)
+    finetune_epochs: int = option(8, "fine-tuning epochs after pruning", ge=0)
     lr: float = option(1e-3, "learning rate (sparse training and fine-tuning)", gt=0.0)
     batch_size: int = option(64, "training batch size", ge=1)
     distill: float = option(1.0, "weight of the KL loss to the dense model", ge=0.0)
