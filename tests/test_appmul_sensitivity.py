@@ -165,3 +165,17 @@ def test_probe_estimates_rank_tiny_deit_layers_like_measured_divergence():
         per_design.append(spearmanr(est, meas).correlation)
     assert min(per_design) >= 0.8, per_design
 
+
+
+def test_loss_is_per_image_cross_entropy_for_classifiers_and_segmenters():
+    """Segmentation labels (N, H, W): each image counts its mean per-pixel cross-entropy, so a
+    budget means the same per image as for a classifier; any other shape is a typed error."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 5, 4, 6), torch.randint(0, 5, (3, 4, 6))
+    per_image = torch.stack([torch.nn.functional.cross_entropy(logits[i : i + 1], labels[i : i + 1]) for i in range(3)])
+    assert torch.allclose(sensitivity._loss(logits, labels), per_image.sum())
+    flat = logits[:, :, 0, 0]
+    assert torch.allclose(sensitivity._loss(flat, labels[:, 0, 0]),
+                          torch.nn.functional.cross_entropy(flat, labels[:, 0, 0], reduction="sum"))
+    with pytest.raises(PassError, match="segmenter"):
+        sensitivity._loss(logits, labels[:, 0])

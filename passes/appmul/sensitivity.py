@@ -79,9 +79,16 @@ class LayerProfile:
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if logits.dim() != 2:
-        raise PassError("appmul sensitivity needs a classifier (logits of shape (N, classes)); give a classification data set")
-    return F.cross_entropy(logits, targets, reduction="sum")
+    """Summed cross-entropy, in nats per image: a classifier's (logits (N, classes), labels (N,))
+    or a segmenter's mean per-pixel cross-entropy of each image (logits (N, classes, H, W), labels
+    (N, H, W)), so that budgets and max_loss mean the same per image for both tasks."""
+    if logits.dim() == 2 and targets.dim() == 1:
+        return F.cross_entropy(logits, targets, reduction="sum")
+    if logits.dim() == 4 and targets.dim() == 3 and logits.shape[2:] == targets.shape[1:]:
+        return F.cross_entropy(logits, targets, reduction="none").flatten(1).mean(1).sum()
+    raise PassError(
+        f"appmul sensitivity needs a classifier (logits (N, classes), labels (N,)) or a segmenter (logits "
+        f"(N, classes, H, W), labels (N, H, W)); got logits {tuple(logits.shape)} and labels {tuple(targets.shape)}")
 
 
 def _positions_last(g: torch.Tensor, kind: str) -> torch.Tensor:

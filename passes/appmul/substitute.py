@@ -66,8 +66,9 @@ class AppMulPass(Pass):
     def run(self, program: Program, ctx) -> Program:
         opts = self.options
         data = ctx.training_data(self.name)
-        if getattr(data, "targets", None) is None or data.targets.dim() != 1:
-            raise PassError("pass 'appmul' needs labelled classification data (e.g. data=sliver.models.data.digits('train'))")
+        if getattr(data, "targets", None) is None or data.targets.dim() not in (1, 3):
+            raise PassError("pass 'appmul' needs labelled classification data (labels (N,), e.g. "
+                            "data=sliver.models.data.digits('train')) or segmentation data (labels (N, H, W))")
         if opts.max_loss > 0 and opts.max_drop > 0:
             raise PassError("pass 'appmul': give max_loss (cross-entropy on the calibration images) or max_drop "
                             "(accuracy on the val split), not both")
@@ -90,7 +91,11 @@ class AppMulPass(Pass):
                 raise PassError("pass 'appmul': every quantised layer needs a multiplier wider than 8 bits")
             widths = {n: layers[n].bits for n in names}
         else:
-            names = emulate.quantizable_layers(gm)
+            candidates = emulate.quantizable_layers(gm)
+            # grouped (depthwise) convolutions stay as they are, exact: sliver.AppMatMul has one weight
+            # matrix and a grouped convolution one per group (as in the quantised branch above)
+            names = [n for n in candidates if getattr(gm.get_submodule(n), "groups", 1) == 1]
+            ctx.record("exact_layers", [n for n in candidates if n not in names])
             if not names:
                 raise PassError("pass 'appmul' found no Conv2d or Linear layer to give a multiplier")
             bits = opts.bits or (8,)
