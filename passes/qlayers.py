@@ -370,6 +370,10 @@ class QConv2d(QLayer):
 
 
 class QLinear(QLayer):
+    #: the role it fills in a transformer block (``sliver.passes.transformer.plays``): the block
+    #: layouts still read a block whose linears rapq quantised
+    replaces = nn.Linear
+
     def __init__(self, linear: nn.Linear, wbits: int = 8, abits: int = 8, signed_input: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -16,6 +16,16 @@ children), never by class name. Each layout is one small adapter:
   ``nn.MultiheadAttention`` with packed in-projection, batch first), ``dropout``, ``ln_2``,
   ``mlp``.
 
+Children are read by their role, not their class: a linear role (``qkv``, ``proj``,
+``out_proj``, the MLP's first layer) is filled by an ``nn.Linear`` or by a replacement one of
+sliver's passes installed that declares ``replaces = nn.Linear`` (:func:`plays`: rapq's
+``QLinear``, appmul's linear ``AppMulLayer``); rapq's ``QAttention`` keeps timm's ``qkv``/``proj``/
+``num_heads``, and the norms are only read through ``normalized_shape`` or ``weight``, which
+``QLayerNorm`` keeps. Quantising or approximating a block's layers leaves its structure as it
+was, so the blocks the token passes and poly-act build are still read by the same adapter
+afterwards (evit's block calls :func:`attention_step` at run time, after rapq swapped its
+children).
+
 A block that no layout fits gets a one-line error naming its children. Modules a pass builds
 around a block own the block's children under the same names, so the adapter of the original
 block also reads them (and checkpoints of the dense model still load).
@@ -38,6 +48,16 @@ from ..ir.torch_level import is_transformer_block
 def _maybe(module: nn.Module, name: str):
     sub = getattr(module, name, None)
     return sub if isinstance(sub, nn.Module) else None
+
+
+def plays(module, role: type) -> bool:
+    """Whether ``module`` fills the role of a ``role`` layer (``nn.Linear``, ``nn.LayerNorm``): it
+    is one, or it declares with a ``replaces`` attribute that it stands in for one (sliver's
+    quantised and approximate layers, which keep the replaced layer's ``in_features``/
+    ``out_features``). A declaration rather than a looser structural test, so a
+    block of a truly unknown layout still gets the one-line error."""
+    replaced = getattr(module, "replaces", None)
+    return isinstance(module, role) or (isinstance(replaced, type) and issubclass(replaced, role))
 
 
 def _apply(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -81,8 +101,8 @@ class FusedQKVAttention(AttentionLayout):
     name = "qkv"
 
     def fits(self, attn):
-        return (isinstance(getattr(attn, "num_heads", None), int) and isinstance(_maybe(attn, "qkv"), nn.Linear)
-                and isinstance(_maybe(attn, "proj"), nn.Linear))
+        return (isinstance(getattr(attn, "num_heads", None), int) and plays(_maybe(attn, "qkv"), nn.Linear)
+                and plays(_maybe(attn, "proj"), nn.Linear))
 
     def qkv(self, attn, x):
         b, n, c = x.shape
@@ -115,7 +135,7 @@ class PackedMultiheadAttention(AttentionLayout):
     def fits(self, attn):
         return (isinstance(getattr(attn, "num_heads", None), int)
                 and isinstance(getattr(attn, "in_proj_weight", None), torch.Tensor)
-                and isinstance(_maybe(attn, "out_proj"), nn.Linear)
+                and plays(_maybe(attn, "out_proj"), nn.Linear)
                 and getattr(attn, "batch_first", False) is True
                 and getattr(attn, "bias_k", None) is None and not getattr(attn, "add_zero_attn", False))
 
@@ -189,7 +209,7 @@ class BlockLayout:
         return int(getattr(block, self.norm1).weight.shape[0])
 
     def mlp_hidden(self, block) -> int:
-        first = next((m for m in getattr(block, self.mlp).modules() if isinstance(m, nn.Linear)), None)
+        first = next((m for m in getattr(block, self.mlp).modules() if plays(m, nn.Linear)), None)
         return int(first.out_features) if first is not None else 4 * self.dim(block)
 
 

@@ -47,6 +47,11 @@ class AppMulLayer(nn.Module):
         if not act_scale > 0:
             raise PassError("appmul: activation scale must be > 0 (calibrate on data that reaches the layer)")
         self.kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+        if self.kind == "linear":
+            # the role it fills in a transformer block (``sliver.passes.transformer.plays``), so
+            # the block layouts still read a block whose linears appmul replaced
+            self.replaces = nn.Linear
+            self.in_features, self.out_features = layer.in_features, layer.out_features
         self.bits = int(bits)
         self.low, self.high = operand_range(self.bits, True)
         w = layer.weight.detach().to(torch.float64)
