@@ -92,3 +92,15 @@ def test_bad_options():
         passes.parse("poly-act{bits=20}")
     with pytest.raises(errors.OptionValueError, match="d1 and d2"):
         passes.parse("poly-act{d1=0}")
+
+
+def test_fixed_point_rounds_alike_with_and_without_gradients_and_passes_them_through():
+    x = torch.linspace(-5.0, 5.0, 1001)
+    plain = fixed_point(x, 8, 4.0)
+    xg = x.clone().requires_grad_(True)
+    y = fixed_point(xg, 8, 4.0)
+    assert torch.equal(y.detach(), plain)  # the same grid values, bit for bit
+    y.sum().backward()
+    inside = (x >= -4.0) & (x < 4.0 - 2.0 ** -4)  # saturated values get no gradient
+    assert torch.equal(xg.grad[inside], torch.ones(int(inside.sum())))
+    assert torch.equal(xg.grad[x > 4.1], torch.zeros(int((x > 4.1).sum())))

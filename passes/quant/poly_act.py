@@ -48,13 +48,26 @@ LN2 = math.log(2.0)
 RANGES = {"gelu": (-8.0, 8.0), "exp": (-16.0, 0.0), "sigmoid": (-8.0, 8.0)}
 
 
+def _round_ste(q: torch.Tensor) -> torch.Tensor:
+    """``round(q)``. Where gradients are being taken (fine-tuning after poly-act, appmul's
+    sensitivity profile) the rounding passes them straight through (the straight-through estimator
+    of quantisation-aware training, Bengio et al. 2013); the values are the rounded ones bit for
+    bit (``q - q.detach()`` is exactly zero), and traces and exports see the plain ``round``."""
+    r = torch.round(q)
+    if (q.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()):
+        return r.detach() + (q - q.detach())
+    return r
+
+
 def fixed_point(x: torch.Tensor, bits: int, bound: float) -> torch.Tensor:
-    """Round ``x`` to a signed ``bits``-bit fixed-point grid covering [-bound, bound), saturating."""
+    """Round ``x`` to a signed ``bits``-bit fixed-point grid covering [-bound, bound), saturating
+    (gradients pass the rounding straight through, see :func:`_round_ste`)."""
     if bits <= 0:
         return x
     frac = bits - 1 - math.ceil(math.log2(bound))
     step = 2.0 ** -frac
-    q = torch.clamp(torch.round(x / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    q = torch.clamp(_round_ste(x / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return q * step
 
 
