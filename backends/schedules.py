@@ -536,6 +536,13 @@ def schedule_func(func: tirx.PrimFunc, params: CpuParams, intrin: str | None = N
     # that succeeds wins (a rule that raises leaves nothing behind)
     rules = []
     int8 = [b for b in blocks if _is_int8_dot(sch, b)]
+    if int8:
+        flat = _flat_int8_epilogue(func)
+        if flat is None:  # the tiled rules would compute a wrong epilogue (see there): plain loops
+            sch = s_tir.Schedule(func)
+            _schedule_rest(sch, params)
+            return sch.mod["main"]
+        func = flat
     if len(int8) == 1 and intrin is not None:
         rules.append(lambda t: _schedule_int8_dot(t, t.get_sblock("int8_dot"), params, intrin))
     if any(sch.get(b).name_hint == "int8_conv" for b in blocks) and intrin is not None:
@@ -1282,6 +1289,50 @@ def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
 
 def _is_int8_dot(sch, block) -> bool:
     return sch.get(block).name_hint == "int8_dot"
+
+
+def _flat_rows_map(extents: list):
+    """``(i0, i1, ..., n) -> (i0 * e1 * ... + i1 * ... + ..., n)`` for leading extents ``extents``."""
+
+    def flat(*idx):
+        m = idx[0]
+        for i, d in zip(idx[1:-1], extents[1:]):
+            m = m * d + i
+        return [m, idx[-1]]
+
+    return flat
+
+
+def _flat_int8_epilogue(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` (an integer matmul, :func:`int8_matmul_legalizer`) with its last block (the output
+    the epilogue is inlined into) on one row axis: its iterators ``(*lead, n)`` become ``(m, n)``,
+    ``m`` the flat row of the ``int8_dot`` accumulator.
+
+    The output block reads ``acc[b * T + t, n]`` (``T`` rows per image). Computed per register
+    tile of flat rows (``reverse_compute_at``, in the integer rule and in the GEMM rule it falls
+    back to), TVM 0.27 derives the tile's range of ``t`` from ``r % T`` and ``(r + 3) % T`` (a
+    min / max), which is wrong when the tile crosses from one image to the next: at batch > 1 the
+    epilogue did not write the tile's rows (tiny DeiT's integer graph differed from ONNX Runtime
+    on all but the last image; at batch 1 no tile crosses). On a flat row axis the read is
+    ``acc[m, n]`` and a tile's region is exact. The index map is a bijection, so nothing computed
+    changes. None when the block does not flatten: the caller then must not compute the epilogue
+    per tile.
+    """
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        names = [sch.get(b).name_hint for b in blocks]
+        if names.index("int8_dot") + 1 < len(names):
+            block = sch.get_sblock(names[-1])
+            ivs = sch.get(block).iter_vars
+            if len(ivs) <= 2:
+                return func
+            flat = _flat_rows_map([int(iv.dom.extent) for iv in ivs[:-1]])
+            sch.transform_block_layout(block, tirx.IndexMap.from_func(flat, ndim=len(ivs),
+                                                                       index_dtype=str(ivs[0].var.ty)))
+    except Exception:
+        return None
+    return sch.mod["main"]
 
 
 def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
