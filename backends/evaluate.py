@@ -231,13 +231,20 @@ class AccuracyGuard(Instrument):
     scores more than ``max_drop`` below the input stops the pipeline with an
     :class:`~sliver.ir.errors.AccuracyDropError` naming that step. Every stage is one pass over
     ``split`` (see :func:`score`); ``limit`` scores only its first images.
+
+    ``score_export=False`` leaves the final stage (the last scored step, or the exported program)
+    to the caller, who scores what it built from it with :meth:`score_final` (compile.py: its TVM artifact, which computes the program's integers
+    exactly and runs an AppMul program ~100x faster than ONNX Runtime's standard-op bodies of
+    ``sliver.AppMatMul``).
     """
 
     def __init__(self, data="digits", split: str = "test", *, max_drop: float | None = None,
-                 task: str | None = None, limit: int | None = None) -> None:
+                 task: str | None = None, limit: int | None = None, score_export: bool = True) -> None:
         if max_drop is not None and not max_drop >= 0:
             raise DataError(f"max_drop={max_drop} must be a number of points >= 0")
         self.data, self.split, self.max_drop, self.task, self.limit = data, split, max_drop, task, limit
+        self.score_export = score_export
+        self._pending = None  # the last step, when the caller scores the final program
         self.first: Evaluation | None = None  # the input program
         self.last: Evaluation | None = None  # the latest scored stage (the final program after the run)
         self.stages: list = []
@@ -257,13 +264,39 @@ class AccuracyGuard(Instrument):
         self._last_scored = True
 
     def after(self, step, before, after) -> None:
+        self._flush()  # a deferred stage was not the last: score it now
         self._last_scored = False
         if step.lossy:
-            self._stage(step, after)
+            if self.score_export:
+                self._stage(step, after)
+            else:
+                self._pending = (step, after)
 
     def finish(self, program, report) -> None:
-        if report.steps and not self._last_scored:
-            self._stage(report.steps[-1], program)
+        if report.steps and not self._last_scored and self._pending is None:
+            if self.score_export:
+                self._stage(report.steps[-1], program)
+            else:
+                self._pending = (report.steps[-1], program)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            step, program = self._pending
+            self._pending = None
+            self._stage(step, program)
+
+    @property
+    def pending(self) -> bool:
+        """The final program is left for :meth:`score_final`."""
+        return self._pending is not None
+
+    def score_final(self, target) -> None:
+        """Score ``target`` (an artifact built from the final program, or the program itself) as
+        the final stage, when ``score_export=False`` left it unscored; else nothing to do."""
+        if self._pending is not None:
+            step, _ = self._pending
+            self._pending = None
+            self._stage(step, target)
 
     def _stage(self, step, program) -> None:
         evaluation = self._score(program)

@@ -130,10 +130,32 @@ def _remove_stale_stages(parent: str, base: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | os.PathLike):
+def _signals_held():
+    """Hold SIGINT and SIGTERM back for the block (main thread only; elsewhere a no-op): a
+    Ctrl-C during it is delivered when the block ends, so the block is never cut in half."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, on_commit=None):
     """Yield a fresh staging directory beside ``out``; when the block ends normally it replaces
     ``out`` whole (:func:`replace_dir`); on any exception (Ctrl-C included) it is deleted and
-    ``out`` is left as it was."""
+    ``out`` is left as it was.
+
+    The swap, the removal of the previous result and ``on_commit()`` (if given) run with SIGINT
+    and SIGTERM held back, so an interrupt lands before the swap (``out`` as it was) or after
+    ``on_commit`` ran (the caller knows ``out`` is the new result), never in between."""
     out = os.path.abspath(os.fspath(out))
     parent, base = os.path.dirname(out), os.path.basename(out)
     os.makedirs(parent, exist_ok=True)
@@ -143,7 +165,14 @@ def staged_dir(out: str | os.PathLike):
     os.makedirs(stage)
     try:
         yield stage
-        replace_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    try:
+        with _signals_held():
+            replace_dir(stage, out)
+            if on_commit is not None:
+                on_commit()
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -243,3 +243,33 @@ def test_pass_context_carries_the_block_table():
     table = ctx.cost_model.block_latency_table(384, 6, 4.0, token_counts=[69, 98, 139, 197])
     assert table[197] == full and table[69] < table[98] < table[139] < full
     assert ctx.cost_model.block_latency_ms(384, 6, 4.0, 197, bits=16) > full
+
+
+def _int_op_graph(op: str, shape: list, extra_inputs=()):
+    x = helper.make_tensor_value_info("x", TensorProto.INT32, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, shape)
+    inits = [helper.make_tensor(n, TensorProto.INT32, [shape[-1]], [1] * shape[-1]) for n in extra_inputs]
+    node = helper.make_node(op, ["x", *extra_inputs], ["y"], domain="sliver", name=op)
+    graph = helper.make_graph([node], "g", [x], [y], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sliver", 1)])
+
+
+@pytest.mark.parametrize("nonlinear", ["exact", "poly"])
+def test_integer_nonlinear_ops_cost_their_polynomial_units(nonlinear):
+    """rapq's IntSoftmax / IntGELU / IntLayerNorm: the float rule's passes on the polynomial
+    nonlinear units, whatever the model's setting (their arithmetic is polynomial by definition),
+    on int32 elements (16 vector lanes of a 64-lane 8-bit unit)."""
+    accel = fpga.ZCU102
+    rows, d = 3 * 64, 64
+    n = rows * d
+    lanes = {k: accel.nonlinear_lanes[(k, "poly")] for k in ("exp", "erf", "rsqrt", "recip")}
+    vec = accel.vector_lanes * 8 // 32
+    want = {
+        "IntSoftmax": 2 * -(-n // vec) + -(-n // lanes["exp"]) + -(-rows // lanes["recip"]),
+        "IntGELU": -(-n // lanes["erf"]),
+        "IntLayerNorm": 2 * -(-n // vec) + -(-rows // lanes["rsqrt"]),
+    }
+    for op, extra in (("IntSoftmax", ()), ("IntGELU", ()), ("IntLayerNorm", ("gamma", "beta"))):
+        cost = fpga.cost(_int_op_graph(op, [1, 3, 64, d], extra), bits=8, nonlinear=nonlinear).ops[0]
+        assert cost.unit == "nonlinear" and cost.bits == 32, (op, cost)
+        assert cost.compute_cycles == want[op], (op, cost.compute_cycles, want[op])

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from sliver import passes
+from sliver.backends import fpga
 from sliver.models import data as datasets
 
 #: option overrides that make a pass cheap without changing the structure it produces
@@ -75,3 +76,6 @@ def test_recipe_golden(name, make_program, golden):
     model = RECIPE_MODELS[name]
     out = cheap(passes.recipes.get(name).pipeline).run(make_program(model), _context(model), lower_to="onnx").program
     golden(f"onnx/recipe_{name.replace('-', '_')}", out.text())
+    # every op of every recipe's output has an FPGA cost rule and fits its engines (make compile costs them)
+    report = fpga.cost(out, bits=8, nonlinear="poly")
+    assert report.macs == sum(o.macs for o in report.ops) > 0

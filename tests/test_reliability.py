@@ -328,6 +328,25 @@ def test_interrupted_block_leaves_the_directory_as_it_was(tmp_path):
     assert os.listdir(out) == ["old.txt"] and os.listdir(tmp_path) == ["out"]
 
 
+def test_interrupt_during_the_swap_lands_after_it(tmp_path):
+    """A Ctrl-C while the result is swapped in is held back until the swap and on_commit are done:
+    the directory holds the new result and nothing is left beside it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    seen = []
+
+    def commit():
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while held back
+        seen.append(sorted(os.listdir(out)))
+
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.staged_dir(out, on_commit=commit) as stage:
+            open(os.path.join(stage, "new.txt"), "w").write("new")
+    assert seen == [["new.txt"]]
+    assert os.listdir(out) == ["new.txt"] and os.listdir(tmp_path) == ["out"]
+
+
 def _compile(out, *extra, **popen):
     return subprocess.Popen([sys.executable, COMPILE, "tiny_vgg", "--pipeline", "fold-bn,cleanup", "--target", "fpga",
                              "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

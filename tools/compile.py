@@ -477,13 +477,14 @@ def _show_progress(args) -> bool:
 
 def staged_output(out: str):
     """A staging directory beside ``out`` that replaces it whole on success, atomically
-    (``sliver.ir.fileio.staged_dir``): a kill at any moment leaves ``out`` as it was or complete."""
+    (``sliver.ir.fileio.staged_dir``): a kill at any moment leaves ``out`` as it was or complete.
+    Once the new result is in place, Ctrl-C and SIGTERM no longer stop the run (:func:`_ignore_interrupts`)."""
     from sliver.ir.errors import ModelInputError
     from sliver.ir.fileio import staged_dir
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ModelInputError(f"--out {os.path.abspath(out)} exists and is not a directory")
-    return staged_dir(out)
+    return staged_dir(out, on_commit=_ignore_interrupts)
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -595,7 +596,8 @@ def compile_model(args) -> dict:
             built, artifact = _build_with_tvm(args, cpu, final, stage, reference_outputs, dense)
             report.update(built)
         if data is not None:
-            report["accuracy"] = _score(args, instruments["accuracy"], artifact)
+            report["accuracy"] = _score(args, instruments["accuracy"], artifact, final)
+            report["steps"] = result.report.to_dict()["steps"]  # with the final stage's accuracy
         report["total_seconds"] = time.perf_counter() - t0
         _write_atomic(os.path.join(stage, "report.json"), json.dumps(report, indent=2).encode())
     return report
@@ -610,7 +612,9 @@ def _instruments(args, stage) -> dict:
         from sliver.backends.evaluate import AccuracyGuard
 
         data = getattr(args, "score_data", None) or args.data
-        instruments["accuracy"] = AccuracyGuard(data, args.split, max_drop=args.max_drop)
+        # with a host CPU target the exported program is scored through its TVM artifact (_score)
+        host = "x86" in parse_targets(args.target) and os.uname().machine == "x86_64"
+        instruments["accuracy"] = AccuracyGuard(data, args.split, max_drop=args.max_drop, score_export=not host)
     if args.keep_maps:
         from sliver.passes.tokens.keep_maps import KeepMaps
 
@@ -713,21 +717,30 @@ def _qemu_unavailable(tvm_backend, final) -> str | None:
     return None
 
 
-def _score(args, guard, artifact) -> dict:
+def _score(args, guard, artifact, final) -> dict:
     """Accuracy / mIoU before and after the pipeline (from the accuracy guard, which scored every
     stage during the run) and of the host artifact, on ``--split``."""
     from sliver import backends
     from sliver.backends.evaluate import score
 
+    if guard.pending:  # the exported program's stage
+        if artifact is not None and backends.tvm.is_host(artifact.target):
+            _say(args, f"scoring the artifact on {args.data} {args.split}")
+            guard.score_final(artifact)  # on the artifact's integers
+        else:
+            guard.score_final(final)  # under ONNX Runtime
     first, last = guard.first, guard.last
     result = {"split": args.split, "dataset": first.dataset, "metric": first.metric, "before": first.value,
               "after": last.value, "change": last.value - first.value,
               "levels": {"before": first.level, "after": last.level}, "count": first.count,
               "stages": guard.stages}
     if artifact is not None and backends.tvm.is_host(artifact.target):
-        _say(args, f"scoring the artifact on {args.data} {args.split}")
-        data = getattr(args, "score_data", None) or args.data
-        result["tvm"] = score(artifact, args.split, data=data).value
+        if last.level == "tvm":
+            result["tvm"] = last.value
+        else:  # the guard scored the last step already (a lossy last pass): score the artifact too
+            _say(args, f"scoring the artifact on {args.data} {args.split}")
+            data = getattr(args, "score_data", None) or args.data
+            result["tvm"] = score(artifact, args.split, data=data).value
     return result
 
 
@@ -838,14 +851,25 @@ def summary(report: dict, out: str) -> str:
     return "\n".join(lines)
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: staged output is removed."""
+def _interruptible() -> None:
+    """Ctrl-C and SIGTERM (a scheduler stopping the job) stop the run, and its staged output is
+    removed, until the new result has replaced the output directory (:func:`_ignore_interrupts`)."""
     import signal
 
     def stop(_signum, _frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _ignore_interrupts() -> None:
+    """Called once the new result is in place: the run is complete, so an interrupt from here on
+    (during the summary or the interpreter's shutdown) is ignored and the exit status says what the
+    directory holds: 0 with the new result, 130 with the one it had."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def main(argv=None) -> int:
@@ -867,7 +891,7 @@ def main(argv=None) -> int:
             for name, desc in models.available().items():
                 print(f"{name:<20}{desc}")
             return 0
-        _interrupt_on_sigterm()
+        _interruptible()
         report = compile_model(args)
     except SliverError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -137,7 +137,9 @@ class StreamWork:
     """Passes of elements through the vector / nonlinear units or the move engine.
 
     ``passes``: ``(unit, amount)`` pairs, unit one of ``vector``, ``exp``, ``erf``, ``rsqrt``,
-    ``recip`` (amount in elements) or ``move`` (amount in bytes). ``kind``: ``"vector"``,
+    ``recip`` (amount in elements) or ``move`` (amount in bytes). A nonlinear unit may name its
+    implementation (``"exp/poly"``): an op whose arithmetic is a polynomial by definition (sliver's
+    integer softmax, GELU, LayerNorm) uses it whatever the model's ``nonlinear`` setting is. ``kind``: ``"vector"``,
     ``"nonlinear"``, ``"move"``, ``"fused"`` or ``"free"``.
     """
 
@@ -348,7 +350,13 @@ def stream_lanes(unit: str, accel: Accelerator, nonlinear: str, bits: int = 8) -
         return max(1, accel.vector_lanes * 8 // max(bits, 8))
     if unit == "move":
         return accel.move_bytes_per_cycle
-    return accel.nonlinear_lanes[(unit, nonlinear)]
+    return accel.nonlinear_lanes[_implementation(unit, nonlinear)]
+
+
+def _implementation(unit: str, nonlinear: str) -> tuple:
+    """``(function, implementation)`` of a nonlinear pass: the unit's own (``"exp/poly"``) or the model's."""
+    function, _, own = unit.partition("/")
+    return function, own or nonlinear
 
 
 def stream_cost(work: StreamWork, accel: Accelerator, nonlinear: str) -> dict:
@@ -388,7 +396,7 @@ def energy_pj(accel: Accelerator, nonlinear: str, *, macs: int = 0, bits: int = 
         elif unit == "move":
             continue  # the bytes a move reads and writes are the op's on-chip bytes
         else:
-            total += amount * e.nonlinear_pj_per_element[nonlinear]
+            total += amount * e.nonlinear_pj_per_element[_implementation(unit, nonlinear)[1]]
     return total
 
 

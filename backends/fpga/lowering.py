@@ -86,6 +86,10 @@ class OpContext:
             if not node.output or not ins:
                 continue
             out = node.output[0]
+            narrow = self._container_bits(node)
+            if narrow is not None:
+                self.value_bits[out] = narrow
+                continue
             if out in self.value_bits:
                 continue
             if node.op_type == "DequantizeLinear" or (node.op_type in _LAYOUT and _domain(node) == ""):
@@ -94,6 +98,27 @@ class OpContext:
                     for o in node.output:
                         if o:
                             self.value_bits[o] = src
+
+    def _container_bits(self, node) -> int | None:
+        """The width of a value held in a wider integer container: a requantiser clipping an
+        int32 output to ``[lo, hi]`` (``sliver.ShiftRequant`` / ``PoTQuantize``: 16-bit tokens and
+        scores of an integer token fusion) has the range's width, and a ``Cast`` to int64 (the
+        container of an exact integer product) and layout ops on int64 keep their input's width. None: the dtype's width."""
+        out = node.output[0]
+        elem = self.types.get(out, (None,))[0]
+        if elem not in _INT_BITS or _INT_BITS[elem] <= 8:
+            return None
+        if _domain(node) == SLIVER_DOMAIN and node.op_type in ("ShiftRequant", "PoTQuantize"):
+            lo, hi = self.attr(node, "lo"), self.attr(node, "hi")
+            if lo is None or hi is None:
+                return None
+            lo, hi = int(lo), int(hi)
+            width = max(1, hi.bit_length()) if lo >= 0 else max((-lo - 1).bit_length(), hi.bit_length()) + 1
+            return min(width, _INT_BITS[elem])
+        if ((node.op_type == "Cast" or node.op_type in _LAYOUT) and _domain(node) == "" and elem in (7, 13)
+                and node.input[0] in self.value_bits):
+            return min(self.value_bits[node.input[0]], _INT_BITS[elem])
+        return None
 
     # -- values ------------------------------------------------------------------------------
     def shape(self, name: str) -> tuple:
@@ -544,6 +569,29 @@ def _dyadic_requant(node, ctx):
 @_rule("IntMaxPool", domain=SLIVER_DOMAIN)
 def _int_max_pool(node, ctx):
     return _pool(node, ctx)
+
+
+# sliver's integer nonlinear ops (rapq's integer ViT): their arithmetic is a second-order
+# polynomial (I-BERT's i-exp and i-GELU) or an integer Newton square root, so they use the
+# polynomial implementation of the nonlinear units whatever the model's ``nonlinear`` setting is.
+@_rule("IntSoftmax", domain=SLIVER_DOMAIN)
+def _int_softmax(node, ctx):
+    """Row max, i-exp, row sum, one integer reciprocal per row, scale (the float rule's passes)."""
+    n, rows = _rows(ctx, node.input[0], -1)
+    return ctx.stream(node, "nonlinear", [("vector", n), ("exp/poly", n), ("vector", n), ("recip/poly", rows)])
+
+
+@_rule("IntGELU", domain=SLIVER_DOMAIN, elementwise=True)
+def _int_gelu(node, ctx):
+    """i-GELU: the polynomial erf and the dyadic rescale, one pass per element."""
+    return ctx.stream(node, "nonlinear", [("erf/poly", ctx.elements(node.output[0]))])
+
+
+@_rule("IntLayerNorm", domain=SLIVER_DOMAIN)
+def _int_layer_norm(node, ctx):
+    """Row sums of x and x^2, one integer square root per row, normalise and the integer affine."""
+    n, rows = _rows(ctx, node.input[0], -1)
+    return ctx.stream(node, "nonlinear", [("vector", n), ("rsqrt/poly", rows), ("vector", n)])
 
 
 @_rule("AppMatMul", domain=SLIVER_DOMAIN)
