@@ -72,3 +72,26 @@ def test_max_drop_stops_at_the_pass_that_crossed_it(make_program):
     assert message.startswith("pass 'test-flip-classes' dropped accuracy on digits/self-labelled from 100.00% to ")
     assert "more than the allowed 1 (--max-drop)" in message
     assert [row["step"] for row in guard.stages] == ["(input)", "test-flip-classes"]  # stopped there
+
+
+def test_the_caller_scores_the_final_stage_on_what_it_built(make_program):
+    """score_export=False: lossy steps followed by another step are scored as usual; the last
+    stage (here the conversion to ONNX after the last pass) waits for score_final, here on a TVM
+    artifact."""
+    from sliver import backends
+
+    prog = make_program("tiny_vgg")
+    data = _self_labelled(prog)
+    guard = AccuracyGuard(data, "test", score_export=False)
+    result = passes.parse("test-flip-classes,fold-bn,test-flip-classes").run(prog, instruments=[guard], lower_to="onnx")
+    steps = [s.name for s in result.report.steps]
+    assert [row["step"] for row in guard.stages] == ["(input)", "test-flip-classes", "test-flip-classes"]
+    assert guard.pending and guard.stages[-1]["level"] == "torch" and guard.last.value == 100.0
+    artifact = backends.tvm.build(result.program, target="x86")
+    guard.score_final(artifact)
+    assert not guard.pending and guard.last.level == "tvm"
+    assert [row["step"] for row in guard.stages][-1] == steps[-1] != "test-flip-classes"
+    assert guard.last.value == 100.0  # flipped twice: the input's own predictions
+    assert result.report.steps[-1].accuracy["level"] == "tvm"
+    guard.score_final(artifact)  # nothing pending: no second row
+    assert len(guard.stages) == 4
