@@ -131,20 +131,33 @@ def _remove_stale_stages(parent: str, base: str) -> None:
 
 @contextlib.contextmanager
 def _signals_held():
-    """Hold SIGINT and SIGTERM back for the block (main thread only; elsewhere a no-op): a
-    Ctrl-C during it is delivered when the block ends, so the block is never cut in half."""
+    """Hold SIGINT and SIGTERM back for the block (main thread only; elsewhere a no-op): one that
+    arrives meanwhile is recorded and delivered to the handler in place when the block ends (a
+    handler the block set, e.g. SIG_IGN, drops it), so the block is never cut in half. Handlers,
+    not the thread's signal mask: a signal sent to the process may land on any thread (torch's,
+    TVM's), and Python runs its handler in the main thread all the same."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    received = []
+
+    def hold(signum, _frame):
+        received.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            if signal.getsignal(s) is hold:  # the block did not set its own
+                signal.signal(s, handler)
+        if received:
+            handler = signal.getsignal(received[0])
+            if callable(handler):
+                handler(received[0], None)
 
 
 @contextlib.contextmanager

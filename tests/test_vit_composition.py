@@ -153,5 +153,7 @@ def test_integer_vit_recipe_on_the_trained_tiny_deit():
         assert np.array_equal(ref.run([xs[i:i + 1]])[0], out.run([xs[i:i + 1]])[0])
     acc_dense, acc_torch, acc_ort = (evaluate(p, "test") for p in (dense, ref, out))
     assert acc_torch == acc_ort
-    assert acc_dense == pytest.approx(98.33, abs=0.01)
+    # the trained weights follow the CPU's float arithmetic: 98.33% on the Intel Xeon of CI, 97.78% on
+    # an AMD EPYC (Zen 4); the training goal is 97
+    assert acc_dense >= 97.0
     assert acc_ort >= 85.0  # measured 85.28; the acceptance bound is acc_dense - 1.5 = 96.83
