@@ -29,6 +29,13 @@ Steps, as in the paper, on the dependency-aware channel groups of :mod:`.channel
    sub-network to convergence; the default, 8 epochs, is where the fine-tuning loss levels off on
    the tiny digits models (tiny MobileNetV2 at 0.67 FLOPs: 0.400, 0.168, 0.122, 0.099, 0.089,
    0.089, 0.092, 0.087 per epoch; stopped at 4 it scored 96.39% against 97.22% at 8, dense 98.06%).
+   The distillation runs at ``temperature`` T = 4 (Hinton et al., 2015: both softmaxes at T, the KL
+   scaled by T^2 so its gradient keeps the size of T = 1's): on training images the dense model is
+   confidently right, and at T = 1 its soft targets say little more than the labels; at T = 4 the
+   student also learns how the teacher ranks the wrong classes. Same cost per step. Tiny MobileNetV2
+   at 0.67 FLOPs (dense 98.06% test), over 1 and 2 threads and seeds 0, 1, 2: test 96.94, 97.78,
+   97.22, 98.33% at T = 1 (mean 97.57, worst 1.11 points below dense) against 97.22, 97.78, 97.78,
+   98.61% at T = 4 (mean 97.85, worst 0.83 below); validation mean 97.42% -> 97.91%.
 
 The pruned program is a plain smaller network (sliced weights, no masks): it exports to ONNX and
 builds with TVM as it is. ``flops`` counts MACs with sliver's convention (``sliver.ir.stats``).
@@ -48,7 +55,7 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ...models.trainer import fit, frozen_copy, source
+from ...models.trainer import fit, frozen, frozen_copy, source
 from ..infra.base import Pass, option, register
 from ..infra.facts import APPMUL, CHANNEL_PRUNED, QUANTIZED_POT
 from .channels import ChannelGraph, WidthPlan, has_bn_everywhere, unit_scores
@@ -69,6 +76,7 @@ class AdaPrunerOptions:
     lr: float = option(1e-3, "learning rate (sparse training and fine-tuning)", gt=0.0)
     batch_size: int = option(64, "training batch size", ge=1)
     distill: float = option(1.0, "weight of the KL loss to the dense model", ge=0.0)
+    temperature: float = option(4.0, "softmax temperature of the distillation (KL scaled by its square)", gt=0.0)
     proxy_images: int = option(256, "images for BN re-estimation in the proxy", ge=1)
 
 
@@ -117,7 +125,7 @@ class AdaPruner(Pass):
             recalibrate_bn(pruned, _images(train_set, o.proxy_images), o.batch_size)
         if o.finetune_epochs:
             fine_tune(pruned, teacher, train_set, ctx, epochs=o.finetune_epochs, lr=o.lr, batch_size=o.batch_size,
-                      distill=o.distill)
+                      distill=o.distill, temperature=o.temperature)
         pruned.eval()
         ctx.record("flops_ratio", round(macs / dense, 5))
         ctx.record("flops_evaluations", fit.evaluations)
@@ -237,10 +245,25 @@ def proxy_loss(module: nn.Module, ctx, train_set, proxy_images: int, batch_size:
 
 
 def fine_tune(module: nn.Module, teacher: nn.Module, train_set, ctx, *, epochs: int, lr: float, batch_size: int,
-              distill: float) -> list:
-    """AdamW with a cosine schedule on cross-entropy + ``distill`` x KL(student || dense teacher)."""
+              distill: float, temperature: float = 1.0) -> list:
+    """AdamW with a cosine schedule on cross-entropy + ``distill`` x T^2 x KL(teacher_T || student_T),
+    both softmaxes at temperature T (Hinton et al., 2015; T = 1 is the plain KL)."""
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(train_set) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    return fit(module, source(train_set, batch_size, seed=ctx.seed, phase="fine-tune"), opt, epochs=epochs,
-               what="fine-tuning", phase="fine-tune", teacher=teacher, distill=distill, scheduler=sched, ctx=ctx)
+    data = source(train_set, batch_size, seed=ctx.seed, phase="fine-tune")
+    if temperature == 1.0 or distill == 0:
+        return fit(module, data, opt, epochs=epochs, what="fine-tuning", phase="fine-tune", teacher=teacher,
+                   distill=distill, scheduler=sched, ctx=ctx)
+    teacher = frozen(teacher).to(next(module.parameters()).device)
+    t = float(temperature)
+
+    def loss(net, batch):
+        logits = net(batch.x)
+        with torch.no_grad():
+            soft = (teacher(batch.x) / t).softmax(dim=-1)
+        kl = F.kl_div((logits / t).log_softmax(dim=-1), soft, reduction="batchmean")
+        return F.cross_entropy(logits, batch.y) + distill * t * t * kl
+
+    return fit(module, data, opt, epochs=epochs, what="fine-tuning", phase="fine-tune", loss=loss, scheduler=sched,
+               ctx=ctx)
