@@ -233,9 +233,9 @@ class AccuracyGuard(Instrument):
     ``split`` (see :func:`score`); ``limit`` scores only its first images.
 
     ``score_export=False`` leaves the final stage (the last scored step, or the exported program)
-    to the caller, who scores what it built from it with :meth:`score_final` (compile.py: its TVM artifact, which computes the program's integers
-    exactly and runs an AppMul program ~100x faster than ONNX Runtime's standard-op bodies of
-    ``sliver.AppMatMul``).
+    to the caller, who scores what it built from it with :meth:`score_final` (compile.py: its TVM
+    artifact, which computes the program's integers exactly and runs an AppMul program ~100x
+    faster than ONNX Runtime runs the standard-op body of ``sliver.AppMatMul``).
     """
 
     def __init__(self, data="digits", split: str = "test", *, max_drop: float | None = None,

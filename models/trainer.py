@@ -12,7 +12,8 @@ What it does, once for everyone:
 - a progress bar (``ctx.progress``, or ``progress=``), shown by rank 0 only;
 - ``zero_grad`` / ``backward`` / ``step`` (and an optional per-step ``scheduler``);
 - the default loss: cross-entropy (optionally label-smoothed) + the hooks' ``extra_loss`` terms
-  + ``distill`` x KL(student || teacher), the teacher frozen (eval mode, no gradients, run under
+  + ``distill`` x T^2 x KL(teacher || student), both softmaxes at ``temperature`` T (Hinton et
+  al., 2015; T = 1 is the plain KL), the teacher frozen (eval mode, no gradients, run under
   ``no_grad``);
 - one divergence check after every epoch: a non-finite mean loss is a one-line
   :class:`~sliver.ir.errors.PassError` naming what diverged and the fix (lower lr);
@@ -209,7 +210,7 @@ def _hooks_with(hooks: Sequence, name: str) -> list:
 # -- the loop ----------------------------------------------------------------------------------
 def fit(model: nn.Module, data: Source, optimizer: torch.optim.Optimizer, *, epochs: int, what: str = "training",
         phase: str = "", hooks: Sequence = (), loss: Callable | None = None, teacher: nn.Module | None = None, distill: float = 0.0,
-        label_smoothing: float = 0.0, scheduler: Any = None, ctx: Any = None, progress: Callable | None = None,
+        temperature: float = 1.0, label_smoothing: float = 0.0, scheduler: Any = None, ctx: Any = None, progress: Callable | None = None,
         find_unused_parameters: bool = False, leave_training: bool = False) -> list:
     """Train ``model`` for ``epochs`` over ``data`` with ``optimizer``; returns the mean loss per
     epoch (averaged over examples and, under DDP, over all ranks).
@@ -255,9 +256,11 @@ def fit(model: nn.Module, data: Source, optimizer: torch.optim.Optimizer, *, epo
                     for h in extras:
                         value = value + h()
                     if teacher is not None and distill > 0:
+                        t = float(temperature)
                         with torch.no_grad():
-                            soft = teacher(batch.x).softmax(dim=-1)
-                        value = value + distill * F.kl_div(logits.log_softmax(dim=-1), soft, reduction="batchmean")
+                            soft = (teacher(batch.x) / t).softmax(dim=-1)
+                        kl = F.kl_div((logits / t).log_softmax(dim=-1), soft, reduction="batchmean")
+                        value = value + distill * t * t * kl
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 for h in after_bwd:

@@ -612,9 +612,8 @@ def _instruments(args, stage) -> dict:
         from sliver.backends.evaluate import AccuracyGuard
 
         data = getattr(args, "score_data", None) or args.data
-        # with a host CPU target the exported program is scored through its TVM artifact (_score)
-        host = "x86" in parse_targets(args.target) and os.uname().machine == "x86_64"
-        instruments["accuracy"] = AccuracyGuard(data, args.split, max_drop=args.max_drop, score_export=not host)
+        # the exported stage is scored by _score: on the host TVM artifact when one is built
+        instruments["accuracy"] = AccuracyGuard(data, args.split, max_drop=args.max_drop, score_export=False)
     if args.keep_maps:
         from sliver.passes.tokens.keep_maps import KeepMaps
 

@@ -55,7 +55,7 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ...models.trainer import fit, frozen, frozen_copy, source
+from ...models.trainer import fit, frozen_copy, source
 from ..infra.base import Pass, option, register
 from ..infra.facts import APPMUL, CHANNEL_PRUNED, QUANTIZED_POT
 from .channels import ChannelGraph, WidthPlan, has_bn_everywhere, unit_scores
@@ -251,19 +251,6 @@ def fine_tune(module: nn.Module, teacher: nn.Module, train_set, ctx, *, epochs: 
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(train_set) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    data = source(train_set, batch_size, seed=ctx.seed, phase="fine-tune")
-    if temperature == 1.0 or distill == 0:
-        return fit(module, data, opt, epochs=epochs, what="fine-tuning", phase="fine-tune", teacher=teacher,
-                   distill=distill, scheduler=sched, ctx=ctx)
-    teacher = frozen(teacher).to(next(module.parameters()).device)
-    t = float(temperature)
-
-    def loss(net, batch):
-        logits = net(batch.x)
-        with torch.no_grad():
-            soft = (teacher(batch.x) / t).softmax(dim=-1)
-        kl = F.kl_div((logits / t).log_softmax(dim=-1), soft, reduction="batchmean")
-        return F.cross_entropy(logits, batch.y) + distill * t * t * kl
-
-    return fit(module, data, opt, epochs=epochs, what="fine-tuning", phase="fine-tune", loss=loss, scheduler=sched,
-               ctx=ctx)
+    return fit(module, source(train_set, batch_size, seed=ctx.seed, phase="fine-tune"), opt, epochs=epochs,
+               what="fine-tuning", phase="fine-tune", teacher=teacher, distill=distill, temperature=temperature,
+               scheduler=sched, ctx=ctx)
