@@ -134,13 +134,15 @@ def test_max_loss_searches_the_budget_by_measured_loss():
 
     program = trained_program("tiny_resnet")
     train = data.digits("train")
-    res = passes.parse("appmul{bits=3 images=16 max_loss=0.05}").run(program, data={"train": train}, seed=0, check=False)
+    # at 3 bits the cheapest approximate selection costs this model 0.23 nats (AMD EPYC) or less
+    # (Intel Xeon); the search must find it and keep every costlier one out
+    res = passes.parse("appmul{bits=3 images=16 max_loss=0.5}").run(program, data={"train": train}, seed=0, check=False)
     notes = res.report.steps[-1].notes
     tried = notes["budget_search"]
     # 16 grid budgets, then 8 bisection steps when the grid has a feasible and an infeasible end
-    fits = [t["measured_loss_increase"] <= 0.05 for t in tried[:16]]
+    fits = [t["measured_loss_increase"] <= 0.5 for t in tried[:16]]
     assert len(tried) == (24 if any(fits) and not fits[-1] else 16)
-    feasible = [t for t in tried if t["measured_loss_increase"] <= 0.05]
+    feasible = [t for t in tried if t["measured_loss_increase"] <= 0.5]
     gm = res.program.module
     layers = [m for m in gm.modules() if isinstance(m, AppMulLayer)]
     images, targets = train.images[:16], train.targets[:16]
@@ -149,7 +151,7 @@ def test_max_loss_searches_the_budget_by_measured_loss():
     for m in layers:
         m.set_multiplier(None)
     increase = approx - sensitivity.mean_loss(gm, images, targets)
-    assert increase <= 0.05 + 1e-6
+    assert increase <= 0.5 + 1e-6
     if feasible:  # the winner is the feasible selection saving the most energy
         best = max(t["energy_value"] for t in feasible)
         lib = library.load()
