@@ -416,10 +416,85 @@ def select_tokens(patches: torch.Tensor, scores: torch.Tensor, k: int):
     Ties go to the lower token index, as ONNX defines ``TopK``: :class:`OnnxTopK` gives the same
     choice in PyTorch, ONNX Runtime and TVM (``torch.topk`` leaves ties unspecified, and
     quantised scores, e.g. under poly-act, tie often)."""
-    kept_scores, index = OnnxTopK.apply(scores, k)
+    replay = _REPLAY
+    if replay is not None and replay.forcing:
+        index = replay.forced(scores.shape[0], k).to(scores.device)
+        kept_scores = torch.gather(scores, -1, index)
+    else:
+        kept_scores, index = OnnxTopK.apply(scores, k)
+        if replay is not None:
+            replay.keep(index)
     record_selection(index)
     kept = torch.gather(patches, 1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     return kept, index, kept_scores
+
+
+# -- the reference's selections, replayed (calibration) -----------------------------------------
+_REPLAY: "SelectionReplay | None" = None
+
+
+class SelectionReplay:
+    """Record the token selections a model makes, then make it repeat them.
+
+    A calibration that fits each layer of a quantised model to the float model's output of that
+    layer compares tokens position by position. After a top-k stage the kept tokens are in score
+    order, and the quantised model's scores differ a little from the float ones: its kept tokens
+    come in another order and at the margin are other tokens, so the layers after the stage would
+    be fitted to the outputs of other tokens. Inside :meth:`replaying`, every
+    :func:`select_tokens` keeps the indices the float model chose on the same images (recorded
+    inside :meth:`recording`), so input and target are the same tokens.
+
+    Forwards are counted by a pre-hook on ``model``: the n-th forward inside :meth:`replaying`
+    repeats the selections of forward ``n mod F``, F being the number of forwards recorded, so the
+    model must be run over the same batches in the same order both times (a forward stopped
+    early by an exception is still counted)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.forwards, self.forcing = model, [], False
+        self._count, self._stage = -1, 0
+
+    def keep(self, index: torch.Tensor) -> None:
+        if self.forwards:
+            self.forwards[-1].append(index.detach().clone())
+
+    def forced(self, batch: int, k: int) -> torch.Tensor:
+        stages = self.forwards[self._count % len(self.forwards)]
+        if self._stage >= len(stages) or tuple(stages[self._stage].shape) != (batch, k):
+            raise RuntimeError(f"selection replay: stage {self._stage} of forward {self._count} was not recorded "
+                               f"with shape ({batch}, {k}); run the same batches in the same order")
+        self._stage += 1
+        return stages[self._stage - 1]
+
+    @contextlib.contextmanager
+    def _active(self, replaying: bool):
+        global _REPLAY
+
+        def start(module, args):
+            if replaying:
+                self._count, self._stage = self._count + 1, 0
+            else:
+                self.forwards.append([])
+
+        if replaying and not any(self.forwards):
+            yield self  # the model selects no tokens: nothing to replay
+            return
+        saved, _REPLAY = _REPLAY, self
+        self.forcing, self._count = replaying, -1
+        handle = self.model.register_forward_pre_hook(start)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            _REPLAY, self.forcing = saved, False
+
+    def recording(self):
+        """Inside the ``with``, each forward of the model records its selections."""
+        self.forwards = []
+        return self._active(False)
+
+    def replaying(self):
+        """Inside the ``with``, the forwards repeat the recorded selections (see the class)."""
+        return self._active(True)
 
 
 # -- which tokens were kept (for keep maps) -----------------------------------------------------

@@ -73,6 +73,49 @@ def test_integer_token_fusion_is_the_rounded_weighted_mean():
 
 
 # -- chains on a random-weight tiny DeiT -----------------------------------------------------------
+class _Scored(torch.nn.Module):
+    """A token stage whose scores are the first channel plus ``noise``: the stand-in for a float
+    network (noise 0) and its quantised copy (noise != 0)."""
+
+    def __init__(self):
+        super().__init__()
+        from sliver.passes.transformer import TokenFusion
+
+        self.fusion, self.noise = TokenFusion(3), None
+
+    def forward(self, x):
+        scores = x[:, 1:, 0] + (0 if self.noise is None else self.noise[: len(x)])
+        return self.fusion(x, scores)
+
+
+def test_selection_replay_keeps_the_recorded_tokens_per_batch():
+    """Inside ``replaying`` each forward repeats the selections recorded for the same batch (the
+    n-th forward the (n mod F)-th recorded one), also after a forward stopped early, so a layer
+    is fitted to the float network's tokens; outside it the stage selects by its own scores."""
+    from sliver.passes.transformer import SelectionReplay, TokenFusion, recording_selections
+
+    torch.manual_seed(0)
+    net, x = _Scored(), torch.randn(6, 9, 4)
+    replay = SelectionReplay(net)
+    with replay.recording(), recording_selections() as want:
+        floats = [net(x[i:i + 3]) for i in (0, 3)]
+    net.noise = torch.randn(6, 8) * 2  # other scores: other tokens in another order
+    with recording_selections() as own:
+        net(x[:3]), net(x[3:])
+    assert not all(torch.equal(a, b) for a, b in zip(own, want))
+    with replay.replaying():
+        with pytest.raises(ZeroDivisionError):  # a forward stopped early still counts
+            net.register_forward_hook(lambda *a: 1 / 0)
+            net(x[:3])
+        net._forward_hooks.clear()
+        second = net(x[3:])
+        first = net(x[:3])  # forward 2 = recorded forward 0
+    assert torch.equal(first[:, :-1], floats[0][:, :-1]) and torch.equal(second[:, :-1], floats[1][:, :-1])
+    with pytest.raises(RuntimeError, match="was not recorded"), replay.replaying():
+        net(x[:2])
+    assert torch.equal(TokenFusion(3)(x, net.noise[:, :] + x[:, 1:, 0]), net(x))  # off again
+
+
 def test_evit_then_rapq_runs_the_attention_it_quantised():
     """evit computes attention itself: after rapq it runs the quantised attention's integer
     products and softmax (they were bypassed: IntSoftmax saw no data, 'exponent 0 is too coarse')."""
@@ -132,11 +175,10 @@ INTEGER_VIT = "evit{blocks=3,6,9 keep=0.6 epochs=2},rapq{wbits=4 abits=4}"
 @pytest.mark.slow
 def test_integer_vit_recipe_on_the_trained_tiny_deit():
     """Token selection + PoT W4A4 + pot-shift on the trained tiny DeiT (digits test split): integer
-    only, >= 40% fewer MACs than dense, and the torch-level program and its integer graph under
-    ONNX Runtime score the same because they compute the same numbers. Accuracy: measured 85.28%
-    (dense 98.33%) on the tiny DeiT the one trainer trains (92.78% on the model the earlier
-    training loop gave, same dense score): the issue's bound (at most 1.5 points below dense) is
-    NOT met (docs/composition.md); this asserts the measured level so that it can only improve."""
+    only, >= 40% fewer MACs than dense, the torch-level program and its integer graph under
+    ONNX Runtime score the same because they compute the same numbers, and at most 1.5 points
+    below dense: measured 97.22% against 97.78% on an AMD EPYC (85.28% against 98.33% on CI's
+    Xeon before rapq's calibration kept the float network's tokens)."""
     from trained import trained_program
 
     from sliver.backends.evaluate import evaluate
@@ -156,4 +198,4 @@ def test_integer_vit_recipe_on_the_trained_tiny_deit():
     # the trained weights follow the CPU's float arithmetic: 98.33% on the Intel Xeon of CI, 97.78% on
     # an AMD EPYC (Zen 4); the training goal is 97
     assert acc_dense >= 97.0
-    assert acc_ort >= 85.0  # measured 85.28; the acceptance bound is acc_dense - 1.5 = 96.83
+    assert acc_ort >= acc_dense - 1.5
