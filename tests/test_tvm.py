@@ -35,6 +35,50 @@ def test_artifact_saves_and_loads(make_program, tmp_path):
         loaded.run([x[:, :, :8]])
 
 
+def test_running_and_saving_share_one_export(make_program, tmp_path, monkeypatch):
+    """An artifact's library is exported once (each export runs LLVM's code generation): running
+    it exports to a private file, saving copies that file, and the file goes with the artifact."""
+    import gc
+    import os
+
+    prog = ir.to_onnx(make_program("tiny_vgg"))
+    artifact = backends.tvm.build(prog)
+    calls = []
+    export = type(artifact.executable).export_library
+    monkeypatch.setattr(type(artifact.executable), "export_library",
+                        lambda self, *a, **k: calls.append(a) or export(self, *a, **k))
+    got = artifact.run(prog.example_inputs)
+    artifact.save(tmp_path)
+    np.testing.assert_array_equal(backends.tvm.load(tmp_path).run(prog.example_inputs)[0], got[0])
+    assert len(calls) == 1
+    private = artifact._library
+    with open(private, "rb") as a, open(tmp_path / "model.so", "rb") as b:
+        assert a.read() == b.read()
+    del artifact
+    gc.collect()
+    assert not os.path.exists(private)
+
+
+def test_background_build_matches_and_reports_failure(make_program, tmp_path):
+    prog = ir.to_onnx(make_program("tiny_vgg"))
+    background = backends.tvm.BackgroundBuild(prog, "x86", tmp_path / "bg")
+    here = backends.tvm.build(prog)
+    other = background.result()
+    x = prog.example_inputs
+    np.testing.assert_array_equal(other.run(x)[0], here.run(x)[0])
+    assert other.target == here.target
+    import onnx
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Celu", ["x"], ["y"], name="my_celu")], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(tmp_path / "c.onnx"))
+    bad = backends.tvm.BackgroundBuild(ir.load_onnx(tmp_path / "c.onnx"), "x86", tmp_path / "bad")
+    with pytest.raises(errors.BackendError, match="background TVM build failed: .*Celu") as err:
+        bad.result()
+    assert "\n" not in str(err.value)
+
+
 def test_artifact_profile_times_every_kernel(make_program):
     prog = ir.to_onnx(make_program("tiny_vgg"))
     artifact = backends.tvm.build(prog)
