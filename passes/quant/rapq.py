@@ -27,7 +27,7 @@ own range. What this pass does, in order:
    layers are fitted (:class:`~sliver.passes.transformer.SelectionReplay`): the quantised
    network's scores differ slightly, its kept tokens come in another order, and a layer fitted
    to another token's target is fitted to noise (on the trained tiny DeiT after
-   ``evit{blocks=3,6,9 keep=0.6}``, W4A4: 88.6% without, 91.4% with; evit alone 93.3%):
+   ``evit{blocks=3,6,9 keep=0.6}``, W4A4, one thread: 88.6% without, 91.4% with; evit alone 93.3%):
 
    - exponents initialised per layer at the minimum-MSE power of two (activations per tensor,
      weights per channel), then adjusted jointly: the input exponent over ``e0 - 1 .. e0 + 1`` and,
