@@ -13,6 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import run_each
 from sliver import ir, passes
 from sliver.ir import opdefs, stats
 from sliver.ir.onnx_level import SLIVER_DOMAIN
@@ -28,18 +29,6 @@ INTEGER_CNN = passes.recipes.get("int-cnn").pipeline
 
 def _images(n=8):
     return data.digits("test").images[:n].numpy()
-
-
-def _run_each(program, x):
-    """Outputs of the onnx-level ``program`` on each image of ``x`` (batch 1), through one ONNX
-    Runtime session (``program.run`` builds a session per call: 360 of them on an AppMul program
-    peaked above 20 GB)."""
-    from sliver.ir.runtime import onnxruntime_session
-
-    sess = onnxruntime_session(program.module)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: np.ascontiguousarray(x[i:i + 1], np.float32)})[0]
-                           for i in range(len(x))])
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +76,10 @@ def test_qdq_export_rounds_like_the_reference_and_pot_shift_is_exact(naive_resne
     qdq = ir.convert(q, "onnx")
     ops = [n.op_type for n in qdq.module.graph.node]
     assert ops.count("QuantizeLinear") == 1 and ops.count("PoTQuantize") == 13  # the input's is half even
-    assert np.array_equal(_run_each(qdq, x), want)
+    assert np.array_equal(run_each(qdq, x), want)
     integer = passes.parse("pot-shift,cleanup").run(qdq, check=False).program
     assert "integer-only" in integer.facts
-    assert np.array_equal(_run_each(integer, x), want)
+    assert np.array_equal(run_each(integer, x), want)
 
 
 def test_integer_programs_count_their_parameters(naive_resnet):
@@ -120,7 +109,7 @@ def test_appmul_on_a_pot_cnn_becomes_integer_only_and_exact(appmul_chain):
     x = _images(4)
     ops = [n.op_type for n in integer.module.graph.node]
     assert "integer-only" in integer.facts and ops.count("AppMatMul") == 12  # fc: 9-bit operands, exact
-    assert np.array_equal(_run_each(integer, x), program.run([x])[0])
+    assert np.array_equal(run_each(integer, x), program.run([x])[0])
 
 
 def test_integer_cnn_chain_golden(appmul_chain, golden):
@@ -166,7 +155,7 @@ def test_integer_cnn_recipe_on_trained_tiny_resnet():
     want = np.concatenate([torch_part.program.run([x[i:i + 40]])[0] for i in range(0, len(x), 40)])
     # ONNX Runtime on the first 40 images (its standard-op AppMatMul gathers a table entry per
     # product: 86 s for all 360); TVM, which computes the same integers, on all of them
-    assert np.array_equal(_run_each(final, x[:40]), want[:40])
+    assert np.array_equal(run_each(final, x[:40]), want[:40])
     artifact = backends.tvm.build(final, target="x86")
     assert np.array_equal(np.concatenate([artifact.run([x[i:i + 1]])[0] for i in range(len(x))]), want)
     accuracy = 100.0 * float((want.argmax(1) == test.targets.numpy()).mean())
