@@ -227,6 +227,34 @@ def test_custom_ops_extension_point():
     assert pot.unit == "lut-gemm" and pot.energy_pj < app.energy_pj
 
 
+def test_pot_quantize_costs_what_quantize_linear_costs():
+    """A QDQ program before pot-shift (rapq, pot-naive) has sliver.PoTQuantize nodes: each is a
+    shift and a clip in its producer's output stage, like QuantizeLinear with scale 2^-e."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 197, 384])
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 197, 1536])
+    w = onnx.numpy_helper.from_array(np.zeros((384, 1536), np.float32), "w")
+
+    def cost(quantize, dtype):
+        nodes = [helper.make_node("MatMul", ["a", "w"], ["y"], name="/fc/MatMul"), quantize,
+                 helper.make_node("Cast", ["yq"], ["q"], name="/fc/Cast", to=TensorProto.FLOAT)]
+        shapes = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 197, 1536]),
+                  helper.make_tensor_value_info("yq", dtype, [1, 197, 1536])]
+        graph = helper.make_graph(nodes, "g", [a], [q], initializer=[w, onnx.numpy_helper.from_array(
+            np.array(2.0 ** -3, np.float32), "scale")], value_info=shapes)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("sliver", 1)])
+        return fpga.cost(model, bits=8)
+
+    pot = cost(helper.make_node("PoTQuantize", ["y"], ["yq"], name="/fc/PoTQuantize", domain="sliver",
+                                exponent=3, lo=0, hi=255), TensorProto.INT32)
+    linear = cost(helper.make_node("QuantizeLinear", ["y", "scale"], ["yq"], name="/fc/QuantizeLinear"),
+                  TensorProto.UINT8)
+    # the same work; QuantizeLinear also reads its scale from DDR (one byte at 8 bits: 0.02 cycles)
+    assert linear.cycles - 0.05 < pot.cycles < linear.cycles and pot.ddr_bytes == linear.ddr_bytes - 1
+    assert pot.energy_mj == pytest.approx(linear.energy_mj, rel=1e-4)
+    assert [o.unit for o in pot.ops] == [o.unit for o in linear.ops]
+
+
 def test_accelerator_descriptions_are_checked():
     with pytest.raises(fpga.AcceleratorError, match="DSPs"):
         fpga.ZCU102.replace(gemm=fpga.GemmEngine(64, 64, "os", fpga.DSP48E2_MACS))

@@ -559,6 +559,13 @@ def _shift_requant(node, ctx):
     return _elementwise(node, ctx)
 
 
+@_rule("PoTQuantize", domain=SLIVER_DOMAIN, elementwise=True)
+def _pot_quantize(node, ctx):
+    """Power-of-two quantise (scale by 2^e, round, clip) of a QDQ program before pot-shift: what
+    QuantizeLinear costs, a shifter and a clip in the producer's output stage."""
+    return _elementwise(node, ctx)
+
+
 @_rule("DyadicRequant", domain=SLIVER_DOMAIN, elementwise=True)
 def _dyadic_requant(node, ctx):
     """Dyadic requantise (multiply by m, shift by s, round, clip): a multiplier and a shifter in
