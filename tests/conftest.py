@@ -56,15 +56,14 @@ def example_input(shape, seed=0):
 
 
 def run_each(program, x):
-    """Outputs of the onnx-level ``program`` on each image of ``x`` (batch 1), through one ONNX
-    Runtime session: ``program.run`` builds a session per call (about 1 s each on the integer tiny
-    DeiT; 360 of them on an AppMul program peaked above 20 GB)."""
-    from sliver.ir.runtime import onnxruntime_session
+    """Outputs of ``program`` (a Program or a TVM Artifact) on each image of ``x`` (batch 1), with
+    the runner evaluate() uses: one ONNX Runtime session for an onnx-level program, where
+    ``program.run`` builds a session per call (about 1 s each on the integer tiny DeiT; 360 of them
+    on an AppMul program peaked above 20 GB)."""
+    from sliver.backends.evaluate import _runner
 
-    sess = onnxruntime_session(program.module)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: np.ascontiguousarray(x[i:i + 1], np.float32)})[0]
-                           for i in range(len(x))])
+    _, run = _runner(program, None)
+    return np.concatenate([run(np.ascontiguousarray(x[i:i + 1], np.float32)) for i in range(len(x))])
 
 
 @pytest.fixture
