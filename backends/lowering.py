@@ -64,24 +64,63 @@ def registered() -> list:
     return sorted(RULES)
 
 
+def clip_const(x, lo, hi, dtype: str):
+    """``clip(x, lo, hi)`` for constant bounds, as ``minimum(maximum(x, lo), hi)`` on ``dtype``
+    constants. TVM 0.27's ``ConvertLayout`` has no layout rule for ``relax.op.clip``: a clip after
+    an NHWC convolution got a transpose on each side and was not fused into it (measured on the
+    integer MobileNetV2: the requantisation's clip in 52 transpose kernels, 21 of its 46 ms).
+    ``maximum``/``minimum`` are layout-agnostic, so the whole epilogue fuses."""
+    from tvm import relax
+
+    return relax.op.minimum(relax.op.maximum(x, relax.const(lo, dtype)), relax.const(hi, dtype))
+
+
 # ------------------------------------------------------------------------------------------------
 # worked example
 
 
 @register("ShiftRequant")
 def lower_shift_requant(bb, inputs, attrs):
-    """int32 -> integers: ``clip((x + 2^(s-1)) >> s, lo, hi)`` cast to ``to``, in int64 so the
-    rounding term cannot overflow (the reference in ``ir.opdefs`` computes the same in numpy
-    int64). ``s`` is the attribute ``shift`` or the optional second input (per-channel shifts)."""
+    """int32 -> integers: ``clip((x + 2^(s-1)) >> s, lo, hi)`` cast to ``to`` (the reference in
+    ``ir.opdefs`` computes the same in numpy int64). ``s`` is the attribute ``shift`` or the
+    optional second input (per-channel shifts).
+
+    With int32 ``x`` and constant shifts below 32 it stays in int32 lanes (twice as many per
+    vector as int64, and the requantisation epilogue of an integer kernel is mostly this op) by
+    the overflow-free identity ``(x + 2^(s-1)) >> s = (x >> s) + ((x >> (s-1)) & 1)``: with
+    ``x = q 2^s + r``, ``0 <= r < 2^s``, both sides are ``q + [r >= 2^(s-1)]`` (arithmetic shifts
+    are floors). Otherwise it is computed in int64, where the rounding term cannot overflow."""
     import numpy as np
+    import tvm
     from onnx import helper
     from tvm import relax
 
     x = inputs[0]
-    wide = relax.op.astype(x, "int64")
     lo, hi = int(attrs.get("lo", opdefs.INT8_RANGE[0])), int(attrs.get("hi", opdefs.INT8_RANGE[1]))
     to = str(np.dtype(helper.tensor_dtype_to_np_dtype(int(attrs.get("to", 3)))))
     shift_input = inputs[1] if len(inputs) > 1 else None
+    if shift_input is None:
+        shifts = np.asarray(int(attrs.get("shift", 0)), np.int64)
+    elif isinstance(shift_input, tvm.ir.expr.Constant):
+        shifts = shift_input.value.numpy().astype(np.int64)
+    else:
+        shifts = None
+    i32 = np.iinfo(np.int32)
+    if (str(x.ty.dtype) == "int32" and shifts is not None and shifts.size and 0 <= shifts.min()
+            and shifts.max() < 32 and i32.min <= lo <= hi <= i32.max):
+        if shifts.ndim == 0 or np.all(shifts == shifts.flat[0]):
+            s = int(shifts.flat[0])
+            y = x if s == 0 else relax.op.add(
+                relax.op.right_shift(x, relax.const(s, "int32")),
+                relax.op.bitwise_and(relax.op.right_shift(x, relax.const(s - 1, "int32")), relax.const(1, "int32")))
+        else:  # per channel: s = 0 keeps x (the rounding bit is masked off)
+            s = relax.const(shifts.astype(np.int32), "int32")
+            below = relax.const(np.maximum(shifts - 1, 0).astype(np.int32), "int32")
+            mask = relax.const(np.minimum(shifts, 1).astype(np.int32), "int32")
+            y = relax.op.add(relax.op.right_shift(x, s),
+                             relax.op.bitwise_and(relax.op.right_shift(x, below), mask))
+        return relax.op.astype(clip_const(y, lo, hi, "int32"), to)
+    wide = relax.op.astype(x, "int64")
     if shift_input is not None:
         shift = relax.op.astype(shift_input, "int64")
         one = relax.const(1, "int64")
@@ -93,15 +132,15 @@ def lower_shift_requant(bb, inputs, attrs):
         if shift > 0:
             wide = relax.op.add(wide, relax.const(1 << (shift - 1), "int64"))
             wide = relax.op.right_shift(wide, relax.const(shift, "int64"))
-    wide = relax.op.clip(wide, lo, hi)
+    wide = clip_const(wide, lo, hi, "int64")
     return relax.op.astype(wide, to)
 
 
 class ConvIntegerAsRelaxOp:
     """ONNX ``ConvInteger`` (TVM 0.27's importer has none): int32 convolution of the operands
     minus their zero-points, ``relax.op.nn.conv2d(..., out_dtype="int32")``; exact. Within the CPU
-    build (:func:`build_importers` sets ``on_int8``) a convolution without zero-points and groups
-    stays on the int8/uint8 operands, for the dot-product kernel."""
+    build (:func:`build_importers` sets ``on_int8``) a convolution without zero-points stays on the
+    int8/uint8 operands: the dot-product kernel for groups 1, 8-bit loads for grouped ones."""
 
     #: set while the CPU build imports (see build_importers)
     on_int8 = False
@@ -117,12 +156,15 @@ class ConvIntegerAsRelaxOp:
         x, w = inputs[0], inputs[1]
         kernel = list(attr.get("kernel_shape", []))
         no_zero_points = not any(i is not None for i in inputs[2:])
-        if no_zero_points and int(attr.get("group", 1)) == 1 and len(kernel) in (0, 2) and cls.on_int8:
+        if no_zero_points and len(kernel) in (0, 2) and cls.on_int8:
             # on the int8/uint8 operands themselves: the CPU build's dot-product kernel matches
-            # (schedules.int8_conv2d_legalizer); TVM's conv2d accumulates in out_dtype, exact
+            # (schedules.int8_conv2d_legalizer); grouped and depthwise convolutions read 8-bit
+            # data and widen it per load, so their producers write 8-bit tensors instead of
+            # int32 ones (4x the bytes). TVM's conv2d accumulates in out_dtype: exact.
             pads = list(attr.get("pads", [0, 0, 0, 0]))
             return relax.op.nn.conv2d(x, w, strides=list(attr.get("strides", [1, 1])), padding=pads,
-                                      dilation=list(attr.get("dilations", [1, 1])), groups=1, out_dtype="int32")
+                                      dilation=list(attr.get("dilations", [1, 1])), groups=int(attr.get("group", 1)),
+                                      out_dtype="int32")
         x = relax.op.astype(x, "int32")
         w = relax.op.astype(w, "int32")
         if len(inputs) > 2 and inputs[2] is not None:
@@ -152,12 +194,12 @@ class ConvIntegerAsRelaxOp:
 
 
 class ClipAsRelaxOp:
-    """ONNX ``Clip`` with constant bounds -> ``relax.op.clip`` (ReLU6 in MobileNetV2).
+    """ONNX ``Clip`` with constant bounds -> :func:`clip_const` (ReLU6 in MobileNetV2).
 
     TVM's importer lowers Clip straight to two TIR calls (maximum, minimum), which
     ``ConvertLayout`` cannot move to NHWC: every ReLU6 got a transpose on each side and was not
     fused into its convolution (measured: MobileNetV2 3.5x slower than ONNX Runtime with them).
-    ``clip`` is a layout-agnostic Relax op, so convolutions stay NHWC and fuse with it. Clips with
+    ``maximum``/``minimum`` are layout-agnostic, so convolutions stay NHWC and fuse with them. Clips with
     non-constant bounds keep TVM's own conversion. Used only inside :func:`build_importers`.
     """
 
@@ -327,7 +369,7 @@ def lower_pot_quantize(bb, inputs, attrs):
     x = relax.op.astype(inputs[0], "float32")
     y = relax.op.floor(relax.op.add(relax.op.multiply(x, relax.const(2.0 ** int(attrs["exponent"]), "float32")),
                                     relax.const(0.5, "float32")))
-    y = relax.op.clip(y, int(attrs["lo"]), int(attrs["hi"]))
+    y = clip_const(y, float(int(attrs["lo"])), float(int(attrs["hi"])), "float32")
     return relax.op.astype(y, "int32")
 
 
@@ -368,7 +410,7 @@ def lower_int_gelu(bb, inputs, attrs):
     if s1:
         t = op.right_shift(t, _i64(s1))
     y = op.right_shift(op.add(op.multiply(t, _i64(m)), _i64(1 << (s2 - 1))), _i64(s2))
-    return op.astype(op.clip(y, lo, hi), "int32")
+    return op.astype(clip_const(y, lo, hi, "int64"), "int32")
 
 
 @register("IntLayerNorm")
@@ -395,7 +437,7 @@ def lower_int_layernorm(bb, inputs, attrs):
     acc = op.add(op.multiply(n, g), bt)
     if shift > 0:
         acc = op.right_shift(op.add(acc, _i64(1 << (shift - 1))), _i64(shift))
-    return op.astype(op.clip(acc, lo, hi), "int32")
+    return op.astype(clip_const(acc, lo, hi, "int64"), "int32")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,7 +461,7 @@ def lower_dyadic_requant(bb, inputs, attrs):
     one = relax.const(1, "int64")
     half = op.left_shift(one, op.subtract(s, one))
     y = op.right_shift(op.add(op.multiply(x, m), half), s)
-    return op.astype(op.clip(y, lo, hi), to)
+    return op.astype(clip_const(y, lo, hi, "int64"), to)
 
 
 @register("IntMaxPool")

@@ -489,6 +489,9 @@ def _schedule_block_generic(sch, block, params: CpuParams) -> None:
     if not spatial:
         return
     all_spatial = len(spatial) == len(loops)
+    size = 1  # (before the split below: it replaces the last loop)
+    for loop in loops:
+        size *= _extent(sch, loop) or 1
     vec = None
     if all_spatial:
         last = spatial[-1]
@@ -496,9 +499,6 @@ def _schedule_block_generic(sch, block, params: CpuParams) -> None:
         if n is not None and n % params.lanes == 0 and n >= params.lanes:
             lo, vec = sch.split(last, [None, params.lanes])
             spatial = spatial[:-1] + [lo]
-    size = 1
-    for loop in loops:
-        size *= _extent(sch, loop) or 1
     # small blocks run serially: a parallel region costs a thread-pool wake-up, and on a busy
     # machine a wait for a descheduled worker (MobileNetV2 has ~100 small blocks)
     if params.threads > 1 and size >= PARALLEL_MIN_ELEMENTS:
@@ -510,8 +510,36 @@ def _schedule_block_generic(sch, block, params: CpuParams) -> None:
         sch.vectorize(vec)
 
 
+def _loads_of(sch, block) -> int:
+    """How many loads of ``block``'s output the other blocks of the function hold (counted in
+    their printed bodies: TVM 0.27's Python API has no TIR visitor)."""
+    import re
+
+    names = [w.source.name for w in sch.get(block).writes]
+    count = 0
+    this = sch.get(block)
+    for other in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(other).same_as(this):
+            continue
+        text = sch.get(other).body.script()
+        count += sum(len(re.findall(rf"(?<![\w.]){re.escape(n)}\[", text)) for n in names)
+    return count
+
+
 def _schedule_rest(sch, params: CpuParams, skip=frozenset()) -> None:
     root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    if len(blocks) > 1 and not skip and all("R" not in _iter_kinds(sch, b) for b in blocks):
+        # an elementwise chain (e.g. a requantisation after a residual sum that has two
+        # consumers): one loop nest instead of one per op, so no intermediate tensor is written.
+        # Only a value read once is inlined: the integer LayerNorm's unrolled Newton steps read
+        # each iterate twice, and inlining those doubles the expression per step.
+        for blk in blocks[:-1]:
+            if _loads_of(sch, blk) == 1:
+                try:
+                    sch.compute_inline(blk)
+                except Exception:
+                    pass
     for blk in sch.get_child_blocks(root):
         name = sch.get(blk).name_hint
         if name in skip:
@@ -820,6 +848,58 @@ def fold_input_transpose(lanes: int):
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 mod[gv] = _Fold().visit_expr(func)
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass
+
+
+def integer_relu_min():
+    """A Relax pass: ``r - relu(r - c)`` with ``r = relu(x)`` and a constant ``c >= 0`` (pot-shift's
+    integer upper clip, e.g. ReLU6's 6 at the value's scale) becomes ``minimum(r, c)``.
+
+    Equal in integers: ``r - c`` cannot overflow for ``0 <= r``, ``0 <= c``, and ``r - relu(r - c)``
+    is ``c`` where ``r >= c`` and ``r`` elsewhere. The epilogue of an integer kernel then runs one
+    vector op instead of three (MobileNetV2 has 35 ReLU6)."""
+    import tvm
+    from tvm import relax
+    from tvm.ir import expr as ir_expr
+
+    sub = tvm.ir.Op.get("relax.subtract")
+    relu = tvm.ir.Op.get("relax.nn.relu")
+
+    def _bound(mutator, expr):
+        if not isinstance(expr, ir_expr.Var):
+            return expr
+        try:
+            return mutator.lookup_binding(expr)
+        except Exception:
+            return None
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != sub or len(call.args) != 2 or not str(call.args[0].ty.dtype).startswith("int"):
+                return call
+            r, over = call.args
+            over_v = _bound(self, over)
+            if not (isinstance(over_v, ir_expr.Call) and over_v.op == relu):
+                return call
+            diff = _bound(self, over_v.args[0])
+            if not (isinstance(diff, ir_expr.Call) and diff.op == sub and diff.args[0].same_as(r)
+                    and isinstance(diff.args[1], ir_expr.Constant)):
+                return call
+            c = diff.args[1].value.numpy()
+            r_v = _bound(self, r)
+            if not (isinstance(r_v, ir_expr.Call) and r_v.op == relu) or (c < 0).any():
+                return call
+            return relax.op.minimum(r, diff.args[1])
+
+    @tvm.transform.module_pass(opt_level=0, name="SliverIntegerReluMin")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = _Rewrite().visit_expr(func)
         return relax.transform.DeadCodeElimination()(mod)
 
     return _pass

@@ -274,6 +274,7 @@ def fusion_passes(target: dict) -> list:
         relax.backend.DispatchSortScan(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        schedules.integer_relu_min(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         schedules.fold_input_transpose(schedules.cpu_params(target).lanes),
         relax.transform.FastMathTransform(),

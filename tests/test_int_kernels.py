@@ -62,7 +62,7 @@ def test_int8_matmul_runs_on_vnni_bit_exact(rows, k, n, signed):
     assert "vpdpbusd" in asm
     # the fused kernel: product, offset correction, bias and requantisation in one function
     kernels = [s for s in asm.splitlines() if s.startswith("__tvm_ffi_fused_int8_matmul")]
-    assert len(kernels) == 1 and "right_shift" in kernels[0] and "clip" in kernels[0]
+    assert len(kernels) == 1 and "right_shift" in kernels[0] and "maximum" in kernels[0] and "minimum" in kernels[0]
 
 
 def test_int8_matmul_without_vnni_keeps_the_generic_rule():
@@ -158,3 +158,64 @@ def test_int8_matmul_of_two_activations_stays_exact():
     prog = Program("onnx", model, (a, b), name="attention", input_names=("a", "b"))
     want = a.astype(np.int64) @ b.astype(np.int64)
     assert np.array_equal(backends.tvm.build(prog, target="x86").run([a, b])[0], want)
+
+
+def _elementwise_program(nodes, x, inits, out_type=TensorProto.UINT8):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT32, list(x.shape))],
+                              [helper.make_tensor_value_info("y", out_type, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sliver", 1)],
+                              functions=[opdefs.shift_requant_function()], ir_version=8)
+    return Program("onnx", onnx.shape_inference.infer_shapes(model), (x,), name="epilogue", input_names=("x",))
+
+
+@pytest.mark.parametrize("shift", ["per_channel", 0, 1, 31, 35])
+def test_shift_requant_in_int32_lanes_is_exact_at_the_extremes(shift):
+    """ShiftRequant on int32 with constant shifts below 32 runs in int32 (``(x >> s) + ((x >> (s-1))
+    & 1)``), else in int64; both equal the int64 reference on the int32 extremes and on every
+    rounding tie, per channel (shifts 0..31, 0 keeping x) and per tensor."""
+    from sliver import backends
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2**31, 2**31, (1, 32, 3, 5), dtype=np.int64).astype(np.int32)
+    x[0, :, 0, 0], x[0, :, 0, 1] = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+    if shift == "per_channel":
+        s = np.arange(32, dtype=np.int64).reshape(1, 32, 1, 1)
+    else:
+        s = np.full((1, 1, 1, 1), shift, np.int64)
+    x[0, :, 1, 0] = (1 << np.maximum(s.reshape(-1) - 1, 0)) * (1 + 2 * np.arange(32) % 7)  # ties: r = 2^(s-1)
+    x[0, :, 1, 1] = -x[0, :, 1, 0]
+    nodes = [helper.make_node("ShiftRequant", ["x", "s"], ["y"], domain="sliver", lo=-2**31, hi=2**31 - 1,
+                              to=TensorProto.INT32)]
+    prog = _elementwise_program(nodes, x, {"s": s}, TensorProto.INT32)
+    want = opdefs.shift_requant_reference([x, s], {"lo": -2**31, "hi": 2**31 - 1, "to": TensorProto.INT32})[0]
+    assert np.array_equal(backends.tvm.build(prog, target="x86").run([x])[0], want)
+
+
+def test_requantisation_chain_is_one_vectorised_loop_and_relu6_one_min():
+    """An elementwise requantisation that is its own kernel (a residual sum read twice cannot fuse
+    into the convolution) is one parallel, vectorised loop nest, and pot-shift's integer ReLU6
+    ``r - relu(r - c)`` is built as ``min(r, c)``: same integers as ONNX Runtime."""
+    import onnxruntime as ort
+
+    from sliver import backends
+
+    rng = np.random.default_rng(6)
+    x = rng.integers(-40000, 40000, (1, 64, 56, 56)).astype(np.int32)
+    hi = rng.integers(1000, 30000, (1, 64, 1, 1)).astype(np.int32)
+    s = rng.integers(3, 9, (1, 64, 1, 1)).astype(np.int64)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Sub", ["r", "hi"], ["d"]),
+             helper.make_node("Relu", ["d"], ["over"]), helper.make_node("Sub", ["r", "over"], ["r6"]),
+             helper.make_node("ShiftRequant", ["r6", "s"], ["y"], domain="sliver", lo=0, hi=255, to=TensorProto.UINT8)]
+    prog = _elementwise_program(nodes, x, {"hi": hi, "s": s})
+    artifact = backends.tvm.build(prog, target="x86")
+    got = artifact.run([x])[0]
+    sess = ort.InferenceSession(prog.module.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(got, sess.run(None, {"x": x})[0])
+    names = [line for line in _kernel_asm(artifact).splitlines() if line.startswith("__tvm_ffi_fused")]
+    assert len(names) == 1 and "minimum" in names[0] and "subtract" not in names[0], names
+    # one loop nest: 16-lane vectors (zmm, AVX-512) inside a parallel loop
+    asm = _kernel_asm(artifact)
+    if _has_vnni():  # (an AVX-512 CPU)
+        assert "zmm" in asm
+    assert "TVMBackendParallelLaunch" in asm
