@@ -550,6 +550,58 @@ def _schedule_rest(sch, params: CpuParams, skip=frozenset()) -> None:
             pass
 
 
+def _schedule_elementwise(sch, params: CpuParams) -> None:
+    """An elementwise chain of several blocks (no reduction): values read once are inlined, the
+    others are computed per tile of the last block (``compute_at``), so the chain is one loop
+    nest over small per-tile buffers: rows (fused) in parallel, the last axis in vectors of the
+    rule's width, or a plain loop LLVM vectorises when the width does not divide it (DeiT-S's
+    197-token rows of the integer softmax ran one element per parallel iteration, op by op).
+    Raises when a block cannot follow (the caller then tries the next rule)."""
+    root = sch.get_sblock("root")
+    for blk in sch.get_child_blocks(root)[:-1]:
+        if _loads_of(sch, blk) == 1:
+            try:
+                sch.compute_inline(blk)
+            except Exception:
+                pass
+    blocks = sch.get_child_blocks(root)
+    if len(blocks) < 2:
+        raise ValueError("one block: the generic rule")
+    last = blocks[-1]
+    loops = sch.get_loops(last)
+    if len(loops) < 2 or "R" in _iter_kinds(sch, last):
+        raise ValueError("not a multi-axis elementwise block")
+    shape = [int(d) for d in sch.get(last).writes[0].source.shape]
+
+    def local(b):  # the output's shape, or one value per row of it (a row sum's cast)
+        return all([int(d) for d in w.source.shape] in (shape, shape[:-1] + [1]) for w in sch.get(b).writes)
+
+    if not all(local(b) for b in blocks):
+        # a gather or another broadcast: a tile of the output may need all of a producer
+        raise ValueError("blocks of different shapes")
+    size = _product(sch, loops)
+    outer_loops, inner = list(loops[:-1]), loops[-1]
+    n = _extent(sch, inner) or 0
+    vec = None
+    if n % params.lanes == 0:
+        io, vec = sch.split(inner, [None, params.lanes])
+        outer_loops.append(io)
+    outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+    for blk in reversed(blocks[:-1]):
+        sch.compute_at(blk, outer)
+    if params.threads > 1 and size >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
+    if vec is not None:
+        sch.vectorize(vec)
+    for blk in blocks[:-1]:
+        inner_loops = sch.get_loops(blk)
+        if len(inner_loops) > 1:
+            m = _extent(sch, inner_loops[-1]) or 0
+            if m and m % params.lanes == 0:
+                _, v = sch.split(inner_loops[-1], [None, params.lanes])
+                sch.vectorize(v)
+
+
 def schedule_func(func: tirx.PrimFunc, params: CpuParams, intrin: str | None = None):
     """A scheduled copy of ``func`` (or None when no rule applies)."""
     sch = s_tir.Schedule(func)
@@ -586,6 +638,8 @@ def schedule_func(func: tirx.PrimFunc, params: CpuParams, intrin: str | None = N
         rules.append(lambda t, n=name: _schedule_window(t, t.get_sblock(n), params))
     if reducing and len(blocks) > 1:
         rules.append(lambda t: _schedule_rowwise(t, params))
+    if not reducing and len(blocks) > 1:
+        rules.append(lambda t: _schedule_elementwise(t, params))
     for rule in rules:
         trial = s_tir.Schedule(func)
         try:

@@ -214,8 +214,8 @@ def test_requantisation_chain_is_one_vectorised_loop_and_relu6_one_min():
     assert np.array_equal(got, sess.run(None, {"x": x})[0])
     names = [line for line in _kernel_asm(artifact).splitlines() if line.startswith("__tvm_ffi_fused")]
     assert len(names) == 1 and "minimum" in names[0] and "subtract" not in names[0], names
-    # one loop nest: 16-lane vectors (zmm, AVX-512) inside a parallel loop
+    # one loop nest, vectorised (56 is no multiple of 16: LLVM's own vectoriser, 256-bit on AMD
+    # EPYC) inside a parallel loop
     asm = _kernel_asm(artifact)
-    if _has_vnni():  # (an AVX-512 CPU)
-        assert "zmm" in asm
+    assert "zmm" in asm or "ymm" in asm
     assert "TVMBackendParallelLaunch" in asm

@@ -96,6 +96,11 @@ def test_int_softmax_formula_accuracy_and_runtimes():
         err = np.abs(got * 2.0 ** -15 - real).max()
         assert err < 2e-3, err  # measured 8e-4 (I-BERT's i-exp is ~1e-3 accurate)
         assert (got >= 0).all() and (got.sum(-1) <= 2 ** 15).all() and (got.sum(-1) > 2 ** 15 - 17).all()
+    # int32 extremes (x - max(x) down to -(2^32 - 1)): TVM's float64 divisions stay exact
+    wide = np.random.default_rng(4).integers(-2**31, 2**31, (3, 197), dtype=np.int64).astype(np.int32)
+    wide[0, ::2], wide[0, 1::2] = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    wide[1, :] = np.iinfo(np.int32).max
+    _three_ways("IntSoftmax", [wide], opdefs.int_softmax_constants(10, 15))
     with pytest.raises(ValueError, match="too coarse"):
         opdefs.int_softmax_constants(1, 15)
 
