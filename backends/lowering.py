@@ -389,6 +389,25 @@ def _floor_div_f64(bb, a, d):
     return op.where(op.greater_equal(r, d), op.add(q, one), q)
 
 
+def _floor_div_i64_small_quotient(bb, a, d):
+    """``floor(a / d)`` of int64 tensors with ``d > 0`` whose quotient stays below 2^50 in
+    magnitude: estimated in float64 (relative error <= 3 2^-53, so off by at most one), then
+    corrected by one step each way on the exact int64 remainder ``a - q d``. Used for the integer
+    LayerNorm's ``(c << k) // r``: ``r = floor(sqrt(V))`` with ``V >= floor(sum(c^2) 4^extra / D) + 1``
+    bounds the quotient by ``2^(frac + 1) sqrt(D)`` for every int32 input (``r >= |c| 2^extra /
+    (2 sqrt(D))`` where that is >= 1, else ``|c| 2^extra < 2 sqrt(D)`` and ``r >= 1``), while ``a``
+    itself may pass 2^53. x86 has no vector int64 division; the estimate, the int64 product and the compares are
+    vector instructions (AVX-512 DQ)."""
+    from tvm import relax
+
+    op = relax.op
+    one = _i64(1)
+    q = bb.emit(op.astype(op.floor(op.divide(op.astype(a, "float64"), op.astype(d, "float64"))), "int64"))
+    rem = bb.emit(op.subtract(a, op.multiply(q, d)))
+    q = op.subtract(q, op.astype(op.less(rem, _i64(0)), "int64"))
+    return op.add(q, op.astype(op.greater_equal(rem, d), "int64"))
+
+
 @register("IntSoftmax")
 def lower_int_softmax(bb, inputs, attrs):
     """I-BERT integer softmax (``ir.opdefs.int_softmax_reference``) in int64; its two divisions
@@ -461,7 +480,9 @@ def lower_int_layernorm(bb, inputs, attrs):
     r = bb.emit(op.left_shift(op.ones_like(m), m))
     for _ in range(opdefs.NEWTON_STEPS):
         r = bb.emit(op.minimum(r, op.floor_divide(op.add(r, op.floor_divide(v, r)), _i64(2))))
-    n = op.floor_divide(op.left_shift(c, _i64(frac + extra)), r)
+    scaled = bb.emit(op.left_shift(c, _i64(frac + extra)))
+    # |n| <= 2^(frac + 1) sqrt(d) (see _floor_div_i64_small_quotient): below 2^50 for these bounds
+    n = _floor_div_i64_small_quotient(bb, scaled, r) if frac <= 40 and d <= 1 << 16 else op.floor_divide(scaled, r)
     acc = op.add(op.multiply(n, g), bt)
     if shift > 0:
         acc = op.right_shift(op.add(acc, _i64(1 << (shift - 1))), _i64(shift))
