@@ -396,12 +396,11 @@ def _floor_div_i64_small_quotient(bb, a, d):
     LayerNorm's ``(c << k) // r``: ``r = floor(sqrt(V))`` with ``V >= floor(sum(c^2) 4^extra / D) + 1``
     bounds the quotient by ``2^(frac + 1) sqrt(D)`` for every int32 input (``r >= |c| 2^extra /
     (2 sqrt(D))`` where that is >= 1, else ``|c| 2^extra < 2 sqrt(D)`` and ``r >= 1``), while ``a``
-    itself may pass 2^53. x86 has no vector int64 division; the estimate, the int64 product and the compares are
-    vector instructions (AVX-512 DQ)."""
+    itself may pass 2^53. x86 has no vector int64 division; the estimate, the int64 product and
+    the compares are vector instructions (AVX-512 DQ)."""
     from tvm import relax
 
     op = relax.op
-    one = _i64(1)
     q = bb.emit(op.astype(op.floor(op.divide(op.astype(a, "float64"), op.astype(d, "float64"))), "int64"))
     rem = bb.emit(op.subtract(a, op.multiply(q, d)))
     q = op.subtract(q, op.astype(op.less(rem, _i64(0)), "int64"))

@@ -526,20 +526,25 @@ def _loads_of(sch, block) -> int:
     return count
 
 
+def _inline_read_once(sch) -> None:
+    """Inline every block but the last whose output is read once. Only those: the integer
+    LayerNorm's unrolled Newton steps read each iterate twice, and inlining them doubles the
+    expression per step (its build did not finish)."""
+    for blk in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+        if _loads_of(sch, blk) == 1:
+            try:
+                sch.compute_inline(blk)
+            except Exception:
+                pass
+
+
 def _schedule_rest(sch, params: CpuParams, skip=frozenset()) -> None:
     root = sch.get_sblock("root")
     blocks = sch.get_child_blocks(root)
     if len(blocks) > 1 and not skip and all("R" not in _iter_kinds(sch, b) for b in blocks):
         # an elementwise chain (e.g. a requantisation after a residual sum that has two
-        # consumers): one loop nest instead of one per op, so no intermediate tensor is written.
-        # Only a value read once is inlined: the integer LayerNorm's unrolled Newton steps read
-        # each iterate twice, and inlining those doubles the expression per step.
-        for blk in blocks[:-1]:
-            if _loads_of(sch, blk) == 1:
-                try:
-                    sch.compute_inline(blk)
-                except Exception:
-                    pass
+        # consumers): one loop nest instead of one per op, so no intermediate tensor is written
+        _inline_read_once(sch)
     for blk in sch.get_child_blocks(root):
         name = sch.get(blk).name_hint
         if name in skip:
@@ -558,12 +563,7 @@ def _schedule_elementwise(sch, params: CpuParams) -> None:
     197-token rows of the integer softmax ran one element per parallel iteration, op by op).
     Raises when a block cannot follow (the caller then tries the next rule)."""
     root = sch.get_sblock("root")
-    for blk in sch.get_child_blocks(root)[:-1]:
-        if _loads_of(sch, blk) == 1:
-            try:
-                sch.compute_inline(blk)
-            except Exception:
-                pass
+    _inline_read_once(sch)
     blocks = sch.get_child_blocks(root)
     if len(blocks) < 2:
         raise ValueError("one block: the generic rule")
@@ -845,6 +845,22 @@ def conv2d_legalizer(params: CpuParams):
     return legalize
 
 
+def _rewrite_pass(mutator, name: str):
+    """A Relax module pass that runs ``mutator`` (a ``PyExprMutator`` class) over every Relax
+    function, then drops the bindings it left unused."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = mutator().visit_expr(func)
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass
+
+
 def fold_input_transpose(lanes: int):
     """A Relax pass: a convolution over fewer channels than a vector reads its NCHW input directly.
 
@@ -897,14 +913,7 @@ def fold_input_transpose(lanes: int):
                 dilation=[int(v) for v in a.dilation], groups=1, data_layout="NCHW",
                 kernel_layout=a.kernel_layout, out_layout=a.out_layout or "NHWC", out_dtype=a.out_dtype)
 
-    @tvm.transform.module_pass(opt_level=0, name="SliverFoldInputTranspose")
-    def _pass(mod, _ctx):
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mod[gv] = _Fold().visit_expr(func)
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return _pass
+    return _rewrite_pass(_Fold, "SliverFoldInputTranspose")
 
 
 def integer_relu_min():
@@ -949,14 +958,7 @@ def integer_relu_min():
                 return call
             return relax.op.minimum(r, diff.args[1])
 
-    @tvm.transform.module_pass(opt_level=0, name="SliverIntegerReluMin")
-    def _pass(mod, _ctx):
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mod[gv] = _Rewrite().visit_expr(func)
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return _pass
+    return _rewrite_pass(_Rewrite, "SliverIntegerReluMin")
 
 
 def _block_names(prim) -> set:
