@@ -151,10 +151,34 @@ def test_cnn_recipes_reach_goal(model):
 # -- the evaluation API ---------------------------------------------------------------------------------
 def test_scoring_does_not_depend_on_the_batch_size():
     whole = score(trained_program("tiny_deit", batch=32), split="val")
-    ragged = score(trained_program("tiny_deit", batch=7), split="val")  # 359 = 51 x 7 + 2: padded
-    assert ragged.value == whole.value and ragged.count == whole.count == 359
-    assert ragged.batch_size == 7
+    one = score(trained_program("tiny_deit", batch=1), split="val")  # torch.fx: scored 32 at a time
+    assert one.value == whole.value and one.count == whole.count == 359 and one.batch_size == 32
+    # static shapes: ONNX Runtime at the program's batch, 359 = 51 x 7 + 2 (the last batch padded)
+    ragged = score(ir.convert(trained_program("tiny_deit", batch=7), "onnx"), split="val")
+    assert ragged.batch_size == 7 and ragged.count == 359
+    assert ragged.value == score(ir.convert(trained_program("tiny_deit", batch=32), "onnx"), split="val").value
+    assert abs(ragged.value - whole.value) <= 100.0 / 359  # float ONNX Runtime vs PyTorch: at most one image
     assert score(trained_program("tiny_deit", batch=32), limit=50).count == 50
+
+
+def test_a_program_that_mixes_its_batch_is_scored_at_its_own_batch():
+    class BatchMean(torch.nn.Module):  # centres each image on the batch's mean: batch-dependent
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.fc(x - 0.5 * x.mean(0, keepdim=True))
+
+    torch.manual_seed(0)
+    program = ir.trace(BatchMean().eval(), torch.zeros(1, 3, 32, 32))
+    got = score(program, split="val", limit=40)
+    assert got.batch_size == 1 and got.count == 40
+    images, labels = data.digits("val").images[:40], data.digits("val").targets[:40]
+    with torch.no_grad():
+        alone = torch.cat([program.module(images[i:i + 1]) for i in range(40)])
+    assert got.value == pytest.approx(100.0 * float((alone.argmax(1) == labels).float().mean()))
 
 
 def test_evaluate_errors_are_one_line():
