@@ -41,6 +41,10 @@ def test_bench_tiny_model_emits_table_and_json(tmp_path):
 def test_bench_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, BENCH, "tiny_vgg", "--repeat", "0"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error:" in proc.stderr
+    for argv, says in ((["tiny_resnet", "--data", "photos"], "takes a named data set"),
+                       (["resnet18", "--data", "digits"], "has none; use a tiny zoo model")):
+        proc = subprocess.run([sys.executable, BENCH, *argv], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
 
 
 def test_wait_modes_order_the_runs():
@@ -104,11 +108,17 @@ def test_bench_times_the_artifact_on_an_rpc_server_over_loopback(tmp_path):
 
 def test_bench_integer_mode_runs_sliver_integer_and_ort_int8(tmp_path):
     """--integer: sliver's integer artifact and ONNX Runtime's int8 QDQ path beside the float
-    engines, the integer artifact bit-exact against ONNX Runtime, the CPU and its ISA recorded."""
+    engines, the integer artifact bit-exact against ONNX Runtime, the CPU and its ISA recorded;
+    a second --integer pipeline runs in the same rounds as tvm:int2, reported against tvm:int;
+    --data runs the trained model on that data's first test image."""
+    from trained import trained
+
     out = tmp_path / "bench.json"
+    trained("tiny_resnet")  # the shared cache entry (trained here if this run has none yet)
     proc = subprocess.run(
-        [sys.executable, BENCH, "tiny_resnet", "--integer", "--engines", "onnxruntime", "tvm", "--threads", "1",
-         "--repeat", "2", "--warmup", "1", "--calib", "8", "--json", str(out)],
+        [sys.executable, BENCH, "tiny_resnet", "--data", "digits", "--integer", "--integer",
+         "pot-naive{wbits=4 abits=4},pot-shift", "--engines", "onnxruntime", "tvm", "--threads", "1",
+         "--repeat", "2", "--warmup", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -118,9 +128,15 @@ def test_bench_integer_mode_runs_sliver_integer_and_ort_int8(tmp_path):
         flags = f.read()
     assert ("AVX-512 VNNI" in cpu["isa"]) == (" avx512_vnni" in flags)
     b = result["batches"][0]
-    assert set(b["engines"]) == {"onnxruntime", "tvm", "tvm:int", "onnxruntime:int8"}
-    assert b["integer"]["integer_only"] and b["integer"]["max_abs_diff_tvm_vs_onnxruntime"] == 0
+    assert set(b["engines"]) == {"onnxruntime", "tvm", "tvm:int", "tvm:int2", "onnxruntime:int8"}
+    assert b["integer"] == b["integers"][0] and [i["engine"] for i in b["integers"]] == ["tvm:int", "tvm:int2"]
+    assert b["integers"][1]["pipeline"] == "pot-naive{wbits=4 abits=4},pot-shift"
+    for i in b["integers"]:
+        assert i["integer_only"] and i["max_abs_diff_tvm_vs_onnxruntime"] == 0
     e = b["engines"]["tvm:int"]
     assert math.isclose(e["ratio_to_tvm"], e["median_ms"] / b["engines"]["tvm"]["median_ms"])
     assert math.isclose(e["ratio_to_onnxruntime:int8"], e["median_ms"] / b["engines"]["onnxruntime:int8"]["median_ms"])
-    assert "tvm:int is" in proc.stdout and "isa:" in proc.stdout
+    e2 = b["engines"]["tvm:int2"]
+    assert math.isclose(e2["ratio_to_tvm:int"], e2["median_ms"] / e["median_ms"])
+    assert "tvm:int is" in proc.stdout and "tvm:int2 takes" in proc.stdout and "isa:" in proc.stdout
+    assert b["input"] == "digits/test[:1]"

@@ -6,6 +6,8 @@
     python tools/bench.py model.onnx --input-shape 1,3,224,224 --engines onnxruntime tvm
     python tools/bench.py deit_small --pipeline "evit{blocks=3,6,9 keep=0.7}" --compare-dense
     python tools/bench.py resnet18 --pipeline fold-bn,cleanup --integer --engines onnxruntime tvm
+    python tools/bench.py tiny_mobilenet_v2 --data digits --engines tvm \
+        --integer "rapq{wbits=8 abits=8},pot-shift" --integer "rapq{wbits=8 abits=8},appmul{max_drop=1.0},pot-shift"
 
 For each batch size the model goes through the pipeline to the onnx level and TVM builds it for
 the host CPU; then the engines run the same input on the same number of threads after a warm-up.
@@ -27,6 +29,15 @@ TVM) and ONNX Runtime's own int8 path (``onnxruntime:int8``: ``quantize_static``
 ONNX, QDQ, u8 activations, s8 per-channel weights), both calibrated on the same ``--calib`` images
 (random normal ones by default: timing does not depend on them); the integer artifact's outputs
 are checked against ONNX Runtime running the same integer graph (``max|TVM - ORT|`` must be 0).
+``--integer`` may be given several times: the artifacts are ``tvm:int``, ``tvm:int2``, ... in the
+same rounds, each later one reported as a ratio to the first (e.g. a pipeline with ``appmul``
+against the same one without it).
+
+``--data NAME`` (``digits``, ``digit-scenes``, ``small-digits``) runs a tiny zoo model with its
+trained weights (``sliver.models.training.cached``: trained once per machine), gives the passes
+that data set's train/val/calib splits (quantisers calibrate on it, ``appmul`` selects its
+multipliers on it: the multipliers a model gets, and so its speed, depend on real data), and
+times the first test image(s); ONNX Runtime's int8 path calibrates on the same calib split.
 Every result records the CPU: its model name and the ISA extensions that matter for integer
 kernels (AVX-512 VNNI, AMX, AVX-512, aarch64 dotprod / i8mm).
 
@@ -96,10 +107,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the model without the pipeline, interleaved, and report per engine the speedup of the "
         "pipeline's model and that speedup divided by its MAC reduction (PyTorch then runs the pruned model)",
     )
-    p.add_argument("--integer", nargs="?", const=INTEGER_PIPELINE, default=None, metavar="PIPELINE",
+    p.add_argument("--integer", action="append", nargs="?", const=INTEGER_PIPELINE, default=None, metavar="PIPELINE",
                    help="also run sliver's integer artifact (PIPELINE, default: %(const)s) and ONNX Runtime's int8 "
-                        "QDQ path of the same float model, interleaved with the other engines")
+                        "QDQ path of the same float model, interleaved with the other engines; repeat to compare "
+                        "integer pipelines (tvm:int, tvm:int2, ...)")
     p.add_argument("--calib", type=int, default=16, help="calibration images for --integer (default: 16)")
+    p.add_argument("--data", metavar="NAME",
+                   help="digits, digit-scenes or small-digits: a tiny zoo model runs with its trained weights, the "
+                        "passes calibrate and select on that data, and its test images are the input")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--rpc", metavar="HOST:PORT",
                    help="instead of the local engines: upload the TVM artifact to the device running TVM's RPC "
@@ -115,14 +130,45 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _calibration(args, shape):
-    """The ``--calib`` images the quantisers of ``--integer`` calibrate on (random normal, fixed seed)."""
+    """The ``--calib`` images the quantisers of ``--integer`` calibrate on (random normal, fixed
+    seed), or with ``--data`` that set's calibration split."""
     import numpy as np
     import torch
 
     from sliver.models import data
 
+    if args.data:
+        return data.calibration(_named(args))
     x = np.random.default_rng(args.seed + 1).standard_normal((args.calib,) + tuple(shape[1:])).astype(np.float32)
     return data.ImageSet("bench/random", "images", torch.from_numpy(x))
+
+
+NAMED_DATA = ("digits", "digit-scenes", "small-digits")
+
+
+def _named(args) -> str:
+    from sliver.ir.errors import DataError
+
+    name = args.data.replace("_", "-")
+    if name not in NAMED_DATA:
+        raise DataError(f"--data {args.data!r}: bench.py takes a named data set ({', '.join(NAMED_DATA)})")
+    return name
+
+
+def _trained(args):
+    """MODEL with its trained weights for ``--data`` (trained and cached on first use)."""
+    from sliver.ir.errors import ModelInputError
+    from sliver.models import training
+
+    if args.model not in training.DEFAULTS:
+        raise ModelInputError(f"--data runs trained weights, but {args.model!r} has none; use a tiny zoo model "
+                              f"({', '.join(training.DEFAULTS)})")
+    config = training.config_for(args.model, seed=args.seed)
+    name = _named(args)
+    if name in ("digits", "digit-scenes") and name != config.dataset:
+        raise ModelInputError(f"{args.model} is trained on {config.dataset}; use --data {config.dataset}")
+    net, _ = training.cached(args.model, seed=args.seed)
+    return net.eval()
 
 
 def _load(args, batch: int, pipeline: str | None = None):
@@ -132,13 +178,24 @@ def _load(args, batch: int, pipeline: str | None = None):
     import torch
 
     from sliver import ir, models, passes
+    from sliver.ir.errors import DataError
 
+    if args.data and (args.model.endswith(".onnx") or os.path.exists(args.model)):
+        raise DataError("--data runs a tiny zoo model with its trained weights; an .onnx file runs with the weights it has")
     if args.model.endswith(".onnx") or os.path.exists(args.model):
         shape = None
         if args.input_shape:
             shape = tuple(int(s) for s in args.input_shape.split(","))
             shape = (batch,) + shape[1:]
         program, net = ir.load_onnx(args.model, input_shapes=shape, seed=args.seed), None
+    elif args.data:
+        from sliver.models import data
+
+        net = _trained(args)
+        test = data.load(_named(args), "test")
+        if batch > len(test):
+            raise DataError(f"--batch {batch} is larger than {args.data}'s {len(test)} test images")
+        program = ir.trace(net, test.images[:batch].contiguous(), name=args.model)
     else:
         torch.manual_seed(args.seed)
         net = models.create(args.model).eval()
@@ -146,7 +203,12 @@ def _load(args, batch: int, pipeline: str | None = None):
         x = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32))
         program = ir.trace(net, x, name=args.model)
     pipeline = args.pipeline if pipeline is None else pipeline
-    calib = _calibration(args, program.example_inputs[0].shape) if args.integer else None
+    if args.data:
+        from sliver.models import data
+
+        calib = data.context_data(_named(args))
+    else:
+        calib = _calibration(args, program.example_inputs[0].shape) if args.integer else None
     result = passes.parse(pipeline).run(program, seed=args.seed, check=False, data=calib)
     eager = result.program.module if result.program.level == "torch" else None
     lowered = passes.parse("").run(result.program, seed=args.seed, check=False, lower_to="onnx")
@@ -259,7 +321,7 @@ def _summaries(times: dict) -> dict:
             "runs": len(ts),
         }
     for name, e in engines.items():
-        for ref in ("onnxruntime", "torch", "tvm", "onnxruntime:int8"):
+        for ref in ("onnxruntime", "torch", "tvm", "onnxruntime:int8", "tvm:int"):
             if ref in engines and ref != name:
                 e[f"ratio_to_{ref}"] = e["median_ms"] / engines[ref]["median_ms"]
     return engines
@@ -294,32 +356,42 @@ def _ort_int8(args, program):
         return onnx.load(dst)
 
 
+def _integer_engine(position: int) -> str:
+    """``tvm:int`` for the first ``--integer`` pipeline, ``tvm:int2``, ``tvm:int3``... for the next."""
+    return "tvm:int" if position == 0 else f"tvm:int{position + 1}"
+
+
 def _integer_runners(args, batch: int, float_program) -> tuple:
-    """({"tvm:int", "onnxruntime:int8"}: run()) and facts of the integer artifact."""
+    """({"tvm:int", "tvm:int2"..., "onnxruntime:int8"}: run()) and the facts of each integer
+    artifact (a list, in ``--integer`` order)."""
     import numpy as np
 
     from sliver import backends
 
-    int_program, _, _ = _load(args, batch, pipeline=args.integer)
-    x = int_program.example_inputs
-    runners, info = {}, {"pipeline": args.integer, "integer_only": "integer-only" in int_program.facts}
-    sess = _ort_session(int_program.module, args.threads, spin=args.wait == "spin")
-    feeds = {i.name: a for i, a in zip(sess.get_inputs(), x)}
-    ort_out = [np.asarray(o) for o in sess.run(None, feeds)]
-    if "tvm" in args.engines:
-        t0 = time.perf_counter()
-        artifact = backends.tvm.build(int_program, target="x86", schedule=args.schedule)
-        info["tvm_build_seconds"] = time.perf_counter() - t0
-        out = artifact.run(x)
-        info["max_abs_diff_tvm_vs_onnxruntime"] = float(max(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()
-                                                            for a, b in zip(out, ort_out)))
-        run_tvm = artifact.runner()
-        runners["tvm:int"] = lambda: run_tvm(x)
+    runners, infos = {}, []
+    for position, pipeline in enumerate(args.integer):
+        int_program, _, _ = _load(args, batch, pipeline=pipeline)
+        x = int_program.example_inputs
+        engine = _integer_engine(position)
+        info = {"engine": engine, "pipeline": pipeline, "integer_only": "integer-only" in int_program.facts}
+        sess = _ort_session(int_program.module, args.threads, spin=args.wait == "spin")
+        feeds = {i.name: a for i, a in zip(sess.get_inputs(), x)}
+        ort_out = [np.asarray(o) for o in sess.run(None, feeds)]
+        if "tvm" in args.engines:
+            t0 = time.perf_counter()
+            artifact = backends.tvm.build(int_program, target="x86", schedule=args.schedule)
+            info["tvm_build_seconds"] = time.perf_counter() - t0
+            out = artifact.run(x)
+            info["max_abs_diff_tvm_vs_onnxruntime"] = float(max(
+                np.abs(a.astype(np.float64) - b.astype(np.float64)).max() for a, b in zip(out, ort_out)))
+            run_tvm = artifact.runner()
+            runners[engine] = lambda run_tvm=run_tvm, x=x: run_tvm(x)
+        infos.append(info)
     if "onnxruntime" in args.engines:
         int8 = _ort_session(_ort_int8(args, float_program), args.threads, spin=args.wait == "spin")
         feeds8 = {i.name: a for i, a in zip(int8.get_inputs(), float_program.example_inputs)}
         runners["onnxruntime:int8"] = lambda: int8.run(None, feeds8)
-    return runners, info
+    return runners, infos
 
 
 def bench_batch(args, batch: int) -> dict:
@@ -341,6 +413,7 @@ def bench_batch(args, batch: int) -> dict:
     out = {
         "batch": batch,
         "input_shapes": [list(a.shape) for a in program.example_inputs],
+        "input": f"{_named(args)}/test[:{batch}]" if args.data else f"random normal (seed {args.seed})",
         "macs": int(stats.macs),
         "params": int(stats.params),
         "engines": engines,
@@ -348,7 +421,8 @@ def bench_batch(args, batch: int) -> dict:
         "max_abs_diff_tvm_vs_onnxruntime": diff,
     }
     if integer is not None:
-        out["integer"] = integer
+        out["integer"] = integer[0]  # the first (and usually only) --integer pipeline
+        out["integers"] = integer
     if compare:
         dense_engines = _summaries({k[6:]: v for k, v in times.items() if k.startswith("dense:")})
         dense_macs = int(dense_program.stats().macs)
@@ -386,13 +460,16 @@ def table(result: dict) -> str:
         if b["tvm_build_seconds"] is not None:
             extra += f", TVM build {b['tvm_build_seconds']:.1f} s, max|TVM - ORT| {b['max_abs_diff_tvm_vs_onnxruntime']:.2e}"
         lines.append(extra)
-        if "integer" in b:
-            i, e = b["integer"], b["engines"]
-            text = f"  integer ({i['pipeline']}): integer-only {i['integer_only']}"
+        for i in b.get("integers", [b["integer"]] if "integer" in b else []):
+            e = b["engines"]
+            name = i.get("engine", "tvm:int")
+            text = f"  {name} ({i['pipeline']}): integer-only {i['integer_only']}"
             if "tvm_build_seconds" in i:
                 text += f", TVM build {i['tvm_build_seconds']:.1f} s, max|TVM - ORT| {i['max_abs_diff_tvm_vs_onnxruntime']:.0f}"
             lines.append(text)
-            if "tvm:int" in e and "tvm" in e:
+            if name != "tvm:int" and name in e and "tvm:int" in e:
+                lines.append(f"  {name} takes {e[name]['ratio_to_tvm:int']:.2f}x the time of tvm:int")
+            if name == "tvm:int" and "tvm:int" in e and "tvm" in e:
                 lines.append(f"  tvm:int is {e['tvm']['median_ms'] / e['tvm:int']['median_ms']:.2f}x as fast as tvm (float)"
                              + (f"; tvm:int / onnxruntime:int8 = {e['tvm:int']['ratio_to_onnxruntime:int8']:.2f}"
                                 if "ratio_to_onnxruntime:int8" in e["tvm:int"] else ""))
