@@ -1255,30 +1255,45 @@ def schedule_module(target: dict):
 # ``x @ W`` with int8/uint8 activations and constant int8 weights W [K, N] (pot-shift's
 # MatMulInteger, imported by ``lowering.MatMulIntegerAsRelaxOp``) is legalised into
 #
-#   Xu[m, k]  = x[m, k] + 128 as uint8 (uint8 x: itself), rows padded to the register tile, K to 4
-#   C[m, n]   = sum_k Xu[m, k] * Wp[n / 16, k / 4, n % 16, k % 4]        (int32)
-#   out[m, n] = C[m, n] + corr[n],  corr = -128 * sum_k W[k, n] (0 for uint8 x)
+#   Xa[m, k]  = x[m, k] + off as the instruction's activation type, rows padded to the register
+#               tile, K to 4
+#   C[m, n]   = sum_k Xa[m, k] * Wp[n / G, k / 4, n % G, k % 4]        (int32)
+#   out[m, n] = C[m, n] + corr[n],  corr = -off * sum_k W[k, n]
 #
-# with Wp (weights packed in the layout of the 16x4 dot-product intrinsic: 16 output columns by 4
-# consecutive k, 64 bytes per instruction) and corr computed at build time (FoldConstant). The
-# ``C`` block is tensorised with AVX-512 VNNI ``vpdpbusd`` (u8 x s8 -> s32, 64 MACs per
-# instruction; CPUs without VNNI keep the generic integer rule: TVM's ``dot_16x4_avx512``
-# (vpmaddubsw + vpmaddwd) saturates a pair of u8 * s8 products at 32767, so it is not exact for
-# 8-bit operands). The epilogue
-# (offset correction, bias, requantisation shift, clip, narrowing: the elementwise ops FuseOps
-# put after the product) runs per register tile while the accumulators are hot, so the int32
-# product never goes to memory.
+# with Wp (weights packed in the layout of the Gx4 dot-product intrinsic: G output columns by 4
+# consecutive k per instruction) and corr computed at build time (FoldConstant). Two intrinsics,
+# one mechanism (:func:`dot_layout` reads G and the activation type from the intrinsic's
+# description):
+#
+# - x86 with AVX-512 VNNI: ``vpdpbusd``, u8 x s8 -> s32, G = 16 (64 MACs per instruction): int8
+#   activations are shifted to uint8 (off = +128, corr = -128 sum W; uint8 ones: off = 0). CPUs
+#   without VNNI keep the generic integer rule: TVM's ``dot_16x4_avx512`` (vpmaddubsw + vpmaddwd)
+#   saturates a pair of u8 * s8 products at 32767, so it is not exact for 8-bit operands.
+# - aarch64 with the dot-product extension (``+dotprod``: Cortex-A55, A76 and later): ``sdot``,
+#   s8 x s8 -> s32, G = 4 (16 MACs per instruction, TVM's ``dot_4x4_i8i8s32_sdot``): int8
+#   activations stay as they are (off = 0); uint8 ones are shifted to int8 (off = -128,
+#   corr = +128 sum W). Cores without it (Cortex-A53, the ``arm`` target) keep the generic rule.
+#
+# The ``C`` block is tensorised with the intrinsic. The epilogue (offset correction, bias,
+# requantisation shift, clip, narrowing: the elementwise ops FuseOps put after the product) runs
+# per register tile while the accumulators are hot, so the int32 product never goes to memory.
 
-#: register tile of the integer kernel: rows x (vectors of 16 int32 columns)
+#: register tile of the integer kernel: rows x (vectors of G int32 columns, G of the intrinsic)
 INT8_ROWS, INT8_VECTORS = 4, 4
 VNNI_INTRIN = "sliver_dot_16x4_vnni"
 AVX512_INTRIN = "dot_16x4_avx512"
+#: TVM 0.27's own (``tvm.s_tir.tensor_intrin.arm_cpu``), used as registered
+SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
+#: the modules of ``tvm.s_tir.tensor_intrin`` a module imports relatively (loaded first, see below)
+_INTRIN_MODULE_DEPS = {"arm_cpu": ("dot_product_common",)}
 
 
 def _load_tvm_intrinsics(arch: str):
     """TVM's ``tvm.s_tir.tensor_intrin.<arch>`` module, loaded on its own: importing the package
     runs its CUDA intrinsics too, which took 54 s on this machine (measured); the module is
-    registered under its own name, so a later import of the package reuses it."""
+    registered under its own name, so a later import of the package reuses it. The sibling
+    modules it imports relatively (``arm_cpu`` imports ``dot_product_common``) are loaded the same
+    way first, since importing them by name would import the package."""
     import importlib.util
     import os
     import sys
@@ -1286,6 +1301,8 @@ def _load_tvm_intrinsics(arch: str):
     name = f"tvm.s_tir.tensor_intrin.{arch}"
     if name in sys.modules:
         return sys.modules[name]
+    for dep in _INTRIN_MODULE_DEPS.get(arch, ()):
+        _load_tvm_intrinsics(dep)
     path = os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin", f"{arch}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -1327,37 +1344,91 @@ def _register_vnni() -> None:
     TensorIntrin.register(VNNI_INTRIN, x86.dot_product_16x4_u8i8i32_desc, vnni_impl)
 
 
-def int8_dot_intrinsic(target: dict) -> str | None:
-    """The 16x4 u8 x s8 dot-product intrinsic for an x86 target: VNNI where the CPU has it, else
-    None. (``dot_16x4_avx512``'s vpmaddubsw saturates a pair of u8 * s8 products at 32767, so it
-    is not exact for 8-bit weights: not used.)"""
-    triple = target.get("mtriple", "")
-    if triple and not triple.startswith("x86_64"):
-        return None
+def _register_sdot() -> None:
+    """TVM 0.27's ``dot_4x4_i8i8s32_sdot`` (registered when ``arm_cpu`` is imported). Unlike the
+    VNNI one its operand types match what the linked LLVM (22) declares for
+    ``llvm.aarch64.neon.sdot.v4i32.v16i8`` (<4 x i32>, <16 x i8>, <16 x i8>), so it is used as is."""
+    _load_tvm_intrinsics("arm_cpu")
+
+
+def cpu_has_feature(target: dict, feature: str) -> bool:
+    """Whether ``target`` has the LLVM CPU feature ``feature``: named in its mattr, or (no mattr
+    entry) a feature of its mcpu as LLVM knows it."""
     mcpu = str(target.get("mcpu", ""))
     attrs = [str(a) for a in (target.get("mattr", []) or [])]
-    if "+avx512vnni" in attrs:
-        has = True
-    elif not mcpu:
-        has = False
-    else:
-        try:
-            from tvm.target import codegen
+    if f"+{feature}" in attrs:
+        return True
+    if not mcpu:
+        return False
+    query = {"kind": "llvm", "mcpu": mcpu}
+    if target.get("mtriple"):
+        query["mtriple"] = target["mtriple"]
+    try:
+        from tvm.target import codegen
 
-            has = bool(codegen.llvm_cpu_has_features(["avx512vnni"], tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
-        except Exception:
-            has = False
-    if not has:
+        return bool(codegen.llvm_cpu_has_features([feature], tvm.target.Target(query)))
+    except Exception:
+        return False
+
+
+def int8_dot_intrinsic(target: dict) -> str | None:
+    """The exact 8-bit dot-product intrinsic of a target, or None (the generic integer rule):
+
+    - x86: the 16x4 u8 x s8 VNNI one where the CPU has AVX-512 VNNI (``dot_16x4_avx512``'s
+      vpmaddubsw saturates a pair of u8 * s8 products at 32767, so it is not exact for 8-bit
+      weights: not used);
+    - aarch64: the 4x4 s8 x s8 ``sdot`` one where the CPU has the dot-product extension
+      (``+dotprod`` in mattr, or an mcpu LLVM says has it: Cortex-A55, A76, ...; not Cortex-A53).
+    """
+    triple = target.get("mtriple", "")
+    if triple.startswith("aarch64"):
+        if not cpu_has_feature(target, "dotprod"):
+            return None
+        _register_sdot()
+        return SDOT_INTRIN
+    if triple and not triple.startswith("x86_64"):
+        return None
+    if not cpu_has_feature(target, "avx512vnni"):
         return None
     _register_vnni()
     return VNNI_INTRIN
 
 
+def dot_layout(intrin: str) -> tuple[int, str]:
+    """``(G, activation dtype)`` of a registered Gx4 dot-product intrinsic, read from its
+    description (``A [4]`` activations, ``B [G, 4]`` int8 weights, ``C [G]`` int32): the packing
+    and the activation offset of the integer kernels follow it, so they always match the block
+    that is tensorised. VNNI: (16, "uint8"); sdot: (4, "int8")."""
+    from tvm.s_tir import TensorIntrin
+
+    root = TensorIntrin.get(intrin).desc.body.block  # reads C, A, B; writes C
+    c = root.writes[0].source
+    reads = [r.source for r in root.reads if not r.source.same_as(c)]
+    a = next(buf for buf in reads if len(buf.shape) == 1)
+    b = next(buf for buf in reads if len(buf.shape) == 2)
+    cols = int(b.shape[0])
+    if (len(a.shape), int(a.shape[0]), [int(d) for d in b.shape], str(b.dtype), str(c.dtype)) != (1, 4, [cols, 4], "int8", "int32") \
+            or str(a.dtype) not in ("int8", "uint8"):
+        raise ValueError(f"{intrin} is not a Gx4 8-bit dot product with int8 weights and int32 out")
+    return cols, str(a.dtype)
+
+
+def _activation_offset(src: str, act: str) -> int:
+    """What is added to ``src`` (int8/uint8) activations to make them the intrinsic's ``act`` type
+    (the same 8 bits read as the other type): +128 int8 -> uint8, -128 uint8 -> int8, else 0."""
+    if src == act:
+        return 0
+    return 128 if act == "uint8" else -128
+
+
 def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
     """``relax.matmul`` of int8/uint8 activations and constant int8 weights [K, N] with int32 out
-    -> the packed dot-product kernel described above; anything else -> ``fallback``."""
+    -> the packed dot-product kernel described above (layout and offset of ``intrin``, see
+    :func:`dot_layout`); anything else -> ``fallback``."""
     import tvm
     from tvm import te
+
+    cols, act = dot_layout(intrin) if intrin is not None else (0, "")
 
     def legalize(bb, call):
         a, b = call.args
@@ -1367,23 +1438,22 @@ def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
                 or str(call.ty.dtype) != "int32" or not _is_constant(bb, b)):
             return fallback(bb, call)
         k, n = b_shape
-        signed = str(a.ty.dtype) == "int8"
+        offset = _activation_offset(str(a.ty.dtype), act)
         kp = -(-k // 4) * 4
-        panels = -(-n // 16)
-        vectors = _divisor(panels, [INT8_VECTORS, 3, 2, 1])
+        panels = -(-n // cols)
         lead = a_shape[:-1]
         rows = int(np.prod(lead))
         rows_p = -(-rows // INT8_ROWS) * INT8_ROWS
         zero8 = tvm.tirx.const(0, "int8")
 
         def pack(w):
-            return te.compute((panels, kp // 4, 16, 4), lambda o, r, c, q: tvm.tirx.if_then_else(
-                tvm.tirx.all(o * 16 + c < n, r * 4 + q < k),
-                w[tvm.tirx.min(r * 4 + q, k - 1), tvm.tirx.min(o * 16 + c, n - 1)], zero8), name="int8_weight_pack")
+            return te.compute((panels, kp // 4, cols, 4), lambda o, r, c, q: tvm.tirx.if_then_else(
+                tvm.tirx.all(o * cols + c < n, r * 4 + q < k),
+                w[tvm.tirx.min(r * 4 + q, k - 1), tvm.tirx.min(o * cols + c, n - 1)], zero8), name="int8_weight_pack")
 
         def correction(w):
             r = te.reduce_axis((0, k), name="k")
-            return te.compute((n,), lambda j: te.sum(w[r, j].astype("int32") * (-128 if signed else 0), axis=r),
+            return te.compute((n,), lambda j: te.sum(w[r, j].astype("int32") * (-offset), axis=r),
                               name="int8_offset_correction")
 
         packed = bb.emit(bb.call_te(pack, b, primfunc_name_hint="int8_weight_pack"))
@@ -1400,13 +1470,14 @@ def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
 
             def load(m, q):
                 v = x[(*unflat(tvm.tirx.min(m, rows - 1)), tvm.tirx.min(q, k - 1))]
-                v = (v.astype("int32") + 128).astype("uint8") if signed else v
-                return tvm.tirx.if_then_else(tvm.tirx.all(m < rows, q < k), v, tvm.tirx.const(0, "uint8"))
+                v = (v.astype("int32") + offset).astype(act) if offset else v
+                return tvm.tirx.if_then_else(tvm.tirx.all(m < rows, q < k), v, tvm.tirx.const(0, act))
 
-            xu = te.compute((rows_p, kp), load, name="int8_activation_u8")
+            xa = te.compute((rows_p, kp), load, name="int8_activation")
             r = te.reduce_axis((0, kp), name="k")
-            acc = te.compute((rows_p, panels * 16), lambda m, j: te.sum(
-                xu[m, r].astype("int32") * wp[j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r), name="int8_dot")
+            acc = te.compute((rows_p, panels * cols), lambda m, j: te.sum(
+                xa[m, r].astype("int32") * wp[j // cols, r // 4, j % cols, r % 4].astype("int32"), axis=r),
+                name="int8_dot")
 
             def out(*idx):
                 m = None
@@ -1472,7 +1543,9 @@ def _flat_int8_epilogue(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 
 def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
-    """Register-tile and tensorise the ``int8_dot`` block; the epilogue per tile (see above)."""
+    """Register-tile (``INT8_ROWS`` rows x up to ``INT8_VECTORS`` groups of the intrinsic's G
+    columns) and tensorise the ``int8_dot`` block; the epilogue per tile (see above)."""
+    cols = dot_layout(intrin)[0]
     root = sch.get_sblock("root")
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     pos = names.index("int8_dot")
@@ -1480,10 +1553,9 @@ def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
         sch.compute_inline(sch.get_sblock(name))
     last = sch.get_sblock(names[-1]) if pos + 1 < len(names) else None
     i, j, k = sch.get_loops(main)
-    cols = _extent(sch, j)
-    vectors = _divisor(cols // 16, [INT8_VECTORS, 3, 2, 1])
+    vectors = _divisor(_extent(sch, j) // cols, [INT8_VECTORS, 3, 2, 1])
     io, ii = sch.split(i, [None, INT8_ROWS])
-    jo, jv, ji = sch.split(j, [None, vectors, 16])
+    jo, jv, ji = sch.split(j, [None, vectors, cols])
     ko, ki = sch.split(k, [None, 4])
     sch.reorder(jo, io, ko, ii, jv, ji, ki)
     outer = sch.fuse(jo, io)
@@ -1499,8 +1571,8 @@ def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
     init = sch.decompose_reduction(main, ko)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ji, intrin)
-    xu = sch.get_sblock("int8_activation_u8")
-    xl = sch.get_loops(xu)
+    xa = sch.get_sblock("int8_activation")
+    xl = sch.get_loops(xa)
     if (_extent(sch, xl[-1]) or 0) % 16 == 0:
         _, v = sch.split(xl[-1], [None, 16])
         sch.vectorize(v)
@@ -1508,16 +1580,20 @@ def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
 
 def int8_conv2d_legalizer(params: CpuParams, intrin: str | None, fallback):
     """``relax.nn.conv2d`` (groups 1, HWIO weights, NHWC out) of int8/uint8 data and constant int8
-    weights with int32 out -> the dot-product kernel as an implicit GEMM:
+    weights with int32 out -> the dot-product kernel as an implicit GEMM (G, activation type and
+    offset of ``intrin`` as for the matmul):
 
-        Xu[n, y, x, c]  = data + 128 as uint8, spatially padded with 128 (the signed 0: every
-                          window then carries the same offset) and channels padded to 4
-        C[n, oy, ox, f] = sum_{ry, rx, rc} Xu[n, oy s + ry d, ox s + rx d, rc] * Wp[f/16, ry, rx, rc/4, f%16, rc%4]
-        out             = C + corr[f],  corr = -128 * sum W[:, :, :, f]   (0 for uint8 data)
+        Xa[n, y, x, c]  = data + off as the activation type, spatially padded with off (the
+                          original 0: every window then carries the same offset; VNNI on int8
+                          data: 128, sdot on uint8 data: -128) and channels padded to 4
+        C[n, oy, ox, f] = sum_{ry, rx, rc} Xa[n, oy s + ry d, ox s + rx d, rc] * Wp[f/G, ry, rx, rc/4, f%G, rc%4]
+        out             = C + corr[f],  corr = -off * sum W[:, :, :, f]
 
     the weights packed and the correction computed at build time; anything else -> ``fallback``."""
     import tvm
     from tvm import te
+
+    cols, act = dot_layout(intrin) if intrin is not None else (0, "")
 
     def legalize(bb, call):
         attrs = call.attrs
@@ -1533,8 +1609,8 @@ def int8_conv2d_legalizer(params: CpuParams, intrin: str | None, fallback):
         kh, kw, ic, oc = wshape
         nchw = attrs.data_layout == "NCHW"
         n, h, w = (dshape[0], dshape[2], dshape[3]) if nchw else dshape[:3]
-        signed = str(data.ty.dtype) == "int8"
-        icp, panels = -(-ic // 4) * 4, -(-oc // 16)
+        offset = _activation_offset(str(data.ty.dtype), act)
+        icp, panels = -(-ic // 4) * 4, -(-oc // cols)
         strides = [int(s) for s in attrs.strides]
         dil = [int(d) for d in attrs.dilation]
         top, left, bottom, right = [int(p) for p in attrs.padding]
@@ -1543,18 +1619,19 @@ def int8_conv2d_legalizer(params: CpuParams, intrin: str | None, fallback):
         zero8 = tvm.tirx.const(0, "int8")
 
         def pack(wt):
-            return te.compute((panels, kh, kw, icp // 4, 16, 4), lambda o, y, x, r, c, q: tvm.tirx.if_then_else(
-                tvm.tirx.all(o * 16 + c < oc, r * 4 + q < ic),
-                wt[y, x, tvm.tirx.min(r * 4 + q, ic - 1), tvm.tirx.min(o * 16 + c, oc - 1)], zero8), name="int8_weight_pack")
+            return te.compute((panels, kh, kw, icp // 4, cols, 4), lambda o, y, x, r, c, q: tvm.tirx.if_then_else(
+                tvm.tirx.all(o * cols + c < oc, r * 4 + q < ic),
+                wt[y, x, tvm.tirx.min(r * 4 + q, ic - 1), tvm.tirx.min(o * cols + c, oc - 1)], zero8),
+                name="int8_weight_pack")
 
         def correction(wt):
             ry, rx, rc = (te.reduce_axis((0, e), name=nm) for e, nm in ((kh, "ry"), (kw, "rx"), (ic, "rc")))
-            return te.compute((oc,), lambda f: te.sum(wt[ry, rx, rc, f].astype("int32") * (-128 if signed else 0),
+            return te.compute((oc,), lambda f: te.sum(wt[ry, rx, rc, f].astype("int32") * (-offset),
                                                       axis=[ry, rx, rc]), name="int8_offset_correction")
 
         packed = bb.emit(bb.call_te(pack, weight, primfunc_name_hint="int8_weight_pack"))
         corr = bb.emit(bb.call_te(correction, weight, primfunc_name_hint="int8_offset_correction"))
-        pad_value = tvm.tirx.const(128 if signed else 0, "uint8")
+        pad_value = tvm.tirx.const(offset, act)
 
         def conv(x, wp, cr):
             def load(b, y, x_, c):
@@ -1562,14 +1639,14 @@ def int8_conv2d_legalizer(params: CpuParams, intrin: str | None, fallback):
                 inside = tvm.tirx.all(yy >= 0, yy < h, xx >= 0, xx < w, c < ic)
                 yc, xc, cc = (tvm.tirx.max(tvm.tirx.min(v, e - 1), 0) for v, e in ((yy, h), (xx, w), (c, ic)))
                 v = x[b, cc, yc, xc] if nchw else x[b, yc, xc, cc]
-                v = (v.astype("int32") + 128).astype("uint8") if signed else v
-                return tvm.tirx.if_then_else(inside, v, tvm.tirx.if_then_else(c < ic, pad_value, tvm.tirx.const(0, "uint8")))
+                v = (v.astype("int32") + offset).astype(act) if offset else v
+                return tvm.tirx.if_then_else(inside, v, tvm.tirx.if_then_else(c < ic, pad_value, tvm.tirx.const(0, act)))
 
-            xu = te.compute((n, h + top + bottom, w + left + right, icp), load, name="int8_activation_u8")
+            xa = te.compute((n, h + top + bottom, w + left + right, icp), load, name="int8_activation")
             ry, rx, rc = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx"), te.reduce_axis((0, icp), name="rc")
-            acc = te.compute((n, oh, ow, panels * 16), lambda b, y, x_, f: te.sum(
-                xu[b, y * strides[0] + ry * dil[0], x_ * strides[1] + rx * dil[1], rc].astype("int32")
-                * wp[f // 16, ry, rx, rc // 4, f % 16, rc % 4].astype("int32"), axis=[ry, rx, rc]), name="int8_conv")
+            acc = te.compute((n, oh, ow, panels * cols), lambda b, y, x_, f: te.sum(
+                xa[b, y * strides[0] + ry * dil[0], x_ * strides[1] + rx * dil[1], rc].astype("int32")
+                * wp[f // cols, ry, rx, rc // 4, f % cols, rc % 4].astype("int32"), axis=[ry, rx, rc]), name="int8_conv")
             return te.compute((n, oh, ow, oc), lambda b, y, x_, f: acc[b, y, x_, f] + cr[f], name="int8_conv_out")
 
         return bb.call_te(conv, data, packed, corr, primfunc_name_hint="int8_conv2d")
@@ -1578,8 +1655,9 @@ def int8_conv2d_legalizer(params: CpuParams, intrin: str | None, fallback):
 
 
 def _schedule_int8_conv(sch, main, params: CpuParams, intrin: str) -> None:
-    """Register-tile (output pixels of a row x vectors of 16 channels) and tensorise ``int8_conv``;
-    the epilogue per tile, as for the integer matmul."""
+    """Register-tile (output pixels of a row x groups of the intrinsic's G channels) and tensorise
+    ``int8_conv``; the epilogue per tile, as for the integer matmul."""
+    cols = dot_layout(intrin)[0]
     root = sch.get_sblock("root")
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     pos = names.index("int8_conv")
@@ -1588,9 +1666,9 @@ def _schedule_int8_conv(sch, main, params: CpuParams, intrin: str) -> None:
     last = sch.get_sblock(names[-1]) if pos + 1 < len(names) else None
     b, y, x, f, ry, rx, rc = sch.get_loops(main)
     rows = _divisor(_extent(sch, x), [4, 7, 2, 1])
-    vectors = _divisor(_extent(sch, f) // 16, [INT8_VECTORS, 3, 2, 1])
+    vectors = _divisor(_extent(sch, f) // cols, [INT8_VECTORS, 3, 2, 1])
     xo, xi = sch.split(x, [None, rows])
-    fo, fv, fi = sch.split(f, [None, vectors, 16])
+    fo, fv, fi = sch.split(f, [None, vectors, cols])
     rco, rci = sch.split(rc, [None, 4])
     sch.reorder(b, fo, y, xo, ry, rx, rco, xi, fv, fi, rci)
     outer = sch.fuse(b, fo, y, xo)
@@ -1605,7 +1683,7 @@ def _schedule_int8_conv(sch, main, params: CpuParams, intrin: str) -> None:
     init = sch.decompose_reduction(main, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(fi, intrin)
-    xu = sch.get_sblock("int8_activation_u8")
-    xl = sch.get_loops(xu)
+    xa = sch.get_sblock("int8_activation")
+    xl = sch.get_loops(xa)
     if params.threads > 1:
         sch.parallel(xl[1])

@@ -5,6 +5,9 @@ Targets are given by name or in TVM's dict form (TVM 0.27 accepts only that):
 - ``"x86"``: the host CPU, with its LLVM CPU name detected (``"mcpu": "native"`` would silently
   fall back to a generic CPU in TVM 0.27, so the name is asked from LLVM and written out);
 - ``"arm"``: 64-bit ARM Linux with NEON (``aarch64-linux-gnu``, Cortex-A53 baseline);
+- ``"arm-dotprod"`` (also ``"aarch64-dotprod"``): the same with the dot-product extension
+  (Cortex-A55, ``+dotprod``): integer matmuls and convolutions run on ``sdot``
+  (:func:`sliver.backends.schedules.int8_dot_intrinsic`);
 - a dict such as ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}``.
 
 An :class:`Artifact` is the compiled module plus what is needed to call it (input names, shapes,
@@ -35,6 +38,14 @@ ARM_TARGET = {
     "mcpu": "cortex-a53",
     "mattr": ["+neon"],
 }
+#: aarch64 with the dot-product extension (ARMv8.2 ``sdot``/``udot``): Cortex-A55, the in-order
+#: successor of the A53 (Cortex-A76 and later cores have it too)
+ARM_DOTPROD_TARGET = {
+    "kind": "llvm",
+    "mtriple": "aarch64-linux-gnu",
+    "mcpu": "cortex-a55",
+    "mattr": ["+neon", "+dotprod"],
+}
 
 
 def host_target() -> dict:
@@ -52,14 +63,16 @@ def host_target() -> dict:
 
 
 def resolve_target(target) -> dict:
-    """A target name (``x86``, ``arm``) or dict -> a TVM target dict."""
+    """A target name (``x86``, ``arm``, ``arm-dotprod``; ``host``, ``aarch64``,
+    ``aarch64-dotprod`` as aliases) or dict -> a TVM target dict."""
     if isinstance(target, dict):
         if target.get("kind") != "llvm":
             raise BackendError(f"sliver builds CPU code: the target kind must be 'llvm', got {target.get('kind')!r}")
         return dict(target)
-    names = {"x86": host_target, "host": host_target, "arm": lambda: dict(ARM_TARGET), "aarch64": lambda: dict(ARM_TARGET)}
+    names = {"x86": host_target, "host": host_target, "arm": lambda: dict(ARM_TARGET), "aarch64": lambda: dict(ARM_TARGET),
+             "arm-dotprod": lambda: dict(ARM_DOTPROD_TARGET), "aarch64-dotprod": lambda: dict(ARM_DOTPROD_TARGET)}
     if target not in names:
-        raise BackendError(f"unknown target {target!r}; use x86, arm, or a TVM target dict")
+        raise BackendError(f"unknown target {target!r}; use x86, arm, arm-dotprod (aarch64 with sdot), or a TVM target dict")
     return names[target]()
 
 
@@ -632,13 +645,19 @@ def arm_runtime(directory: str | os.PathLike = ARM_RUNTIME_DIR, fetch: bool = Tr
 
 
 def run_with_qemu(artifact_dir: str | os.PathLike, inputs: Sequence, runtime_dir: str | os.PathLike = ARM_RUNTIME_DIR,
-                  timeout: float = 600) -> list:
+                  timeout: float = 600, cpu: str | None = None) -> list:
     """Run an aarch64 artifact (``model.so`` + ``model.json``) under qemu-user on this machine.
 
     For correctness only (qemu timings mean nothing). Uses the runtime of :func:`arm_runtime`
     (built on first use); one float32 input, returns the first output as a numpy array in a list.
+    ``cpu`` is the CPU qemu emulates (``-cpu``). By default: ``max`` (every extension qemu
+    emulates) for a target with the dot-product extension (``arm-dotprod``), so that its ``sdot``
+    instructions do not depend on qemu's default CPU (qemu-user 7.2's default ran them here; with
+    ``-cpu cortex-a53`` they stop the run as illegal instructions); qemu's default otherwise.
     """
     import subprocess
+
+    from .schedules import cpu_has_feature
 
     artifact_dir = os.path.abspath(os.fspath(artifact_dir))
     desc = verify(artifact_dir)
@@ -649,13 +668,16 @@ def run_with_qemu(artifact_dir: str | os.PathLike, inputs: Sequence, runtime_dir
     if list(x.shape) != list(specs[0]["shape"]):
         raise BackendError(f"input must have shape {tuple(specs[0]['shape'])}, got {tuple(x.shape)}")
     runtime = arm_runtime(runtime_dir)
+    if cpu is None and cpu_has_feature(desc.get("target", {}), "dotprod"):
+        cpu = "max"
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "input.bin"), os.path.join(tmp, "output.bin")
         x.tofile(src)
         env = dict(os.environ, QEMU_LD_PREFIX=_ARM_SYSROOT, LD_LIBRARY_PATH=runtime["lib"])
-        cmd = ["qemu-aarch64-static", runtime["runner"], os.path.join(artifact_dir, "model.so"), src,
-               ",".join(str(d) for d in x.shape), dst]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        cmd = ["qemu-aarch64-static", *(["-cpu", cpu] if cpu else []), runtime["runner"],
+               os.path.join(artifact_dir, "model.so"), src, ",".join(str(d) for d in x.shape), dst]
+        # (in the temporary directory: a crash's core file, if any, goes there)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp)
         if proc.returncode != 0:
             raise BackendError(f"the aarch64 artifact failed under qemu: {(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1]}")
         shape_line = [line for line in proc.stdout.splitlines() if line.startswith("output shape")]

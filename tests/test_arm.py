@@ -1,4 +1,5 @@
-"""The aarch64 target: the artifact's architecture and symbols, and a run under qemu-user.
+"""The aarch64 targets: the artifact's architecture and symbols, and a run under qemu-user; on
+arm-dotprod, an integer program's matmuls and convolutions on sdot, bit-exact with ONNX Runtime.
 
 The static checks need only the cross compiler (to link the .so); the run needs qemu-user and
 the aarch64 TVM runtime, which ``make setup-arm`` installs (apt-get + pip download). Both skip,
@@ -10,6 +11,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -22,6 +24,9 @@ needs_cross = pytest.mark.skipif(
     reason="aarch64-linux-gnu-g++ missing: run `make setup-arm` (apt-get install g++-aarch64-linux-gnu)",
 )
 needs_qemu = pytest.mark.skipif(bool(MISSING), reason=f"missing {', '.join(MISSING)}: run `make setup-arm`")
+OBJDUMP = "aarch64-linux-gnu-objdump"
+needs_objdump = pytest.mark.skipif(shutil.which(OBJDUMP) is None,
+                                   reason=f"{OBJDUMP} missing: run `make setup-arm` (binutils-aarch64-linux-gnu)")
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +85,100 @@ def test_inspect_library_rejects_non_elf(tmp_path):
     path.write_bytes(b"not a library")
     with pytest.raises(ir.errors.BackendError, match="not an ELF shared library"):
         tvm_backend.inspect_library(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# arm-dotprod: integer matmuls and convolutions on sdot (issue #18)
+
+
+def test_dot_product_intrinsic_by_target():
+    """sdot where the aarch64 CPU has the dot-product extension (named in mattr, or a core LLVM
+    knows has it), nothing on the Cortex-A53 baseline; the packing follows the intrinsic."""
+    from sliver.backends import schedules
+
+    resolve = tvm_backend.resolve_target
+    assert resolve("arm-dotprod") == resolve("aarch64-dotprod")
+    assert resolve("arm-dotprod")["mattr"] == ["+neon", "+dotprod"]
+    assert schedules.int8_dot_intrinsic(resolve("arm-dotprod")) == schedules.SDOT_INTRIN == "dot_4x4_i8i8s32_sdot"
+    assert schedules.int8_dot_intrinsic(resolve("arm")) is None
+    arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+    assert schedules.int8_dot_intrinsic({**arm, "mcpu": "cortex-a76"}) == schedules.SDOT_INTRIN
+    assert schedules.int8_dot_intrinsic({**arm, "mcpu": "cortex-a72"}) is None
+    # 4 output columns x 4 k per sdot, s8 activations; 16 x 4 per vpdpbusd, u8 activations
+    assert schedules.dot_layout(schedules.SDOT_INTRIN) == (4, "int8")
+    schedules._register_vnni()
+    assert schedules.dot_layout(schedules.VNNI_INTRIN) == (16, "uint8")
+    with pytest.raises(ir.errors.BackendError, match="arm-dotprod"):
+        resolve("armv9")
+
+
+@pytest.fixture(scope="module")
+def arm_integer_resnet(tmp_path_factory):
+    """An untrained tiny ResNet through pot-naive W8A8 and pot-shift (integer-only: int8 stem
+    input, uint8 activations after ReLU, a MatMulInteger classifier), built for arm-dotprod and
+    for arm (Cortex-A53)."""
+    from sliver import models, passes
+    from sliver.models import data
+
+    torch.manual_seed(0)
+    net = models.create("tiny_resnet").eval()
+    x = torch.randn(8, *models.input_shape("tiny_resnet")[1:])
+    prog = ir.trace(net, x[:1], name="tiny_resnet")
+    ref = passes.parse("pot-naive{wbits=8 abits=8 calib_images=8}").run(
+        prog, data=data.ImageSet("random", "images", x), check=False).program
+    integer = passes.parse("pot-shift").run(ref, check=False).program
+    out = tmp_path_factory.mktemp("arm_integer")
+    dirs = {}
+    for target in ("arm-dotprod", "arm"):
+        backends.tvm.build(integer, target=target).save(out / target)
+        dirs[target] = out / target
+    return integer, dirs
+
+
+@needs_cross
+@needs_qemu
+def test_arm_dotprod_integer_artifact_is_bit_exact_with_onnxruntime_under_qemu(arm_integer_resnet):
+    integer, dirs = arm_integer_resnet
+    assert "integer-only" in integer.facts
+    types = ir.onnx_level.value_types(integer.module)
+    ops = [(n.op_type, types[n.input[0]][0]) for n in integer.module.graph.node if n.op_type.endswith("Integer")]
+    # both activation types on the convolution (int8: no offset; uint8: -128 and +128 sum W), and the matmul
+    assert ("ConvInteger", onnx.TensorProto.INT8) in ops and ("ConvInteger", onnx.TensorProto.UINT8) in ops
+    assert ("MatMulInteger", onnx.TensorProto.UINT8) in ops and len(ops) == 13
+    rng = np.random.default_rng(12)
+    for scale in (1.0, 4.0):  # 4: many activations saturate at the 8-bit extremes
+        x = (scale * rng.standard_normal(integer.input_shapes[0])).astype(np.float32)
+        want = integer.run([x])[0]
+        assert len(np.unique(want)) > 3  # a real output, not a constant
+        assert np.array_equal(tvm_backend.run_with_qemu(dirs["arm-dotprod"], [x])[0], want)
+        assert np.array_equal(tvm_backend.run_with_qemu(dirs["arm"], [x])[0], want)
+    # the sdot instructions are what runs: a CPU without the dot-product extension stops on them
+    with pytest.raises(ir.errors.BackendError, match="Illegal instruction"):
+        tvm_backend.run_with_qemu(dirs["arm-dotprod"], [x], cpu="cortex-a53")
+
+
+def _sdot_per_function(library) -> dict:
+    import subprocess
+
+    text = subprocess.run([OBJDUMP, "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    counts, function = {}, None
+    for line in text.splitlines():
+        if line.endswith(">:") and " <" in line:
+            function = line.split(" <", 1)[1][:-2]
+        elif "\tsdot\t" in line:
+            counts[function] = counts.get(function, 0) + 1
+    return counts
+
+
+@needs_cross
+@needs_objdump
+def test_arm_dotprod_library_has_sdot_in_every_integer_kernel_and_the_a53_one_none(arm_integer_resnet):
+    _, dirs = arm_integer_resnet
+    counts = _sdot_per_function(dirs["arm-dotprod"] / "model.so")
+    kernels = {f for f in counts if f.startswith(("fused_int8_conv2d", "fused_int8_matmul"))}
+    assert set(counts) == kernels  # sdot only in the integer kernels...
+    assert sum(f.startswith("fused_int8_conv2d") for f in kernels) == 12  # ...and in each of them
+    assert sum(f.startswith("fused_int8_matmul") for f in kernels) == 1
+    # a register tile of 4 pixels x 4 groups of 4 channels: 16 sdot per convolution
+    assert all(counts[f] >= 16 for f in kernels)
+    assert _sdot_per_function(dirs["arm"] / "model.so") == {}

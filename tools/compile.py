@@ -75,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         "--target",
         default="x86",
         help="x86: a TVM artifact for the host CPU (default); arm: a TVM artifact for aarch64 Linux "
-        "with NEON (needs aarch64-linux-gnu-g++); fpga: a cycle-level cost report on --accel; "
-        "x86,fpga (or arm,fpga): both for the same program",
+        "with NEON (Cortex-A53; needs aarch64-linux-gnu-g++); arm-dotprod: the same for cores with the "
+        "dot-product extension (Cortex-A55, +dotprod: integer matmuls/convolutions on sdot); fpga: a "
+        "cycle-level cost report on --accel; x86,fpga (or arm,fpga): both for the same program",
     )
     p.add_argument("--accel", default="zcu102", help="FPGA accelerator preset for --target fpga (default: zcu102)")
     p.add_argument("--bits", type=int, default=8, help="bit width of float values on the FPGA model (default: 8)")
@@ -504,17 +505,18 @@ def _check_data_fits(program, data, outputs) -> None:
             datasets.check_fits(data[split], program.input_shapes[0], classes)
 
 
-TARGETS = ("x86", "arm", "fpga")
+TARGETS = ("x86", "arm", "arm-dotprod", "fpga")
 
 
 def parse_targets(text: str) -> list:
-    """``--target``: one of x86, arm, fpga, or a CPU target and fpga joined by a comma."""
+    """``--target``: one of x86, arm, arm-dotprod, fpga, or a CPU target and fpga joined by a comma."""
     from sliver.ir.errors import ModelInputError
 
     targets = [t.strip() for t in text.split(",")]
     if any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets) or \
             sum(t != "fpga" for t in targets) > 1:
-        raise ModelInputError(f"--target {text!r}: give x86, arm or fpga, or one of x86/arm with fpga (x86,fpga)")
+        raise ModelInputError(f"--target {text!r}: give x86, arm, arm-dotprod or fpga, or one of x86/arm with fpga "
+                              "(x86,fpga; arm-dotprod,fpga too)")
     return targets
 
 
