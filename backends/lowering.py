@@ -270,17 +270,96 @@ def build_importers():
 # sliver.AppMatMul (issue #8, FAMES approximate multipliers; keep this block together)
 
 
+#: the relative cost of one int32 multiply-accumulate against one int8 one on the dot-product
+#: kernels (a VNNI ``vpdpbusd`` does 64 int8 products; int32 ``vpmulld`` + add do 16, slower)
+INT32_MAC_COST = 4
+
+
+def app_matmul_plan(w, factors, bits: int) -> dict | None:
+    """How :func:`lower_app_matmul` computes ``sum_k LUT[A[., k], W[k, n]]`` for constant ``W``
+    from the bit factors ``C`` of the table (:func:`ir.opdefs.app_matmul_bit_factors`), as one
+    matmul ``[A, pieces of A] @ [W; weight pieces] + bias``; None when no plan fits int32.
+
+    With ``D = C - C_exact`` and ``x(v) = [bits of v, 1]``, the multiplier's error on one product
+    is ``x(a)^T D x(w)``. It is split along one operand:
+
+    - **activation bits**: ``sum_{i in R_a} bit_i(A) @ E_i`` with ``E_i = sum_j D[i, j] x_j(W)``,
+      ``R_a`` the activation bits whose row of ``D`` is used (a truncated multiplier: its low bits);
+    - **weight bits**: ``sum_{j in R_w} F_j(A) @ bit_j(W)`` with ``F_j(a) = sum_{i<b} D[i, j] a_i``
+      (elementwise), plus ``G(A) @ 1`` for the activation-only terms ``G(a) = sum_i D[i, b] a_i``.
+      A piece whose ``F`` is affine in ``a`` (``alpha a + beta`` over the whole operand range) needs
+      no product of its own: ``alpha bit_j(W)`` is added to ``W`` and ``beta sum_k bit_j(W)`` to the
+      bias. A perforated multiplier drops the partial products of one or two weight bits, i.e. it
+      multiplies by ``W`` with those bits changed: it costs what the exact product costs.
+
+    The constant terms go into ``bias``. Each side is stored in int8 when every value of it fits
+    (the weights or ``E_i``, the pieces over the whole operand range), so the matmul runs on the
+    dot-product kernels; otherwise in int32. The plan with the lower cost is taken: (1 + pieces)
+    x (``INT32_MAC_COST`` for int32, 1 for int8), the activation side on a tie. Returns
+    ``{"side", "dtype", "pieces": [(kind, payload)], "weights" (K (1 + pieces), N) int64,
+    "bias" (N,) int64}``, ``kind`` "bit" (payload: the bit ``i``) or "sum" (payload: the
+    coefficients ``c`` of ``sum_i c[i] a_i``)."""
+    from ..ir import opdefs
+
+    wv = np.asarray(w, dtype=np.int64)
+    side = 1 << bits
+    d = np.asarray(factors, dtype=np.int64) - opdefs.app_matmul_exact_factors(bits)
+    xw = np.concatenate([((wv % side)[..., None] >> np.arange(bits)) & 1, np.ones(wv.shape + (1,), np.int64)], axis=-1)
+    grid = np.arange(-side // 2, side // 2, dtype=np.int64)
+    xa = ((grid % side)[:, None] >> np.arange(bits)) & 1  # (S, b): the activation bits over the operand range
+
+    def fits8(arrays) -> bool:
+        return all(a.size == 0 or (a.min() >= -128 and a.max() <= 127) for a in arrays)
+
+    plans = []
+    # activation bits
+    per_bit = np.einsum("knj,ij->ikn", xw, d)  # (b+1, K, N): E_i, the last one for the constant bit
+    rows = [i for i in range(bits) if per_bit[i].any()]
+    weights = [wv] + [per_bit[i] for i in rows]
+    plans.append({"side": "activation", "pieces": [("bit", i) for i in rows], "weights": weights,
+                  "bias": per_bit[bits].sum(axis=0), "int8": fits8(weights)})
+    # weight bits
+    cols = [j for j in range(bits) if d[:bits, j].any() and xw[..., j].any()]
+    candidates = [(d[:bits, j], xw[..., j]) for j in cols]
+    if d[:bits, bits].any():
+        candidates.append((d[:bits, bits], np.ones_like(wv)))
+    exact_w, bias = wv.copy(), (xw @ d[bits]).sum(axis=0)
+    pieces, weights, values = [], [], []
+    for c, u in candidates:
+        f = xa @ c  # F over the operand range
+        alpha = (f[-1] - f[0]) // (grid[-1] - grid[0])
+        beta = f[0] - alpha * grid[0]
+        if np.array_equal(f, alpha * grid + beta):  # affine in a: folded into the weights and bias
+            exact_w += alpha * u
+            bias = bias + beta * u.sum(axis=0)
+        else:
+            pieces.append(("sum", c))
+            weights.append(u)
+            values.append(f)
+    plans.append({"side": "weight", "pieces": pieces, "weights": [exact_w] + weights, "bias": bias,
+                  "int8": fits8(values + [exact_w])})
+    best = None
+    for plan in plans:
+        stacked = np.concatenate(plan.pop("weights"), axis=0)
+        if np.abs(stacked).max(initial=0) >= 1 << 31 or np.abs(plan["bias"]).max(initial=0) >= 1 << 31:
+            continue
+        plan["weights"], plan["dtype"] = stacked, "int8" if plan.pop("int8") else "int32"
+        plan["cost"] = (1 + len(plan["pieces"])) * (1 if plan["dtype"] == "int8" else INT32_MAC_COST)
+        if best is None or plan["cost"] < best["cost"]:
+            best = plan
+    return best
+
+
 @register("AppMatMul")
 def lower_app_matmul(bb, inputs, attrs):
-    """``sliver.AppMatMul`` as ordinary int32 matmuls (a per-product gather does not vectorise).
+    """``sliver.AppMatMul`` as ordinary integer matmuls (a per-product gather does not vectorise).
 
     Weights constant (a layer's), table bilinear in the operand bits (every multiplier of the
     library but the logarithmic ones, :func:`ir.opdefs.app_matmul_bit_factors`): the exact
-    product plus the multiplier's error, ``Y = A @ W + sum_{i in R} bit_i(A) @ E_i + e``, where
-    ``E_i = sum_j (C - C_exact)[i, j] x_j(W)`` and ``e`` (the rows of the constant bit) are folded
-    at build time, and ``R`` are the operand bits whose partial products the multiplier changes
-    (a truncated multiplier: its low bits only). One matmul over ``K (1 + |R|)``: the cost of an
-    exact integer matmul plus ``|R|`` narrow ones, against ``K * S`` for the table decomposition.
+    product plus the multiplier's error, split along the activation bits or the weight bits
+    (:func:`app_matmul_plan`), as one matmul ``[A, pieces of A] @ [W; weight pieces] + bias`` over
+    ``K (1 + pieces)``, in int8 (the dot-product kernels of ``backends.schedules``) when every
+    operand fits, against ``K * S`` for the table decomposition.
 
     Otherwise (a logarithmic multiplier, or weights computed in the graph): the table
     decomposition ``sum_v f_v(A) @ 1[W == v]``. ``F = take(LUT[:, cols], A mod S)`` stacks the
@@ -289,7 +368,6 @@ def lower_app_matmul(bb, inputs, attrs):
     (..., K * |cols|) times the masks reshaped to (K * |cols|, N) is the accumulator.
 
     Both are bit-exact against ``ir.opdefs.app_matmul_reference`` (integers throughout)."""
-    import numpy as np
     import tvm
     from tvm import relax
 
@@ -303,28 +381,30 @@ def lower_app_matmul(bb, inputs, attrs):
     factors = None
     if constant_w and isinstance(lut, tvm.ir.expr.Constant):
         factors = opdefs.app_matmul_bit_factors(lut.value.numpy())
-    if factors is not None:
-        b = side.bit_length() - 1
-        wv = w.value.numpy().astype(np.int64) % side
-        xw = np.concatenate([(wv[..., None] >> np.arange(b)) & 1, np.ones(wv.shape + (1,), np.int64)], axis=-1)
-        error = factors - opdefs.app_matmul_exact_factors(b)
-        per_bit = np.einsum("knj,ij->ikn", xw, error)  # (b+1, K, N): E_i, the last one for the constant bit
-        bias = per_bit[b].sum(axis=0)
-        rows = [i for i in range(b) if per_bit[i].any()]
+    plan = None if factors is None else app_matmul_plan(w.value.numpy(), factors, side.bit_length() - 1)
+    if plan is not None:
+        dtype = plan["dtype"]
         a32 = relax.op.astype(a, "int32")
-        parts, weights = [a32], [w.value.numpy().astype(np.int64)]
-        for i in rows:
-            parts.append(relax.op.bitwise_and(relax.op.right_shift(a32, relax.const(i, "int32")), relax.const(1, "int32")))
-            weights.append(per_bit[i])
-        stacked = np.concatenate(weights, axis=0)
-        if np.abs(stacked).max(initial=0) >= 1 << 31 or np.abs(bias).max(initial=0) >= 1 << 31:
-            factors = None  # error terms too wide for int32: the table form below
-        else:
-            x = parts[0] if len(parts) == 1 else relax.op.concat(parts, axis=-1)
-            y = relax.op.matmul(x, relax.const(stacked.astype(np.int32), "int32"), out_dtype="int32")
-            if bias.any():
-                y = relax.op.add(y, relax.const(bias.astype(np.int32), "int32"))
-            return y
+
+        def bit(i):
+            return relax.op.bitwise_and(relax.op.right_shift(a32, relax.const(i, "int32")), relax.const(1, "int32"))
+
+        parts = [relax.op.astype(a, dtype)]
+        for kind, payload in plan["pieces"]:
+            if kind == "bit":
+                piece = bit(payload)
+            else:  # sum_i c[i] a_i
+                piece = None
+                for i, c in enumerate(payload):
+                    if c:
+                        term = relax.op.multiply(bit(i), relax.const(int(c), "int32"))
+                        piece = term if piece is None else relax.op.add(piece, term)
+            parts.append(relax.op.astype(piece, dtype))
+        x = parts[0] if len(parts) == 1 else relax.op.concat(parts, axis=-1)
+        y = relax.op.matmul(x, relax.const(plan["weights"].astype(dtype), dtype), out_dtype="int32")
+        if plan["bias"].any():
+            y = relax.op.add(y, relax.const(plan["bias"].astype(np.int32), "int32"))
+        return y
     table = relax.op.astype(lut, "int32")
     index = relax.op.bitwise_and(relax.op.astype(a, "int64"), relax.const(side - 1, "int64"))
     if constant_w:

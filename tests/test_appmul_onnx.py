@@ -206,7 +206,53 @@ def test_every_array_multiplier_table_is_bilinear_in_the_operand_bits():
     assert seen[True] > 100 and seen[False] > 10
 
 
-@pytest.mark.parametrize("name", ["s8_truncated_k6", "s8_broken_h2_v7", "s7_log_t4"])
+def test_lowering_plans_reproduce_every_bilinear_table_and_take_the_cheaper_side():
+    """``backends.lowering.app_matmul_plan``, evaluated in numpy as the TVM lowering evaluates it
+    (``[A, pieces of A] @ weights + bias``), equals the op's reference for every bilinear multiplier
+    of the library over the whole operand range; a perforated multiplier costs what the exact
+    product costs (its pieces fold into the weights), a truncated one keeps its low activation
+    bits, and int8 storage is used exactly when the operands fit it."""
+    from sliver.backends.lowering import app_matmul_plan
+
+    lib = L.load()
+    rng = np.random.default_rng(3)
+    checked = 0
+    for m in lib:
+        if not m.signed:
+            continue
+        side = 1 << m.bits
+        lo = -side // 2
+        order = (np.arange(side) + side // 2) % side - side // 2 - m.low
+        lut = m.table[order][:, order]
+        factors = opdefs.app_matmul_bit_factors(lut)
+        if factors is None:
+            continue
+        a = np.arange(lo, -lo, dtype=np.int64)[None, :].repeat(3, axis=0)  # every operand value
+        a = np.concatenate([a, rng.integers(lo, -lo, (3, side))], axis=0)
+        w = rng.integers(lo, -lo, (side, 5))
+        w[:, 0] = np.arange(lo, -lo)
+        plan = app_matmul_plan(w, factors, m.bits)
+        assert plan is not None, m.name
+        parts = [a]
+        for kind, payload in plan["pieces"]:
+            bits = (a[..., None] % side >> np.arange(m.bits)) & 1
+            parts.append(bits[..., payload] if kind == "bit" else bits @ payload)
+        x = np.concatenate(parts, axis=-1)
+        if plan["dtype"] == "int8":
+            assert x.min() >= -128 and x.max() <= 127 and np.abs(plan["weights"]).max() <= 128
+        got = x @ plan["weights"] + plan["bias"]
+        want = opdefs.app_matmul_reference([a.astype(np.int8), w.astype(np.int8), lut.astype(np.int32)], {})[0]
+        assert np.array_equal(got, want), m.name
+        if m.spec.family == "perforated" or m.is_exact:
+            assert plan["pieces"] == [] and plan["dtype"] == "int8", m.name
+        if m.name in ("s4_truncated_k2", "s8_truncated_k2"):
+            assert (plan["side"], [p[1] for p in plan["pieces"]]) == ("activation", [0, 1])
+        checked += 1
+    assert checked > 80
+
+
+@pytest.mark.parametrize("name", ["s8_truncated_k6", "s8_broken_h2_v7", "s8_broken_h2_v9", "s8_perforated_s0_m2",
+                                  "s7_log_t4"])
 def test_tvm_lowering_of_constant_weights_is_bit_exact_for_both_forms(name):
     lib = L.load()
     m = lib[name]
