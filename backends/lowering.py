@@ -278,27 +278,31 @@ INT32_MAC_COST = 4
 def app_matmul_plan(w, factors, bits: int) -> dict | None:
     """How :func:`lower_app_matmul` computes ``sum_k LUT[A[., k], W[k, n]]`` for constant ``W``
     from the bit factors ``C`` of the table (:func:`ir.opdefs.app_matmul_bit_factors`), as one
-    matmul ``[A, pieces of A] @ [W; weight pieces] + bias``; None when no plan fits int32.
+    matmul ``[parts of A] @ [weight blocks] + bias``; None when no plan fits int32.
 
     With ``D = C - C_exact`` and ``x(v) = [bits of v, 1]``, the multiplier's error on one product
-    is ``x(a)^T D x(w)``. It is split along one operand:
+    is ``x(a)^T D x(w)``. The first part is ``A @ W`` itself; the error is split along one operand:
 
     - **activation bits**: ``sum_{i in R_a} bit_i(A) @ E_i`` with ``E_i = sum_j D[i, j] x_j(W)``,
       ``R_a`` the activation bits whose row of ``D`` is used (a truncated multiplier: its low bits);
     - **weight bits**: ``sum_{j in R_w} F_j(A) @ bit_j(W)`` with ``F_j(a) = sum_{i<b} D[i, j] a_i``
       (elementwise), plus ``G(A) @ 1`` for the activation-only terms ``G(a) = sum_i D[i, b] a_i``.
-      A piece whose ``F`` is affine in ``a`` (``alpha a + beta`` over the whole operand range) needs
+      A part whose ``F`` is affine in ``a`` (``alpha a + beta`` over the whole operand range) needs
       no product of its own: ``alpha bit_j(W)`` is added to ``W`` and ``beta sum_k bit_j(W)`` to the
       bias. A perforated multiplier drops the partial products of one or two weight bits, i.e. it
       multiplies by ``W`` with those bits changed: it costs what the exact product costs.
 
-    The constant terms go into ``bias``. Each side is stored in int8 when every value of it fits
-    (the weights or ``E_i``, the pieces over the whole operand range), so the matmul runs on the
-    dot-product kernels; otherwise in int32. The plan with the lower cost is taken: (1 + pieces)
-    x (``INT32_MAC_COST`` for int32, 1 for int8), the activation side on a tie. Returns
-    ``{"side", "dtype", "pieces": [(kind, payload)], "weights" (K (1 + pieces), N) int64,
-    "bias" (N,) int64}``, ``kind`` "bit" (payload: the bit ``i``) or "sum" (payload: the
-    coefficients ``c`` of ``sum_i c[i] a_i``)."""
+    The constant terms go into ``bias``. Storage, the first that fits: **int8** (every part over
+    the whole operand range and every weight block in int8); **uint8** (each part ``v`` stored as
+    ``(v - lo) >> s``, ``lo`` its minimum, ``s`` the smallest shift that brings it under 256 and
+    divides it exactly, its weight block times ``2^s`` still in int8, ``lo sum_k u`` moved to the
+    bias: the error parts of 8-bit broken-array multipliers span up to 2^8 values); else
+    **int32**. 8-bit storage runs on the dot-product kernels of ``backends.schedules``; the plan
+    with the lower cost is taken: parts x (``INT32_MAC_COST`` for int32, 1 otherwise), the
+    activation side on a tie. Returns ``{"side", "dtype", "parts": [(kind, payload, lo, shift)],
+    "weights" (K * parts, N) int64, "bias" (N,) int64, "cost"}``; a part's stored value is
+    ``(raw - lo) >> shift`` with ``raw`` = ``a`` (kind "a"), ``bit_payload(a)`` ("bit") or
+    ``sum_i payload[i] bit_i(a)`` ("sum")."""
     from ..ir import opdefs
 
     wv = np.asarray(w, dtype=np.int64)
@@ -308,24 +312,41 @@ def app_matmul_plan(w, factors, bits: int) -> dict | None:
     grid = np.arange(-side // 2, side // 2, dtype=np.int64)
     xa = ((grid % side)[:, None] >> np.arange(bits)) & 1  # (S, b): the activation bits over the operand range
 
-    def fits8(arrays) -> bool:
-        return all(a.size == 0 or (a.min() >= -128 and a.max() <= 127) for a in arrays)
+    def in8(a) -> bool:
+        return a.size == 0 or (a.min() >= -128 and a.max() <= 127)
 
-    plans = []
+    def stored(parts):
+        """(dtype, [(kind, payload, lo, shift)], weight blocks, bias change) or None."""
+        if all(in8(v) and in8(u) for _, _, v, u in parts):
+            return "int8", [(k, p, 0, 0) for k, p, _, _ in parts], [u for *_, u in parts], 0
+        out, blocks, bias = [], [], 0
+        for kind, payload, v, u in parts:
+            lo = int(v.min())
+            r = v - lo
+            shift = 0
+            while int(r.max()) >> shift > 255:
+                shift += 1
+            if np.any(r % (1 << shift)) or not in8(u << shift):
+                break
+            out.append((kind, payload, lo, shift))
+            blocks.append(u << shift)
+            bias = bias + lo * u.sum(axis=0)
+        else:
+            return "uint8", out, blocks, bias
+        return "int32", [(k, p, 0, 0) for k, p, _, _ in parts], [u for *_, u in parts], 0
+
+    candidates = []
     # activation bits
     per_bit = np.einsum("knj,ij->ikn", xw, d)  # (b+1, K, N): E_i, the last one for the constant bit
-    rows = [i for i in range(bits) if per_bit[i].any()]
-    weights = [wv] + [per_bit[i] for i in rows]
-    plans.append({"side": "activation", "pieces": [("bit", i) for i in rows], "weights": weights,
-                  "bias": per_bit[bits].sum(axis=0), "int8": fits8(weights)})
+    parts = [("a", None, grid, wv)] + [("bit", i, xa[:, i], per_bit[i]) for i in range(bits) if per_bit[i].any()]
+    candidates.append(("activation", parts, per_bit[bits].sum(axis=0)))
     # weight bits
-    cols = [j for j in range(bits) if d[:bits, j].any() and xw[..., j].any()]
-    candidates = [(d[:bits, j], xw[..., j]) for j in cols]
+    errors = [(d[:bits, j], xw[..., j]) for j in range(bits) if d[:bits, j].any() and xw[..., j].any()]
     if d[:bits, bits].any():
-        candidates.append((d[:bits, bits], np.ones_like(wv)))
+        errors.append((d[:bits, bits], np.ones_like(wv)))
     exact_w, bias = wv.copy(), (xw @ d[bits]).sum(axis=0)
-    pieces, weights, values = [], [], []
-    for c, u in candidates:
+    parts = []
+    for c, u in errors:
         f = xa @ c  # F over the operand range
         alpha = (f[-1] - f[0]) // (grid[-1] - grid[0])
         beta = f[0] - alpha * grid[0]
@@ -333,20 +354,17 @@ def app_matmul_plan(w, factors, bits: int) -> dict | None:
             exact_w += alpha * u
             bias = bias + beta * u.sum(axis=0)
         else:
-            pieces.append(("sum", c))
-            weights.append(u)
-            values.append(f)
-    plans.append({"side": "weight", "pieces": pieces, "weights": [exact_w] + weights, "bias": bias,
-                  "int8": fits8(values + [exact_w])})
+            parts.append(("sum", c, f, u))
+    candidates.append(("weight", [("a", None, grid, exact_w)] + parts, bias))
     best = None
-    for plan in plans:
-        stacked = np.concatenate(plan.pop("weights"), axis=0)
-        if np.abs(stacked).max(initial=0) >= 1 << 31 or np.abs(plan["bias"]).max(initial=0) >= 1 << 31:
+    for name, parts, bias in candidates:
+        dtype, layout, blocks, extra = stored(parts)
+        weights, bias = np.concatenate(blocks, axis=0), bias + extra
+        if np.abs(weights).max(initial=0) >= 1 << 31 or np.abs(bias).max(initial=0) >= 1 << 31:
             continue
-        plan["weights"], plan["dtype"] = stacked, "int8" if plan.pop("int8") else "int32"
-        plan["cost"] = (1 + len(plan["pieces"])) * (1 if plan["dtype"] == "int8" else INT32_MAC_COST)
-        if best is None or plan["cost"] < best["cost"]:
-            best = plan
+        cost = len(layout) * (INT32_MAC_COST if dtype == "int32" else 1)
+        if best is None or cost < best["cost"]:
+            best = {"side": name, "dtype": dtype, "parts": layout, "weights": weights, "bias": bias, "cost": cost}
     return best
 
 
@@ -357,9 +375,9 @@ def lower_app_matmul(bb, inputs, attrs):
     Weights constant (a layer's), table bilinear in the operand bits (every multiplier of the
     library but the logarithmic ones, :func:`ir.opdefs.app_matmul_bit_factors`): the exact
     product plus the multiplier's error, split along the activation bits or the weight bits
-    (:func:`app_matmul_plan`), as one matmul ``[A, pieces of A] @ [W; weight pieces] + bias`` over
-    ``K (1 + pieces)``, in int8 (the dot-product kernels of ``backends.schedules``) when every
-    operand fits, against ``K * S`` for the table decomposition.
+    (:func:`app_matmul_plan`), as one matmul ``[parts of A] @ [weight blocks] + bias`` over
+    ``K x parts``, in 8 bits (the dot-product kernels of ``backends.schedules``) when the parts
+    fit, against ``K * S`` for the table decomposition.
 
     Otherwise (a logarithmic multiplier, or weights computed in the graph): the table
     decomposition ``sum_v f_v(A) @ 1[W == v]``. ``F = take(LUT[:, cols], A mod S)`` stacks the
@@ -389,19 +407,29 @@ def lower_app_matmul(bb, inputs, attrs):
         def bit(i):
             return relax.op.bitwise_and(relax.op.right_shift(a32, relax.const(i, "int32")), relax.const(1, "int32"))
 
-        parts = [relax.op.astype(a, dtype)]
-        for kind, payload in plan["pieces"]:
-            if kind == "bit":
-                piece = bit(payload)
+        parts = []
+        for kind, payload, lo, shift in plan["parts"]:
+            if kind == "a":
+                if dtype == "int8":
+                    parts.append(relax.op.astype(a, "int8"))
+                    continue
+                v = a32
+            elif kind == "bit":
+                v = bit(payload)
             else:  # sum_i c[i] a_i
-                piece = None
+                v = None
                 for i, c in enumerate(payload):
                     if c:
                         term = relax.op.multiply(bit(i), relax.const(int(c), "int32"))
-                        piece = term if piece is None else relax.op.add(piece, term)
-            parts.append(relax.op.astype(piece, dtype))
+                        v = term if v is None else relax.op.add(v, term)
+            if lo:
+                v = relax.op.subtract(v, relax.const(lo, "int32"))
+            if shift:
+                v = relax.op.right_shift(v, relax.const(shift, "int32"))
+            parts.append(relax.op.astype(v, dtype))
         x = parts[0] if len(parts) == 1 else relax.op.concat(parts, axis=-1)
-        y = relax.op.matmul(x, relax.const(plan["weights"].astype(dtype), dtype), out_dtype="int32")
+        wdtype = "int32" if dtype == "int32" else "int8"  # the 8-bit kernels take int8 weights
+        y = relax.op.matmul(x, relax.const(plan["weights"].astype(wdtype), wdtype), out_dtype="int32")
         if plan["bias"].any():
             y = relax.op.add(y, relax.const(plan["bias"].astype(np.int32), "int32"))
         return y

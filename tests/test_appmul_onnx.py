@@ -210,13 +210,13 @@ def test_lowering_plans_reproduce_every_bilinear_table_and_take_the_cheaper_side
     """``backends.lowering.app_matmul_plan``, evaluated in numpy as the TVM lowering evaluates it
     (``[A, pieces of A] @ weights + bias``), equals the op's reference for every bilinear multiplier
     of the library over the whole operand range; a perforated multiplier costs what the exact
-    product costs (its pieces fold into the weights), a truncated one keeps its low activation
-    bits, and int8 storage is used exactly when the operands fit it."""
+    product costs (its parts fold into the weights), a truncated one keeps its low activation
+    bits, and each storage type holds what is stored in it."""
     from sliver.backends.lowering import app_matmul_plan
 
     lib = L.load()
     rng = np.random.default_rng(3)
-    checked = 0
+    checked, dtypes = 0, {"int8": 0, "uint8": 0, "int32": 0}
     for m in lib:
         if not m.signed:
             continue
@@ -233,21 +233,27 @@ def test_lowering_plans_reproduce_every_bilinear_table_and_take_the_cheaper_side
         w[:, 0] = np.arange(lo, -lo)
         plan = app_matmul_plan(w, factors, m.bits)
         assert plan is not None, m.name
-        parts = [a]
-        for kind, payload in plan["pieces"]:
-            bits = (a[..., None] % side >> np.arange(m.bits)) & 1
-            parts.append(bits[..., payload] if kind == "bit" else bits @ payload)
+        bits = (a[..., None] % side >> np.arange(m.bits)) & 1
+        parts = []
+        for kind, payload, lo, shift in plan["parts"]:
+            raw = a if kind == "a" else bits[..., payload] if kind == "bit" else bits @ payload
+            assert not np.any((raw - lo) % (1 << shift)), m.name  # the shift drops no set bit
+            parts.append((raw - lo) >> shift)
         x = np.concatenate(parts, axis=-1)
-        if plan["dtype"] == "int8":
-            assert x.min() >= -128 and x.max() <= 127 and np.abs(plan["weights"]).max() <= 128
+        low, high = {"int8": (-128, 127), "uint8": (0, 255), "int32": (-(1 << 31), (1 << 31) - 1)}[plan["dtype"]]
+        assert x.min() >= low and x.max() <= high, m.name
+        if plan["dtype"] != "int32":
+            assert plan["weights"].min() >= -128 and plan["weights"].max() <= 127, m.name
         got = x @ plan["weights"] + plan["bias"]
         want = opdefs.app_matmul_reference([a.astype(np.int8), w.astype(np.int8), lut.astype(np.int32)], {})[0]
         assert np.array_equal(got, want), m.name
+        dtypes[plan["dtype"]] += 1
         if m.spec.family == "perforated" or m.is_exact:
-            assert plan["pieces"] == [] and plan["dtype"] == "int8", m.name
+            assert len(plan["parts"]) == 1 and plan["dtype"] == "int8", m.name
         if m.name in ("s4_truncated_k2", "s8_truncated_k2"):
-            assert (plan["side"], [p[1] for p in plan["pieces"]]) == ("activation", [0, 1])
+            assert (plan["side"], [p[:2] for p in plan["parts"]]) == ("activation", [("a", None), ("bit", 0), ("bit", 1)])
         checked += 1
+    assert dtypes["uint8"] > 0  # the 8-bit broken arrays
     assert checked > 80
 
 
