@@ -365,7 +365,7 @@ def test_kill_and_interrupt_at_random_moments_leave_old_or_complete_output(tmp_p
     duration = time.monotonic() - t0
     reference = _digest(out)
     rng = np.random.default_rng(7)
-    outcomes = []
+    outcomes, killed = [], set()
     for k, sig in enumerate([signal.SIGKILL, signal.SIGINT, signal.SIGKILL]):
         (out / "marker.txt").write_text(str(k))  # the earlier result, told apart from the new one
         old = _digest(out)
@@ -384,9 +384,12 @@ def test_kill_and_interrupt_at_random_moments_leave_old_or_complete_output(tmp_p
             assert set(now) == set(reference) and "marker.txt" not in now  # complete, and new
             json.load(open(out / "report.json"))
             outcomes.append("complete")
+        if sig == signal.SIGKILL:
+            killed.add(proc.pid)
+        # only the staging directories of killed runs may remain (the next run into out removes
+        # them once it stages, so one interrupted before that leaves an earlier killed run's)
         leftovers = [n for n in os.listdir(tmp_path) if n != "out"]
-        if leftovers:  # a killed run's staging directory: the next run into out removes it
-            assert sig == signal.SIGKILL and all(n.startswith(".out.tmp-") for n in leftovers)
+        assert set(leftovers) <= {f".out.tmp-{pid}" for pid in killed}, (sig, leftovers, killed)
     again = _compile(out)
     assert again.wait(600) == 0
     assert os.listdir(tmp_path) == ["out"], os.listdir(tmp_path)
