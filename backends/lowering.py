@@ -316,7 +316,7 @@ def app_matmul_plan(w, factors, bits: int) -> dict | None:
         return a.size == 0 or (a.min() >= -128 and a.max() <= 127)
 
     def stored(parts):
-        """(dtype, [(kind, payload, lo, shift)], weight blocks, bias change) or None."""
+        """(dtype, [(kind, payload, lo, shift)], weight blocks, bias change): int8, else uint8, else int32."""
         if all(in8(v) and in8(u) for _, _, v, u in parts):
             return "int8", [(k, p, 0, 0) for k, p, _, _ in parts], [u for *_, u in parts], 0
         out, blocks, bias = [], [], 0

@@ -51,6 +51,8 @@ __all__ = [
 
 SPLITS = ("train", "val", "test", "calib")
 DATASETS = ("digits", "digit-scenes", "small-digits", "photos")
+#: the labelled sets built here (what ``--data NAME`` names; the tiny zoo models train on them)
+NAMED = ("digits", "digit-scenes", "small-digits")
 
 #: seed of the digit split and of the scene layouts; a constant, so the test set never moves
 SPLIT_SEED = 20240601
@@ -580,7 +582,7 @@ def context_data(spec: str | os.PathLike) -> dict:
     labelled set of an ``.npz`` file for all three."""
     text = os.fspath(spec)
     named = text.replace("_", "-")
-    if named in ("digits", "digit-scenes", "small-digits"):
+    if named in NAMED:
         return {"train": load(named, "train"), "val": load(named, "val"), "calib": calibration(named)}
     from .image_folder import folder_splits, is_image_folder
 

@@ -444,6 +444,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple:
     return net.eval(), checkpoint
 
 
+def trained_for(model: str, dataset: str, seed: int = 0, *, progress: bool = False):
+    """``model`` (a zoo model with a training recipe) in eval mode with its trained weights
+    (:func:`cached`), to be run on the named set ``dataset``: a model trained on digits is not
+    run on digit scenes or the other way round (small digits share the digits' 32x32 input)."""
+    config = config_for(model, seed=seed)
+    if dataset in ("digits", "digit-scenes") and dataset != config.dataset:
+        raise ModelInputError(f"{model} is trained on {config.dataset}; use --data {config.dataset}")
+    net, _ = cached(model, seed=seed, progress=progress)
+    return net.eval()
+
+
 # -- the per-machine cache --------------------------------------------------------------------
 def cache_dir() -> str:
     """``$SLIVER_CACHE`` if set, else ``.sliver-cache`` at the repository root (a source checkout,

@@ -143,15 +143,13 @@ def _calibration(args, shape):
     return data.ImageSet("bench/random", "images", torch.from_numpy(x))
 
 
-NAMED_DATA = ("digits", "digit-scenes", "small-digits")
-
-
 def _named(args) -> str:
     from sliver.ir.errors import DataError
+    from sliver.models import data
 
     name = args.data.replace("_", "-")
-    if name not in NAMED_DATA:
-        raise DataError(f"--data {args.data!r}: bench.py takes a named data set ({', '.join(NAMED_DATA)})")
+    if name not in data.NAMED:
+        raise DataError(f"--data {args.data!r}: bench.py takes a named data set ({', '.join(data.NAMED)})")
     return name
 
 
@@ -163,12 +161,7 @@ def _trained(args):
     if args.model not in training.DEFAULTS:
         raise ModelInputError(f"--data runs trained weights, but {args.model!r} has none; use a tiny zoo model "
                               f"({', '.join(training.DEFAULTS)})")
-    config = training.config_for(args.model, seed=args.seed)
-    name = _named(args)
-    if name in ("digits", "digit-scenes") and name != config.dataset:
-        raise ModelInputError(f"{args.model} is trained on {config.dataset}; use --data {config.dataset}")
-    net, _ = training.cached(args.model, seed=args.seed)
-    return net.eval()
+    return training.trained_for(args.model, _named(args), seed=args.seed)
 
 
 def _load(args, batch: int, pipeline: str | None = None):
@@ -460,9 +453,9 @@ def table(result: dict) -> str:
         if b["tvm_build_seconds"] is not None:
             extra += f", TVM build {b['tvm_build_seconds']:.1f} s, max|TVM - ORT| {b['max_abs_diff_tvm_vs_onnxruntime']:.2e}"
         lines.append(extra)
-        for i in b.get("integers", [b["integer"]] if "integer" in b else []):
+        for i in b.get("integers", []):
             e = b["engines"]
-            name = i.get("engine", "tvm:int")
+            name = i["engine"]
             text = f"  {name} ({i['pipeline']}): integer-only {i['integer_only']}"
             if "tvm_build_seconds" in i:
                 text += f", TVM build {i['tvm_build_seconds']:.1f} s, max|TVM - ORT| {i['max_abs_diff_tvm_vs_onnxruntime']:.0f}"

@@ -366,7 +366,9 @@ def _has_trained(name: str) -> bool:
 
 
 def _named_data(args) -> bool:
-    return args.data.replace("_", "-") in ("digits", "digit-scenes", "small-digits")
+    from sliver.models import data
+
+    return args.data.replace("_", "-") in data.NAMED
 
 
 def _trained(args):
@@ -379,13 +381,8 @@ def _trained(args):
             f"--data scores trained weights, but zoo model {args.model!r} has only random ones; "
             f"use a tiny model ({', '.join(training.DEFAULTS)}) or an .onnx file of your own"
         )
-    config = training.config_for(args.model, seed=args.seed)
-    named = args.data.replace("_", "-")
-    if named in ("digits", "digit-scenes") and named != config.dataset:
-        raise ModelInputError(f"{args.model} is trained on {config.dataset}; use --data {config.dataset}")
     _say(args, f"loading trained {args.model} (training it first if this machine has no checkpoint)")
-    net, _ = training.cached(args.model, seed=args.seed, progress=_show_progress(args))
-    return net
+    return training.trained_for(args.model, args.data.replace("_", "-"), seed=args.seed, progress=_show_progress(args))
 
 
 def load_data(args):
