@@ -246,19 +246,24 @@ BUILD_IMPORTERS = {"Clip": ClipAsRelaxOp}
 
 
 @contextlib.contextmanager
-def build_importers():
+def build_importers(dot_product: bool = False):
     """Within this block the onnx -> Relax import uses :data:`BUILD_IMPORTERS` too.
 
     ``backends.tvm.build`` imports inside it; ``ir.convert(program, "tvm")`` elsewhere (printing,
     golden text, a user's own Relax passes) sees TVM's own conversion of those ops.
+    ``dot_product``: the target has an exact 8-bit dot-product instruction (VNNI, sdot), so a
+    product of two 8-bit activations stays on its 8-bit operands (see
+    :class:`MatMulIntegerAsRelaxOp`).
     """
     saved = {op: CUSTOM_IMPORTERS.get(op) for op in BUILD_IMPORTERS}
     CUSTOM_IMPORTERS.update(BUILD_IMPORTERS)
     ConvIntegerAsRelaxOp.on_int8 = True
+    MatMulIntegerAsRelaxOp.dot_product = bool(dot_product)
     try:
         yield
     finally:
         ConvIntegerAsRelaxOp.on_int8 = False
+        MatMulIntegerAsRelaxOp.dot_product = False
         for op, previous in saved.items():
             if previous is None:
                 CUSTOM_IMPORTERS.pop(op, None)
@@ -481,17 +486,21 @@ def lower_pot_quantize(bb, inputs, attrs):
     return relax.op.astype(y, "int32")
 
 
-def _floor_div_f64(bb, a, d):
+def _floor_div_f64(bb, a, d, reciprocal=None):
     """``floor(a / d)`` of integer-valued float64 tensors with ``0 <= a``, ``0 < d`` and
     ``a + d < 2^53`` (the caller checks the bound): the float quotient's floor is within one of
     the exact one, and one correction step each way (``r = a - q d``, every term an integer below
     2^53, so exact) makes it exact. x86 has no vector int64 division: as int64 ``floor_divide``
-    every element was a scalar ``idiv`` (the integer softmax of DeiT-S: a third of its run time)."""
+    every element was a scalar ``idiv`` (the integer softmax of DeiT-S: a third of its run time).
+
+    ``reciprocal`` (``1 / d``, e.g. once per row) turns the division into a product: ``a (1/d)``
+    is within a relative 2^-52 of ``a / d``, so the estimate is still within one whenever the
+    quotient stays below 2^51, and the same correction makes it exact."""
     from tvm import relax
 
     op = relax.op
     one = relax.const(1.0, "float64")
-    q = bb.emit(op.floor(op.divide(a, d)))
+    q = bb.emit(op.floor(op.divide(a, d) if reciprocal is None else op.multiply(a, reciprocal)))
     r = bb.emit(op.subtract(a, op.multiply(q, d)))
     q = op.where(op.less(r, relax.const(0.0, "float64")), op.subtract(q, one), q)
     return op.where(op.greater_equal(r, d), op.add(q, one), q)
@@ -517,30 +526,56 @@ def _floor_div_i64_small_quotient(bb, a, d):
 
 @register("IntSoftmax")
 def lower_int_softmax(bb, inputs, attrs):
-    """I-BERT integer softmax (``ir.opdefs.int_softmax_reference``) in int64; its two divisions
-    (by ``ln2``, by the row sum) in float64 with an exact correction (:func:`_floor_div_f64`) when
-    their operands stay below 2^53 (always for the first: ``-x' <= 2^32``; the second when
-    ``(b^2 + c) 2^M`` and the row length times ``b^2 + c`` do), else as int64 divisions."""
+    """I-BERT integer softmax (``ir.opdefs.int_softmax_reference``).
+
+    ``x' = x - max(x)`` in int64 (an int32 row may span 2^32). Every ``x' < -(zmax + 1) ln2``
+    has ``z > zmax``, and a shift by ``zmax`` already clears the polynomial (``zmax`` is the bit
+    length of its largest value ``b^2 + c``), so ``x'`` is clamped there: the same ``E = 0``.
+    When ``b^2 + c < 2^31`` (input exponents up to 14) the rest runs on 16 int32 lanes: ``z``
+    from a float32 quotient of operands below 2^24, corrected one step each way on the exact
+    int32 remainder, the polynomial and its shift in int32. Otherwise it stays in int64 (``z``
+    in float64, corrected, when ``ln2 < 2^20``). The row sum is int64; the normalisation
+    ``floor(E 2^M / sum)`` multiplies by the row's float64 reciprocal and corrects the estimate
+    exactly (:func:`_floor_div_f64`) when ``(b^2 + c) 2^M`` and the row length times ``b^2 + c``
+    stay below 2^53, else it is an int64 division."""
     from tvm import relax
 
     op = relax.op
     ln2, b, c, zmax, m = (int(attrs[k]) for k in ("ln2", "b", "c", "zmax", "out_exponent"))
-    x = bb.emit(op.astype(inputs[0], "int64"))
-    x = bb.emit(op.subtract(x, op.max(x, axis=[-1], keepdims=True)))
-    if ln2 < 2**20:
-        z = op.astype(_floor_div_f64(bb, op.astype(op.negative(x), "float64"), relax.const(float(ln2), "float64")), "int64")
-    else:
-        z = op.floor_divide(op.negative(x), _i64(ln2))
-    z = bb.emit(z)
-    p = op.add(x, op.multiply(z, _i64(ln2)))
-    pb = bb.emit(op.add(p, _i64(b)))
-    poly = op.add(op.multiply(pb, pb), _i64(c))
-    e = bb.emit(op.right_shift(poly, op.minimum(z, _i64(zmax))))
-    total = bb.emit(op.sum(e, axis=[-1], keepdims=True))
     e_max = max(b * b, (b - ln2) ** 2) + max(c, 0)  # the polynomial's largest value (p in (-ln2, 0])
+    floor_x = (zmax + 1) * ln2
+    # the row maximum on the int32 input: the producer (q k^T's kernel) then writes int32, not
+    # the int64 a cast first would fuse into it
+    top = bb.emit(op.max(inputs[0], axis=[-1], keepdims=True))
+    x = bb.emit(op.subtract(op.astype(inputs[0], "int64"), op.astype(top, "int64")))
+    if e_max < 2**31 and zmax <= 31 and floor_x < 2**24:
+        i32 = lambda v: relax.const(int(v), "int32")  # noqa: E731
+        x = bb.emit(op.astype(op.maximum(x, _i64(-floor_x)), "int32"))  # in [-(zmax+1) ln2, 0]
+        neg = bb.emit(op.negative(x))
+        z = bb.emit(op.astype(op.floor(op.divide(op.astype(neg, "float32"), relax.const(float(ln2), "float32"))), "int32"))
+        rem = bb.emit(op.subtract(neg, op.multiply(z, i32(ln2))))
+        z = op.subtract(z, op.astype(op.less(rem, i32(0)), "int32"))
+        z = bb.emit(op.add(z, op.astype(op.greater_equal(rem, i32(ln2)), "int32")))
+        pb = bb.emit(op.add(op.add(x, op.multiply(z, i32(ln2))), i32(b)))
+        e32 = op.right_shift(op.add(op.multiply(pb, pb), i32(c)), op.minimum(z, i32(zmax)))
+        e = bb.emit(op.astype(e32, "int64"))
+    else:
+        x = bb.emit(op.maximum(x, _i64(-floor_x)))
+        if ln2 < 2**20:
+            z = op.astype(_floor_div_f64(bb, op.astype(op.negative(x), "float64"), relax.const(float(ln2), "float64")), "int64")
+        else:
+            z = op.floor_divide(op.negative(x), _i64(ln2))
+        z = bb.emit(z)
+        p = op.add(x, op.multiply(z, _i64(ln2)))
+        pb = bb.emit(op.add(p, _i64(b)))
+        poly = op.add(op.multiply(pb, pb), _i64(c))
+        e = bb.emit(op.right_shift(poly, op.minimum(z, _i64(zmax))))
+    total = bb.emit(op.sum(e, axis=[-1], keepdims=True))
     row = int(inputs[0].ty.shape[-1]) if inputs[0].ty.shape is not None else None
-    if row is not None and (e_max << m) + row * e_max < 2**53:
-        y = _floor_div_f64(bb, op.astype(op.left_shift(e, _i64(m)), "float64"), op.astype(total, "float64"))
+    if row is not None and (e_max << m) + row * e_max < 2**53 and m <= 50:
+        d = bb.emit(op.astype(total, "float64"))
+        recip = bb.emit(op.divide(relax.const(1.0, "float64"), d))
+        y = _floor_div_f64(bb, op.astype(op.left_shift(e, _i64(m)), "float64"), d, reciprocal=recip)
     else:
         y = op.floor_divide(op.left_shift(e, _i64(m)), total)
     return op.astype(y, "int32")
@@ -638,12 +673,36 @@ def lower_int_max_pool(bb, inputs, attrs):
                                   padding=pads, dilation=[int(d) for d in attrs.get("dilations", [1, 1])])
 
 
+#: float32 represents every integer of magnitude <= 2^24 exactly
+FLOAT32_EXACT = 1 << 24
+
+
+def exact_in_float32(k: int, a_dtype: str, b_dtype: str) -> bool:
+    """True when a product of ``[.., K]`` and ``[K, ..]`` integer operands of these 8-bit dtypes
+    is computed exactly in float32: every product, and every partial sum in any order, is an
+    integer of magnitude at most ``K * max|a| * max|b|``, which must stay within 2^24."""
+    bound = {"int8": 128, "uint8": 255}
+    if a_dtype not in bound or b_dtype not in bound:
+        return False
+    return int(k) * bound[a_dtype] * bound[b_dtype] <= FLOAT32_EXACT
+
+
 class MatMulIntegerAsRelaxOp:
     """ONNX ``MatMulInteger`` without zero-points -> ``relax.op.matmul(a, b, out_dtype="int32")`` on
     the int8/uint8 operands themselves (TVM's importer casts both to int32 first, which no integer
     dot-product instruction can match). The CPU build then legalises a product with constant
     int8 weights into sliver's packed dot-product kernel (``schedules.int8_matmul_legalizer``).
+
+    A product of two activations (attention's ``q k^T`` and ``P v``) with an int8 right operand
+    stays on the 8-bit operands too where the target has a dot-product instruction
+    (``dot_product``, set by :func:`build_importers`): the legaliser packs that operand per call.
+    Otherwise it is computed in float32 when that is exact (:func:`exact_in_float32`: K = 64 or
+    197 in DeiT-S), cast back to int32: the float kernel's FMAs on 16 lanes instead of int32
+    ``vpmulld`` (several times slower per element on Intel cores), the same integers.
     With zero-points it keeps TVM's conversion. Exact either way."""
+
+    #: set while the CPU build imports for a target with a dot-product instruction
+    dot_product = False
 
     @classmethod
     def get_converter(cls, opset):
@@ -654,9 +713,18 @@ class MatMulIntegerAsRelaxOp:
         from tvm import relax
         from tvm.relax.frontend.onnx import onnx_frontend
 
+        from .schedules import _is_constant, _static_shape
+
         if len(inputs) > 2 and any(i is not None for i in inputs[2:]):
             return onnx_frontend.MatMulInteger.get_converter(10)(bb, inputs, attr, params)
-        return relax.op.matmul(inputs[0], inputs[1], out_dtype="int32")
+        a, b = inputs[0], inputs[1]
+        a_shape, b_shape = _static_shape(a), _static_shape(b)
+        if (a_shape is not None and b_shape is not None and len(a_shape) >= 2 and len(b_shape) >= 2
+                and not _is_constant(bb, b) and not (cls.dot_product and str(b.ty.dtype) == "int8")
+                and exact_in_float32(a_shape[-1], str(a.ty.dtype), str(b.ty.dtype))):
+            y = relax.op.matmul(relax.op.astype(a, "float32"), relax.op.astype(b, "float32"), out_dtype="float32")
+            return relax.op.astype(y, "int32")
+        return relax.op.matmul(a, b, out_dtype="int32")
 
 
 BUILD_IMPORTERS["MatMulInteger"] = MatMulIntegerAsRelaxOp

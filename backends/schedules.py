@@ -582,13 +582,20 @@ def _schedule_elementwise(sch, params: CpuParams) -> None:
     size = _product(sch, loops)
     outer_loops, inner = list(loops[:-1]), loops[-1]
     n = _extent(sch, inner) or 0
+    per_row = [b for b in blocks[:-1] if [int(d) for d in sch.get(b).writes[0].source.shape] != shape]
     vec = None
+    rows = None
     if n % params.lanes == 0:
         io, vec = sch.split(inner, [None, params.lanes])
-        outer_loops.append(io)
-    outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+        if per_row and n > params.lanes:
+            # values of one row (the integer LayerNorm's Newton steps for its square root) are
+            # computed once per row, not once per vector tile of the row
+            rows = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+        else:
+            outer_loops.append(io)
+    outer = rows if rows is not None else (sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0])
     for blk in reversed(blocks[:-1]):
-        sch.compute_at(blk, outer)
+        sch.compute_at(blk, outer if rows is None or blk in per_row else io)
     if params.threads > 1 and size >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(outer)
     if vec is not None:
@@ -640,6 +647,8 @@ def schedule_func(func: tirx.PrimFunc, params: CpuParams, intrin: str | None = N
         rules.append(lambda t: _schedule_rowwise(t, params))
     if not reducing and len(blocks) > 1:
         rules.append(lambda t: _schedule_elementwise(t, params))
+    if [sch.get(b).name_hint for b in blocks] == ["int8_weight_pack"]:
+        rules.append(lambda t: _schedule_pack(t, params))
     for rule in rules:
         trial = s_tir.Schedule(func)
         try:
@@ -1422,9 +1431,16 @@ def _activation_offset(src: str, act: str) -> int:
 
 
 def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
-    """``relax.matmul`` of int8/uint8 activations and constant int8 weights [K, N] with int32 out
-    -> the packed dot-product kernel described above (layout and offset of ``intrin``, see
-    :func:`dot_layout`); anything else -> ``fallback``."""
+    """``relax.matmul`` of int8/uint8 activations and int8 ``W [K, N]`` with int32 out -> the
+    packed dot-product kernel described above (layout and offset of ``intrin``, see
+    :func:`dot_layout`); anything else -> ``fallback``.
+
+    Constant weights are packed (and their offset correction summed) at build time. A right
+    operand that is itself an activation (attention's ``k^T`` and ``v``, ``[*batch, K, N]`` beside
+    ``x [*batch, M, K]``) is packed per call by the same kernels, one panel set per batch entry;
+    the product then reads row ``m``'s panels at batch ``m // M`` of the flat rows (a register
+    tile of rows may cross from one batch entry to the next: each row's dot products address
+    their own panels)."""
     import tvm
     from tvm import te
 
@@ -1433,27 +1449,43 @@ def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
     def legalize(bb, call):
         a, b = call.args
         a_shape, b_shape = _static_shape(a), _static_shape(b)
-        if (intrin is None or a_shape is None or b_shape is None or len(b_shape) != 2 or len(a_shape) < 2
-                or a_shape[-1] != b_shape[0] or str(a.ty.dtype) not in ("int8", "uint8") or str(b.ty.dtype) != "int8"
-                or str(call.ty.dtype) != "int32" or not _is_constant(bb, b)):
+        if (intrin is None or a_shape is None or b_shape is None or len(b_shape) < 2 or len(a_shape) < 2
+                or a_shape[-1] != b_shape[-2] or str(a.ty.dtype) not in ("int8", "uint8") or str(b.ty.dtype) != "int8"
+                or str(call.ty.dtype) != "int32"):
             return fallback(bb, call)
-        k, n = b_shape
+        batch = b_shape[:-2]
+        if batch and (len(a_shape) != len(b_shape) or a_shape[:-2] != batch):
+            return fallback(bb, call)  # broadcasting batches: TVM's own legalisation
+        if not batch and not _is_constant(bb, b):
+            return fallback(bb, call)
+        k, n = b_shape[-2:]
+        nb = int(np.prod(batch)) if batch else 1
         offset = _activation_offset(str(a.ty.dtype), act)
         kp = -(-k // 4) * 4
-        panels = -(-n // cols)
+        panels = _int8_panels(-(-n // cols))
         lead = a_shape[:-1]
         rows = int(np.prod(lead))
+        per_batch = a_shape[-2] if batch else rows  # rows of one batch entry
         rows_p = -(-rows // INT8_ROWS) * INT8_ROWS
         zero8 = tvm.tirx.const(0, "int8")
 
+        def unflat_batch(t):  # flat batch index -> the batch indices of b
+            idx, rest = [], t
+            for d in reversed(batch):
+                idx.append(tvm.tirx.floormod(rest, d) if d != 1 else 0)
+                rest = tvm.tirx.floordiv(rest, d)
+            return list(reversed(idx))
+
         def pack(w):
-            return te.compute((panels, kp // 4, cols, 4), lambda o, r, c, q: tvm.tirx.if_then_else(
-                tvm.tirx.all(o * cols + c < n, r * 4 + q < k),
-                w[tvm.tirx.min(r * 4 + q, k - 1), tvm.tirx.min(o * cols + c, n - 1)], zero8), name="int8_weight_pack")
+            def value(t, o, r, c, q):
+                src = (*unflat_batch(t), tvm.tirx.min(r * 4 + q, k - 1), tvm.tirx.min(o * cols + c, n - 1))
+                return tvm.tirx.if_then_else(tvm.tirx.all(o * cols + c < n, r * 4 + q < k), w[src], zero8)
+
+            return te.compute((nb, panels, kp // 4, cols, 4), value, name="int8_weight_pack")
 
         def correction(w):
             r = te.reduce_axis((0, k), name="k")
-            return te.compute((n,), lambda j: te.sum(w[r, j].astype("int32") * (-offset), axis=r),
+            return te.compute((nb, n), lambda t, j: te.sum(w[(*unflat_batch(t), r, j)].astype("int32") * (-offset), axis=r),
                               name="int8_offset_correction")
 
         packed = bb.emit(bb.call_te(pack, b, primfunc_name_hint="int8_weight_pack"))
@@ -1473,10 +1505,13 @@ def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
                 v = (v.astype("int32") + offset).astype(act) if offset else v
                 return tvm.tirx.if_then_else(tvm.tirx.all(m < rows, q < k), v, tvm.tirx.const(0, act))
 
+            def panel_set(m):  # the batch entry whose panels row m multiplies
+                return tvm.tirx.floordiv(tvm.tirx.min(m, rows - 1), per_batch) if nb > 1 else 0
+
             xa = te.compute((rows_p, kp), load, name="int8_activation")
             r = te.reduce_axis((0, kp), name="k")
             acc = te.compute((rows_p, panels * cols), lambda m, j: te.sum(
-                xa[m, r].astype("int32") * wp[j // cols, r // 4, j % cols, r % 4].astype("int32"), axis=r),
+                xa[m, r].astype("int32") * wp[panel_set(m), j // cols, r // 4, j % cols, r % 4].astype("int32"), axis=r),
                 name="int8_dot")
 
             def out(*idx):
@@ -1485,13 +1520,36 @@ def int8_matmul_legalizer(params: CpuParams, intrin: str | None, fallback):
                     if d != 1:  # (an index of extent 1 is 0)
                         m = i if m is None else m * d + i
                 m = 0 if m is None else m
-                return acc[m, idx[-1]] + cr[idx[-1]]
+                return acc[m, idx[-1]] + cr[panel_set(m), idx[-1]]
 
             return te.compute((*lead, n), out, name="int8_dot_out")
 
         return bb.call_te(matmul, a, packed, corr, primfunc_name_hint="int8_matmul")
 
     return legalize
+
+
+def _int8_panels(panels: int) -> int:
+    """Column panels of the integer kernel: padded with zero panels to a multiple of
+    ``INT8_VECTORS`` when no tile width of 2 or more divides them (197 keys = 13 panels of 16:
+    one vector per register tile reloaded its activations for every 16 columns; 16 panels in
+    tiles of 4 do 23% more products in a quarter of the activation loads)."""
+    if panels > INT8_VECTORS and _divisor(panels, [INT8_VECTORS, 3, 2]) is None:
+        return -(-panels // INT8_VECTORS) * INT8_VECTORS
+    return panels
+
+
+def _schedule_pack(sch, params: CpuParams) -> None:
+    """The per-call packing of an activation operand (``int8_weight_pack`` of
+    :func:`int8_matmul_legalizer`, ``[batch, panel, k/4, G, 4]``): batch and panel loops in
+    parallel, the ``G x 4`` bytes of one ``k`` step as the inner loop LLVM vectorises (the
+    default rule fused all five loops into one, a division and a modulo per byte)."""
+    block = sch.get_sblock("int8_weight_pack")
+    t, o, r, c, q = sch.get_loops(block)
+    outer = sch.fuse(t, o)
+    if params.threads > 1:
+        sch.parallel(outer)
+    sch.unroll(q)
 
 
 def _is_int8_dot(sch, block) -> bool:

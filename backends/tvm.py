@@ -357,7 +357,9 @@ def build(program: Program, target="x86", schedule: str = "rules") -> Artifact:
     pipeline = relax_pipeline(tdict, schedule)
     from . import lowering
 
-    with lowering.build_importers():
+    from . import schedules
+
+    with lowering.build_importers(dot_product=schedules.int8_dot_intrinsic(tdict) is not None):
         tvm_program = convert(program, "tvm")
     try:
         if pipeline is None:

@@ -157,6 +157,42 @@ def test_arm_dotprod_integer_artifact_is_bit_exact_with_onnxruntime_under_qemu(a
         tvm_backend.run_with_qemu(dirs["arm-dotprod"], [x], cpu="cortex-a53")
 
 
+@needs_cross
+@needs_qemu
+@needs_objdump
+@pytest.mark.parametrize("a_dtype", [np.int8, np.uint8])
+def test_arm_dotprod_attention_matmul_packs_per_call_and_is_exact_under_qemu(a_dtype, tmp_path):
+    """q @ k^T (int8 rows: no offset on sdot) and P @ v (uint8 rows: -128, corrected per call by
+    +128 times the column sums of the right operand), batched over heads, on sdot."""
+    from onnx import TensorProto, helper
+
+    from sliver.ir.program import Program
+
+    rng = np.random.default_rng(7)
+    rows, k, n = 13, 36, 21
+    lo, hi = (-128, 128) if a_dtype == np.int8 else (0, 256)
+    a = rng.integers(lo, hi, (2, 3, rows, k))
+    b = rng.integers(-128, 128, (2, 3, n, k))  # the runner takes one float input: a and b^T stacked
+    a[..., 0, :], b[..., 0, :] = hi - 1, -128
+    x = np.concatenate([a, b], axis=2).astype(np.float32)
+    want = (a @ b.transpose(0, 1, 3, 2)).astype(np.float32)  # |y| < 2^24: exact in float32
+    to = TensorProto.INT8 if a_dtype == np.int8 else TensorProto.UINT8
+    c = lambda v: helper.make_tensor(v, TensorProto.INT64, [1], [{"lo": 0, "mid": rows, "hi": rows + n, "ax": 2}[v]])  # noqa: E731
+    nodes = [helper.make_node("Slice", ["x", "lo", "mid", "ax"], ["xa"]),
+             helper.make_node("Slice", ["x", "mid", "hi", "ax"], ["xb"]),
+             helper.make_node("Cast", ["xa"], ["a"], to=to), helper.make_node("Cast", ["xb"], ["bt"], to=TensorProto.INT8),
+             helper.make_node("Transpose", ["bt"], ["b"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMulInteger", ["a", "b"], ["acc"]), helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [c(v) for v in ("lo", "mid", "hi", "ax")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    prog = Program("onnx", model, (x,), name="attention", input_names=("x",))
+    assert np.array_equal(prog.run([x])[0], want)  # ONNX Runtime
+    backends.tvm.build(prog, target="arm-dotprod").save(tmp_path)
+    assert np.array_equal(tvm_backend.run_with_qemu(tmp_path, [x])[0], want)
+    assert sum(n for f, n in _sdot_per_function(tmp_path / "model.so").items() if "int8_matmul" in f) >= 16
+
+
 def _sdot_per_function(library) -> dict:
     import subprocess
 

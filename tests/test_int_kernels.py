@@ -142,22 +142,49 @@ def test_int8_conv_runs_on_vnni_bit_exact(c, oc, size, kernel, stride, pad, sign
     assert len(kernels) == 1 and "right_shift" in kernels[0]
 
 
-def test_int8_matmul_of_two_activations_stays_exact():
-    """Attention's q @ k^T (both operands activations): no packed kernel, the generic integer rule,
-    on the int8 operands with int32 accumulation (the build imports MatMulInteger without casts)."""
-    from sliver import backends
-
-    rng = np.random.default_rng(3)
-    a = rng.integers(-128, 128, (1, 4, 13, 16)).astype(np.int8)
-    b = rng.integers(-128, 128, (1, 4, 16, 13)).astype(np.int8)
+def attention_matmul(a_dtype, shape_a, k, n=19, seed=3):
+    """A MatMulInteger of two activations ``a [*batch, rows, k]`` (int8 or uint8) and
+    ``b [*batch, k, n]`` (int8), with the largest products in row 0 / column 0: (program, inputs,
+    the exact int64 product)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = (-128, 128) if a_dtype == np.int8 else (0, 256)
+    *batch, rows = shape_a
+    a = rng.integers(lo, hi, (*batch, rows, k)).astype(a_dtype)
+    b = rng.integers(-128, 128, (*batch, k, n)).astype(np.int8)
+    a[..., 0, :], b[..., :, 0] = hi - 1, -128
+    dt = TensorProto.INT8 if a_dtype == np.int8 else TensorProto.UINT8
     graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
-                              [helper.make_tensor_value_info("a", TensorProto.INT8, list(a.shape)),
+                              [helper.make_tensor_value_info("a", dt, list(a.shape)),
                                helper.make_tensor_value_info("b", TensorProto.INT8, list(b.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.INT32, None)])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     prog = Program("onnx", model, (a, b), name="attention", input_names=("a", "b"))
-    want = a.astype(np.int64) @ b.astype(np.int64)
-    assert np.array_equal(backends.tvm.build(prog, target="x86").run([a, b])[0], want)
+    return prog, (a, b), a.astype(np.int64) @ b.astype(np.int64)
+
+
+@pytest.mark.parametrize("route,a_dtype,shape_a,k", [
+    ("vnni", np.int8, (1, 4, 13), 16),      # q @ k^T: int8 rows shifted to uint8, per-call correction
+    ("vnni", np.uint8, (2, 3, 197), 197),   # P @ v: uint8 probabilities, rows crossing batch entries
+    ("float", np.uint8, (1, 6, 21), 197),   # no VNNI: float32 is exact (197 * 255 * 128 < 2^24)
+    ("int32", np.uint8, (1, 2, 9), 600),    # no VNNI, 600 * 255 * 128 > 2^24: the int32 rule
+])
+def test_int8_matmul_of_two_activations_stays_exact(route, a_dtype, shape_a, k):
+    """Attention's q @ k^T and P @ v (both operands activations, batched over heads): on VNNI
+    the right operand is packed per call for the dot-product kernel; without it the product runs
+    in float32 where every partial sum stays below 2^24 (exact), else in int32. Extremes included."""
+    from sliver import backends
+
+    if route == "vnni" and not _has_vnni():
+        pytest.skip("needs a CPU with AVX-512 VNNI")
+    prog, (a, b), want = attention_matmul(a_dtype, shape_a, k)
+    target = "x86" if route == "vnni" else {"kind": "llvm", "mcpu": "skylake"}  # AVX2: no VNNI
+    artifact = backends.tvm.build(prog, target=target)
+    assert np.array_equal(artifact.run([a, b])[0], want)
+    asm = _kernel_asm(artifact)
+    assert ("vpdpbusd" in asm) == (route == "vnni")
+    kernels = " ".join(s for s in asm.splitlines() if s.startswith("__tvm_ffi_"))
+    assert ("int8_weight_pack" in kernels) == (route == "vnni")
+    assert ("cast" in kernels) == (route == "float"), kernels
 
 
 def _elementwise_program(nodes, x, inits, out_type=TensorProto.UINT8):

@@ -101,6 +101,13 @@ def test_int_softmax_formula_accuracy_and_runtimes():
     wide[0, ::2], wide[0, 1::2] = np.iinfo(np.int32).min, np.iinfo(np.int32).max
     wide[1, :] = np.iinfo(np.int32).max
     _three_ways("IntSoftmax", [wide], opdefs.int_softmax_constants(10, 15))
+    # the lowering's two forms: int32 lanes while the polynomial's largest value b^2 + c stays
+    # below 2^31 (exponents up to 14), int64 above; both clamp x - max(x) where E is already 0
+    for exponent, lanes in ((14, "int32"), (15, "int64"), (20, "int64")):
+        a = opdefs.int_softmax_constants(exponent, 15)
+        assert (a["b"] ** 2 + a["c"] < 2**31) == (lanes == "int32"), (exponent, a)
+        assert np.array_equal(_three_ways("IntSoftmax", [x], a), _softmax_formula(x, a))
+        _three_ways("IntSoftmax", [wide], a)
     with pytest.raises(ValueError, match="too coarse"):
         opdefs.int_softmax_constants(1, 15)
 
