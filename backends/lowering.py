@@ -581,14 +581,84 @@ def lower_int_softmax(bb, inputs, attrs):
     return op.astype(y, "int32")
 
 
+#: value ranges of the integer dtypes a tensor may be widened from
+_INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535)}
+
+
+def _int_range(bb, expr, depth: int = 6):
+    """``(lo, hi)`` bounding the integer values of ``expr`` from how it was computed, or None:
+    a widening ``astype`` of an 8- or 16-bit tensor has that type's range; a clip to constants
+    (``minimum``/``maximum``, :func:`clip_const`) narrows the range of what it clips."""
+    import tvm
+    from tvm import relax
+
+    if depth <= 0:
+        return None
+    dtype = str(getattr(expr.ty, "dtype", ""))
+    if dtype in _INT_RANGES:
+        return _INT_RANGES[dtype]
+    if not isinstance(expr, relax.Var):
+        return None
+    try:
+        call = bb.lookup_binding(expr)
+    except Exception:
+        return None
+    if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+        return None
+    name = call.op.name
+    if name == "relax.astype" and str(call.ty.dtype).startswith("int"):
+        return _int_range(bb, call.args[0], depth - 1)
+    if name in ("relax.minimum", "relax.maximum") and isinstance(call.args[1], relax.Constant):
+        bound = call.args[1].data.numpy()
+        if bound.size != 1:
+            return None
+        inner = _int_range(bb, call.args[0], depth - 1) or (-(2**63), 2**63 - 1)
+        k = int(bound.reshape(()))
+        return (min(inner[0], k), min(inner[1], k)) if name == "relax.minimum" else (max(inner[0], k), max(inner[1], k))
+    return None
+
+
+def gelu_fits_int32(attrs, x_max: int | None) -> bool:
+    """True when :func:`lower_int_gelu` may compute ``n`` in int32 (``b^2 + 2|c|`` bounds every
+    step before it) and, for ``|x| <= x_max`` (None: any int32), also ``t = (x n) >> shift1``
+    (``|n| <= max(-2c, b^2)``)."""
+    b, c, s1 = int(attrs["b"]), int(attrs["c"]), int(attrs["shift1"])
+    if b * b + 2 * abs(c) >= 2**31:
+        return False
+    return x_max is None or (x_max * max(-2 * c, b * b) < 2**31 and s1 < 31)
+
+
 @register("IntGELU")
 def lower_int_gelu(bb, inputs, attrs):
-    """I-BERT integer GELU (``ir.opdefs.int_gelu_reference``) in int64; ``right_shift`` on int64
-    is arithmetic (floor)."""
+    """I-BERT integer GELU (``ir.opdefs.int_gelu_reference``); ``right_shift`` is arithmetic
+    (floor) in both widths.
+
+    ``min(|x|, -b)`` is ``|clip(x, b, -b)|`` (no overflow at ``x = -2^31``). While ``b^2 + 2|c|``
+    stays below 2^31 (:func:`gelu_fits_int32`), ``n = -(L + c)`` is computed in int32 lanes and
+    ``x n`` as a product of two sign-extended int32 values; with the input's range known from
+    how it was computed (:func:`_int_range`: an 8-bit requantisation widened) and ``|x| max|n|``
+    below 2^31, ``t = (x n) >> shift1`` stays in int32 too. ``t m`` and the rounding shift are
+    int64. Otherwise all of it is int64."""
     from tvm import relax
 
     op = relax.op
     b, c, m, s1, s2, lo, hi = (int(attrs[k]) for k in ("b", "c", "m", "shift1", "shift2", "lo", "hi"))
+    if str(inputs[0].ty.dtype) in ("int32", "int16", "int8", "uint8", "uint16") and gelu_fits_int32(attrs, None):
+        span = _int_range(bb, inputs[0])
+        narrow = span is not None and gelu_fits_int32(attrs, max(abs(span[0]), abs(span[1])))
+        i32 = lambda v: relax.const(int(v), "int32")  # noqa: E731
+        x = bb.emit(op.astype(inputs[0], "int32"))
+        ab = op.add(op.abs(op.maximum(op.minimum(x, i32(-b)), i32(b))), i32(b))
+        poly = bb.emit(op.add(op.multiply(ab, ab), i32(c)))
+        big = op.where(op.greater(x, i32(0)), poly, op.where(op.less(x, i32(0)), op.negative(poly), i32(0)))
+        n = bb.emit(op.negative(op.add(big, i32(c))))
+        if narrow:
+            t = op.astype(op.right_shift(op.multiply(x, n), i32(s1)) if s1 else op.multiply(x, n), "int64")
+        else:
+            t = op.multiply(op.astype(x, "int64"), op.astype(n, "int64"))
+            t = op.right_shift(t, _i64(s1)) if s1 else t
+        y = op.right_shift(op.add(op.multiply(t, _i64(m)), _i64(1 << (s2 - 1))), _i64(s2))
+        return op.astype(clip_const(y, lo, hi, "int64"), "int32")
     x = bb.emit(op.astype(inputs[0], "int64"))
     a = op.minimum(op.abs(x), _i64(-b))
     ab = bb.emit(op.add(a, _i64(b)))

@@ -1602,7 +1602,8 @@ def _flat_int8_epilogue(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
     """Register-tile (``INT8_ROWS`` rows x up to ``INT8_VECTORS`` groups of the intrinsic's G
-    columns) and tensorise the ``int8_dot`` block; the epilogue per tile (see above)."""
+    columns) and tensorise the ``int8_dot`` block; the epilogue per tile (see above) when the
+    tiles divide the output's columns, else after the product, row by row."""
     cols = dot_layout(intrin)[0]
     root = sch.get_sblock("root")
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
@@ -1618,12 +1619,23 @@ def _schedule_int8_dot(sch, main, params: CpuParams, intrin: str) -> None:
     sch.reorder(jo, io, ko, ii, jv, ji, ki)
     outer = sch.fuse(jo, io)
     if last is not None:
-        sch.reverse_compute_at(last, outer)
-        loops = sch.get_loops(last)
-        inner = loops[-1]
-        if (_extent(sch, inner) or 0) % 16 == 0:
-            _, v = sch.split(inner, [None, 16])
-            sch.vectorize(v)
+        width = [int(d) for d in sch.get(last).writes[0].source.shape][-1]
+        if width % (vectors * cols) == 0:
+            sch.reverse_compute_at(last, outer)
+            loops = sch.get_loops(last)
+            inner = loops[-1]
+            if (_extent(sch, inner) or 0) % 16 == 0:
+                _, v = sch.split(inner, [None, 16])
+                sch.vectorize(v)
+        else:
+            # a column tile would cross the output's last column (197 keys): per tile, the
+            # column bound is a per-lane condition and TVM scalarises the whole epilogue
+            # (measured: DeiT-S's q k^T requantisation one element at a time). After the
+            # product instead, rows in parallel, each row a plain loop LLVM vectorises.
+            loops = sch.get_loops(last)
+            rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+            if params.threads > 1:
+                sch.parallel(rows)
     if params.threads > 1:
         sch.parallel(outer)
     init = sch.decompose_reduction(main, ko)

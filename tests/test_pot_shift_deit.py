@@ -140,6 +140,32 @@ def test_int_gelu_formula_accuracy_and_runtimes():
     assert a["shift1"] > 0  # the fine exponent needs the pre-shift that keeps x * n * m in int64
 
 
+def test_int_gelu_of_an_8bit_requantisation_runs_in_int32_lanes_exactly():
+    """An int8 input widened to int32 bounds |x| by 128: the CPU lowering then keeps x n in int32
+    where that cannot overflow (exponents up to 10), n alone in int32 up to 15, int64 above; all
+    three give the reference's integers on every int8 value (the int16 / int32 inputs of the
+    test above take the middle form at exponents 9 and 12, the int64 one at 15)."""
+    from sliver import backends
+    from sliver.backends import lowering
+
+    x8 = np.arange(-128, 128, dtype=np.int8).reshape(2, 128)
+    for exponent, fits in ((4, True), (10, True), (11, False), (16, False)):
+        a = opdefs.int_gelu_constants(exponent, exponent, 8, -128, 127)
+        assert lowering.gelu_fits_int32(a, 128) == fits, exponent
+        assert lowering.gelu_fits_int32(a, None) == (exponent < 16), exponent  # n itself in int32
+        want = opdefs.lookup("sliver", "IntGELU").reference([x8.astype(np.int32)], a)[0]
+        nodes = [helper.make_node("Cast", ["x8"], ["x"], to=TensorProto.INT32),
+                 helper.make_node("IntGELU", ["x"], ["y"], domain="sliver", **a)]
+        model = helper.make_model(
+            helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x8", TensorProto.INT8, list(x8.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, list(x8.shape))]),
+            opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sliver", 1)],
+            functions=[opdefs.lookup("sliver", "IntGELU").function(17)], ir_version=8)
+        prog = Program("onnx", model, (x8,), name="gelu8", input_names=("x8",))
+        assert np.array_equal(prog.run([x8])[0], want)
+        assert np.array_equal(backends.tvm.build(prog, target="x86").run([x8])[0], want)
+
+
 # -- LayerNorm -------------------------------------------------------------------------------
 
 
