@@ -1755,5 +1755,7 @@ def _schedule_int8_conv(sch, main, params: CpuParams, intrin: str) -> None:
     sch.tensorize(fi, intrin)
     xa = sch.get_sblock("int8_activation")
     xl = sch.get_loops(xa)
-    if params.threads > 1:
+    # a parallel region costs a wake-up of the sleeping workers (tens of microseconds on a VM
+    # with passive waiting): the activation copy of a small image is cheaper done serially
+    if params.threads > 1 and _product(sch, xl) >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(xl[1])
