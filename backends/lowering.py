@@ -469,6 +469,22 @@ def _i64(value):
     return relax.const(int(value), "int64")
 
 
+def _i32(value):
+    from tvm import relax
+
+    return relax.const(int(value), "int32")
+
+
+def _corrected_quotient(q, rem, d, dtype: str):
+    """``q`` moved one step toward ``floor(a / d)`` given the exact remainder ``rem = a - q d``
+    (``d > 0``): an estimate within one of the quotient becomes exact."""
+    from tvm import relax
+
+    op = relax.op
+    q = op.subtract(q, op.astype(op.less(rem, relax.const(0, dtype)), dtype))
+    return op.add(q, op.astype(op.greater_equal(rem, d), dtype))
+
+
 def _pow2(s: int):
     return _i64(1 << int(s))
 
@@ -523,8 +539,7 @@ def _floor_div_i64_small_quotient(bb, a, d):
     recip = bb.emit(op.divide(relax.const(1.0, "float64"), op.astype(d, "float64")))  # once per row
     q = bb.emit(op.astype(op.floor(op.multiply(op.astype(a, "float64"), recip)), "int64"))
     rem = bb.emit(op.subtract(a, op.multiply(q, d)))
-    q = op.subtract(q, op.astype(op.less(rem, _i64(0)), "int64"))
-    return op.add(q, op.astype(op.greater_equal(rem, d), "int64"))
+    return _corrected_quotient(q, rem, d, "int64")
 
 
 @register("IntSoftmax")
@@ -552,16 +567,14 @@ def lower_int_softmax(bb, inputs, attrs):
     top = bb.emit(op.max(inputs[0], axis=[-1], keepdims=True))
     x = bb.emit(op.subtract(op.astype(inputs[0], "int64"), op.astype(top, "int64")))
     if e_max < 2**31 and zmax <= 31 and floor_x < 2**24:
-        i32 = lambda v: relax.const(int(v), "int32")  # noqa: E731
         x = bb.emit(op.astype(op.maximum(x, _i64(-floor_x)), "int32"))  # in [-(zmax+1) ln2, 0]
         neg = bb.emit(op.negative(x))
         # -x' (x) 1/ln2 in float32: relative error <= 2^-23 on a quotient <= zmax + 1, within one
         z = bb.emit(op.astype(op.floor(op.multiply(op.astype(neg, "float32"), relax.const(1.0 / ln2, "float32"))), "int32"))
-        rem = bb.emit(op.subtract(neg, op.multiply(z, i32(ln2))))
-        z = op.subtract(z, op.astype(op.less(rem, i32(0)), "int32"))
-        z = bb.emit(op.add(z, op.astype(op.greater_equal(rem, i32(ln2)), "int32")))
-        pb = bb.emit(op.add(op.add(x, op.multiply(z, i32(ln2))), i32(b)))
-        e32 = op.right_shift(op.add(op.multiply(pb, pb), i32(c)), op.minimum(z, i32(zmax)))
+        rem = bb.emit(op.subtract(neg, op.multiply(z, _i32(ln2))))
+        z = bb.emit(_corrected_quotient(z, rem, _i32(ln2), "int32"))
+        pb = bb.emit(op.add(op.add(x, op.multiply(z, _i32(ln2))), _i32(b)))
+        e32 = op.right_shift(op.add(op.multiply(pb, pb), _i32(c)), op.minimum(z, _i32(zmax)))
         e = bb.emit(op.astype(e32, "int64"))
     else:
         x = bb.emit(op.maximum(x, _i64(-floor_x)))
@@ -650,14 +663,13 @@ def lower_int_gelu(bb, inputs, attrs):
     if str(inputs[0].ty.dtype) in ("int32", "int16", "int8", "uint8", "uint16") and gelu_fits_int32(attrs, None):
         span = _int_range(bb, inputs[0])
         narrow = span is not None and gelu_fits_int32(attrs, max(abs(span[0]), abs(span[1])))
-        i32 = lambda v: relax.const(int(v), "int32")  # noqa: E731
         x = bb.emit(op.astype(inputs[0], "int32"))
-        ab = op.add(op.abs(op.maximum(op.minimum(x, i32(-b)), i32(b))), i32(b))
-        poly = bb.emit(op.add(op.multiply(ab, ab), i32(c)))
-        big = op.where(op.greater(x, i32(0)), poly, op.where(op.less(x, i32(0)), op.negative(poly), i32(0)))
-        n = bb.emit(op.negative(op.add(big, i32(c))))
+        ab = op.add(op.abs(op.maximum(op.minimum(x, _i32(-b)), _i32(b))), _i32(b))
+        poly = bb.emit(op.add(op.multiply(ab, ab), _i32(c)))
+        big = op.where(op.greater(x, _i32(0)), poly, op.where(op.less(x, _i32(0)), op.negative(poly), _i32(0)))
+        n = bb.emit(op.negative(op.add(big, _i32(c))))
         if narrow:
-            t = op.astype(op.right_shift(op.multiply(x, n), i32(s1)) if s1 else op.multiply(x, n), "int64")
+            t = op.astype(op.right_shift(op.multiply(x, n), _i32(s1)) if s1 else op.multiply(x, n), "int64")
         else:
             t = op.multiply(op.astype(x, "int64"), op.astype(n, "int64"))
             t = op.right_shift(t, _i64(s1)) if s1 else t
