@@ -175,13 +175,15 @@ def test_max_drop_searches_the_budget_by_held_out_accuracy():
     assert len(tried) >= 16 and all("val_accuracy_drop" in t for t in tried)
     gm = res.program.module
     layers = [m for m in gm.modules() if isinstance(m, AppMulLayer)]
-    approx = sensitivity.accuracy(gm, val.images, val.targets)
+    approx = sensitivity.correct(gm, val.images, val.targets)
     for m in layers:
         m.set_multiplier(None)
-    exact = sensitivity.accuracy(gm, val.images, val.targets)
-    assert exact == pytest.approx(notes["val_accuracy_exact"], abs=1e-3)
-    assert exact - approx <= 2.0 + 1e-9  # the winner stays within max_drop points on val
-    feasible = [t["energy_value"] for t in tried if t["val_accuracy_drop"] <= 2.0]
+    exact = sensitivity.correct(gm, val.images, val.targets)
+    assert 100.0 * float(exact.float().mean()) == pytest.approx(notes["val_accuracy_exact"], abs=1e-3)
+    drop, se = sensitivity.paired_drop(exact, approx)
+    # the winner's drop plus its standard error stays within max_drop points on val
+    assert drop + se <= 2.0 + 1e-9
+    feasible = [t["energy_value"] for t in tried if t["val_accuracy_drop"] + t["val_drop_se"] <= 2.0 + 1e-9]
     if feasible:  # and it is the feasible selection saving the most energy
         lib = library.load()
         value = sum(r["macs"] * (lib.exact(3, True).stats["energy"] - lib[r["multiplier"]].stats["energy"])
@@ -194,6 +196,21 @@ def test_max_drop_searches_the_budget_by_held_out_accuracy():
                                                                               check=False)
     with pytest.raises(OptionValueError, match="max_drop"):
         passes.parse("appmul{max_drop=-1}")
+
+
+def test_paired_drop_counts_lost_and_gained_images():
+    from sliver.passes.appmul import sensitivity
+
+    base = torch.tensor([True] * 90 + [False] * 10)
+    new = base.clone()
+    new[:4] = False  # 4 lost
+    new[95] = True  # 1 gained
+    drop, se = sensitivity.paired_drop(base, new)
+    assert drop == pytest.approx(3.0)  # (4 - 1) / 100 points
+    assert se == pytest.approx(100.0 * (5 - 9 / 100) ** 0.5 / 100)  # sqrt(4.91) / 100
+    assert sensitivity.paired_drop(base, base) == (0.0, 0.0)
+    # all lost: the difference is certain, (n - d^2/n) = 0
+    assert sensitivity.paired_drop(torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)) == (100.0, 0.0)
 
 
 def _mixed_precision_result(model: str, bits: list, budget: float, costs: str = "taylor"):

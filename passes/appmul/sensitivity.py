@@ -244,10 +244,27 @@ def mean_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, bat
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch: int = 256) -> float:
     """Top-1 accuracy in percent."""
-    correct = 0
-    for start in range(0, images.shape[0], batch):
-        correct += int((model(images[start : start + batch]).argmax(1) == targets[start : start + batch]).sum())
-    return 100.0 * correct / images.shape[0]
+    return 100.0 * float(correct(model, images, targets, batch).float().mean())
+
+
+@torch.no_grad()
+def correct(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Per image, whether ``model``'s top-1 class is the target (a bool vector)."""
+    return torch.cat([model(images[start : start + batch]).argmax(1) == targets[start : start + batch]
+                      for start in range(0, images.shape[0], batch)])
+
+
+def paired_drop(base: torch.Tensor, new: torch.Tensor) -> tuple[float, float]:
+    """(drop, standard error) in accuracy points of ``new`` against ``base``, two per-image
+    correctness vectors of one split. The drop is (lost - gained) / n; its standard error is the
+    paired one (the images both get right or both get wrong carry no information about the
+    difference): sqrt(lost + gained - (lost - gained)^2 / n) / n, the variance estimate behind
+    McNemar's test."""
+    n = base.numel()
+    lost = int((base & ~new).sum())
+    gained = int((~base & new).sum())
+    diff = lost - gained
+    return 100.0 * diff / n, 100.0 * max(lost + gained - diff * diff / n, 0.0) ** 0.5 / n
 
 
 def measured_loss_change(model: nn.Module, layer: AppMulLayer, multiplier: AppMul, images, targets, base: float,
