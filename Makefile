@@ -6,6 +6,12 @@ STAMP := $(VENV)/.sliver-installed
 
 .PHONY: setup setup-arm compile test clean
 
+# Python caches the bytecode of what it imports (__pycache__); an environment that turns that off
+# (PYTHONDONTWRITEBYTECODE=1, as on the machines this was measured on) makes every process compile
+# torch, TVM and sliver again: ~5 s of CPU per process (tools/compile.py tiny_resnet 15.0 -> 9.9 s),
+# paid by each of the suite's command-line and worker subprocesses.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml constraints.txt setup.py passes/appmul/_mckp.c
 # --no-compile: no bytecode for torch & co. at install time (fresh-clone set-up 49.8 -> 32.4 s on a
 # 2-core AMD EPYC); Python compiles the modules it imports on first use (make compile: 202 -> 194 s).
