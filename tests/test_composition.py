@@ -3,8 +3,9 @@ each applies to, runs and builds with TVM, or is refused at validation with one 
 
 Families: structure (adapruner, ofa-prune, block-prune), tokens (evit, heatvit, asvit; lvtp on the
 segmenter), poly-act, quantisers (rapq, pot-naive), appmul, pot-shift, cleanup. Options are cheap
-(no or one epoch, a few calibration images); the models have seeded random weights (what is
-checked is that the passes compose, not accuracy; the recipes' accuracy is in docs/composition.md).
+(no or one epoch, a few calibration images); the models have seeded random weights (tiny_deit
+with 4 of its 12 blocks, :data:`OPTIONS`; what is checked is that the passes compose, not
+accuracy; the recipes' accuracy is in docs/composition.md).
 
 Work is shared: pass A runs once per model and every B runs on its result (a program carries its
 facts and history, so ``B`` on ``A``'s result is the pipeline ``A,B``); TVM builds use no schedules
