@@ -54,6 +54,36 @@ def test_conv_decomposition_is_bit_exact(lib, name, groups, stride):
     assert got.dtype == torch.float32
 
 
+def test_bit_factor_plan_matches_the_lookup_for_every_library_multiplier(lib):
+    """The emulation computes bilinear multipliers by the lowering's bit-factor plan (exact product
+    plus error parts, one product) instead of one product per weight value: bit-exact against
+    the per-product lookup for every multiplier of the library, on a padded, strided, dilated
+    convolution and a linear layer; the logarithmic ones have no plan and keep the decomposition."""
+    torch.manual_seed(3)
+    planned = 0
+    for m in lib:
+        name = m.name
+        if m.is_exact or not m.signed:
+            continue
+        conv = nn.Conv2d(3, 5, 3, stride=2, padding=2, dilation=1)
+        layer = AppMulLayer(conv, m.bits, 0.05)
+        layer.set_multiplier(m)
+        x_int = layer.quantize_input(torch.randn(2, 3, 9, 9) * 0.4)
+        table = torch.from_numpy(m.table)
+        has_plan = layer._plan(table) is not None
+        assert has_plan == (not name.startswith(f"s{m.bits}_log")), name
+        planned += has_plan
+        got = layer.accumulate(x_int)
+        assert torch.equal(got.to(torch.int64), _gather_conv(layer, x_int, table)), name
+        assert got.dtype == layer._dtype(int(table.abs().max()) + 1)  # the dtype the dequantisation multiplies
+        lin = AppMulLayer(nn.Linear(11, 4), m.bits, 0.05)
+        lin.set_multiplier(m)
+        x_int = lin.quantize_input(torch.randn(3, 11))
+        want = table[x_int.long().unsqueeze(-2) - m.low, lin.weight_int[None] - m.low].sum(-1)
+        assert torch.equal(lin.accumulate(x_int).to(torch.int64), want), name
+    assert planned >= 20
+
+
 def test_linear_decomposition_is_bit_exact(lib):
     torch.manual_seed(1)
     m = lib["s8_log_t5"]
