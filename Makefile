@@ -44,12 +44,14 @@ compile: setup
 # One pytest worker per core (pytest-xdist), each test file on one worker so that its module
 # fixtures are built once; the trained fixtures are shared through the training cache's lock.
 # Most cases run one thread at a time (Python, ONNX export, LLVM code generation): two workers
-# took the suite from 37 to 24 minutes on a 2-core machine. OMP_WAIT_POLICY=PASSIVE: the workers'
-# OpenMP threads sleep instead of spinning while they wait. TEST_WORKERS=0 runs it in one process.
+# took the suite from 37 to 24 minutes on a 2-core machine. OMP_WAIT_POLICY=PASSIVE and
+# TVM_THREAD_POOL_SPIN_COUNT=0: the workers' OpenMP and TVM threads sleep instead of spinning while
+# they wait (two workers' spinning pools on two cores take CPU from each other). TEST_WORKERS=0
+# runs it in one process.
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 
 test: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	OMP_WAIT_POLICY=PASSIVE TVM_THREAD_POOL_SPIN_COUNT=0 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf build .pytest_cache
