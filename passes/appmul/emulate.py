@@ -338,7 +338,8 @@ class AppMulLayer(nn.Module):
         bias = torch.from_numpy(np.asarray(plan["bias"], dtype=np.int64))
         n_parts = len(parts)
         k = weights.shape[0] // n_parts
-        bound = k * sum(int(p.abs().max()) * int(weights[i * k:(i + 1) * k].abs().max()) for i, p in enumerate(parts))
+        bound = k * sum(int(p.abs().max()) * int(weights[i * k:(i + 1) * k].abs().max())
+                        for i, p in enumerate(parts) if p.numel())
         # exact in float32 only while every partial sum stays below 2^24; the result then takes the
         # dtype the decomposition gives (what the layer's dequantisation multiplies, bit for bit)
         dtype = torch.float32 if bound + int(bias.abs().max()) < 2**24 else torch.float64
