@@ -4,8 +4,9 @@ each applies to, runs and builds with TVM, or is refused at validation with one 
 Families: structure (adapruner, ofa-prune, block-prune), tokens (evit, heatvit, asvit; lvtp on the
 segmenter), poly-act, quantisers (rapq, pot-naive), appmul, pot-shift, cleanup. Options are cheap
 (no or one epoch, a few calibration images); the models have seeded random weights (tiny_deit
-with 4 of its 12 blocks, :data:`OPTIONS`; what is checked is that the passes compose, not
-accuracy; the recipes' accuracy is in docs/composition.md).
+with 4 of its 12 blocks and tiny_mobilenet_v2 with 10 of its 17, :data:`OPTIONS`; what is
+checked is that the passes compose, not accuracy; the recipes' accuracy is in
+docs/composition.md).
 
 Work is shared: pass A runs once per model and every B runs on its result (a program carries its
 facts and history, so ``B`` on ``A``'s result is the pipeline ``A,B``); TVM builds use no schedules
@@ -85,8 +86,14 @@ def pairs():
 
 #: zoo options of the matrix's models: tiny_deit with 4 of its 12 identical blocks (every pass's
 #: blocks option of CHEAP stays inside them; more copies of one block compose no differently and
-#: cost each pair its export, passes and build again: 381 s of the suite's time at depth 12)
-OPTIONS = {"tiny_deit": {"depth": 4}}
+#: cost each pair its export, passes and build again: 381 s of the suite's time at depth 12);
+#: tiny_mobilenet_v2 with 10 of its 17 inverted residual blocks: every stage and stride kept, and
+#: residual additions in three stages (the width-0.35 channels of the zoo model)
+OPTIONS = {
+    "tiny_deit": {"depth": 4},
+    "tiny_mobilenet_v2": {"inverted_residual_setting": (
+        (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 1, 2), (6, 96, 2, 1), (6, 160, 1, 2), (6, 320, 1, 1))},
+}
 
 
 @functools.lru_cache(maxsize=None)
