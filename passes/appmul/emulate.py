@@ -281,13 +281,15 @@ class AppMulLayer(nn.Module):
             dtype = self._dtype(self.high * self.high + 1)
             return self._op(x_int.to(dtype), self.weight_int.to(dtype))
         table = self.lut if self.lut is not None else _exact_table(self.bits)
-        planned = self._planned(x_int, table)
+        planned = self._planned(x_int)
         return planned if planned is not None else self._decomposed(x_int, table)
 
-    def _plan(self, table: torch.Tensor) -> dict | None:
+    def _plan(self) -> dict | None:
         """The bit-factor plan of ``backends.lowering.app_matmul_plan`` for this layer's weights
-        and ``table`` (cached per multiplier and weights), or None when there is none (a
-        logarithmic multiplier, a grouped convolution)."""
+        and multiplier, with its weights and bias as tensors and the float dtype that holds every
+        partial sum exactly (bounded over the whole operand range, so decided once); cached per
+        multiplier and weights. None when there is none (a logarithmic multiplier, a grouped
+        convolution)."""
         if self.kind == "conv" and self.groups != 1:
             return None
         key = (self.multiplier_name, self.weight_int.data_ptr(), self.weight_int._version, tuple(self.weight_int.shape))
@@ -297,58 +299,62 @@ class AppMulLayer(nn.Module):
         from ...backends.lowering import app_matmul_plan
         from ...ir import opdefs
 
-        side = 1 << self.bits
-        values = (torch.arange(side) + side // 2) % side - side // 2
-        order = values - self.low
-        factors = opdefs.app_matmul_bit_factors(table[order][:, order].numpy())
         plan = None
+        table = self.table_twos_complement()
+        factors = opdefs.app_matmul_bit_factors(table.numpy())
         if factors is not None:
             w = self.weight_int.reshape(self.weight_int.shape[0], -1).t().numpy()  # (K, N), K = (c, kh, kw)
             plan = app_matmul_plan(w, factors, self.bits)
+        if plan is not None:
+            weights = torch.from_numpy(np.ascontiguousarray(plan["weights"]))  # (P * K, N), part-major
+            bias = torch.from_numpy(np.asarray(plan["bias"], dtype=np.int64))
+            n_parts = len(plan["parts"])
+            k = weights.shape[0] // n_parts
+            grid = self._plan_parts(torch.arange(self.low, self.high + 1), plan["parts"])
+            bound = k * sum(int(g.abs().max()) * int(weights[i * k:(i + 1) * k].abs().max())
+                            for i, g in enumerate(grid))
+            plan = {**plan, "weights": weights, "bias": bias,
+                    "dtype": torch.float32 if bound + int(bias.abs().max()) < 2**24 else torch.float64,
+                    # the dtype the decomposition gives: what the layer's dequantisation multiplies
+                    "out_dtype": self._dtype(int(table.abs().max()) + 1)}
         self._plan_cache = (key, plan)
         return plan
 
-    def _planned(self, x_int: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+    def _plan_parts(self, a: torch.Tensor, parts: list) -> list:
+        """The plan's stored parts ``(raw - lo) >> shift`` of the integer operand ``a`` (int64)."""
+        pattern = a % (1 << self.bits)
+        out = []
+        for kind, payload, lo, shift in parts:
+            if kind == "a":
+                raw = a
+            elif kind == "bit":
+                raw = (pattern >> int(payload)) & 1
+            else:  # "sum": sum_i payload[i] bit_i(a)
+                raw = sum(int(c) * ((pattern >> i) & 1) for i, c in enumerate(payload))
+            out.append((raw - int(lo)) >> int(shift))
+        return out
+
+    def _planned(self, x_int: torch.Tensor) -> torch.Tensor | None:
         """sum_k LUT[a_k, w_k] as one product of the plan's parts of A with its weight blocks plus
         its bias (:func:`backends.lowering.app_matmul_plan`: the exact product and the
         multiplier's error split along the operand bits), exact in integers: the lowering's own
         arithmetic, (1 + error parts) times the layer's MACs instead of one product per weight
         value. A zero-padded convolution pads its operand with a = 0 before the parts are taken, as
         the integer graph's im2col does: the plan's constant terms (its bias) cover every tap."""
-        plan = self._plan(table)
+        plan = self._plan()
         if plan is None:
             return None
         a = x_int.detach().to(torch.int64)  # the lookup carries no gradient either
         if self.kind == "conv" and any(self.padding):
             ph, pw = self.padding
             a = F.pad(a, (pw, pw, ph, ph), value=0)  # parts of the padded operand a = 0, as the im2col has
-        side = 1 << self.bits
-        pattern = a % side
-        parts = []
-        for kind, payload, lo, shift in plan["parts"]:
-            if kind == "a":
-                raw = a
-            elif kind == "bit":
-                raw = (pattern >> int(payload)) & 1
-            else:
-                raw = sum(int(c) * ((pattern >> i) & 1) for i, c in enumerate(payload) if c)
-                raw = raw if torch.is_tensor(raw) else torch.zeros_like(a)
-            parts.append((raw - int(lo)) >> int(shift))  # the stored part (its offset is in the bias)
-        weights = torch.from_numpy(np.ascontiguousarray(plan["weights"]))  # (P * K, N), part-major
-        bias = torch.from_numpy(np.asarray(plan["bias"], dtype=np.int64))
-        n_parts = len(parts)
-        k = weights.shape[0] // n_parts
-        bound = k * sum(int(p.abs().max()) * int(weights[i * k:(i + 1) * k].abs().max())
-                        for i, p in enumerate(parts) if p.numel())
-        # exact in float32 only while every partial sum stays below 2^24; the result then takes the
-        # dtype the decomposition gives (what the layer's dequantisation multiplies, bit for bit)
-        dtype = torch.float32 if bound + int(bias.abs().max()) < 2**24 else torch.float64
-        out_dtype = self._dtype(int(table.abs().max()) + 1)
+        parts = self._plan_parts(a, plan["parts"])
+        dtype, out_dtype, weights, bias = plan["dtype"], plan["out_dtype"], plan["weights"], plan["bias"]
         if self.kind == "linear":
             acc = torch.cat(parts, dim=-1).to(dtype) @ weights.to(dtype)
             return (acc + bias.to(dtype)).to(out_dtype)
         o, c, kh, kw = self.weight_int.shape
-        w = weights.t().reshape(o, n_parts, c, kh, kw).reshape(o, n_parts * c, kh, kw)
+        w = weights.t().reshape(o, len(parts), c, kh, kw).reshape(o, len(parts) * c, kh, kw)
         acc = self._op(torch.cat(parts, dim=1).to(dtype), w.to(dtype), padded=True)
         return (acc + bias.to(dtype).view(1, -1, 1, 1)).to(out_dtype)
 

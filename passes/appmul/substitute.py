@@ -208,8 +208,9 @@ def search_budget(gm, layers: dict, profiles: dict, lib, images, targets, opts, 
     (:func:`sensitivity.paired_drop`), stays within ``max_drop`` points. The standard error term:
     the winner is the best of some 24 noisy tries on one split, so its measured drop is biased
     low; without the term a few images decide (on the trained tiny_resnet below, a selection 3
-    val images down, 0.84 points, was 6 test images down, 1.67 points). Why a held-out split: on a model that fits its training images (the trained
-    tiny CNNs) the calibration cross-entropy is tiny and its increase says little about accuracy;
+    val images down, 0.84 points, was 6 test images down, 1.67 points). Why a held-out split: on
+    a model that fits its training images (the trained tiny CNNs) the calibration cross-entropy
+    is tiny and its increase says little about accuracy;
     choosing on a split that neither training nor calibration saw is protocol P of docs/appmul.md
     (on the trained tiny_resnet after adapruner and rapq W4A4, max_loss=0.05 saved 8.5% at -0.83
     points on val, max_drop=1 9.9% with Taylor and 14.5% with probe costs at the same val
