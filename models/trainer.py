@@ -62,7 +62,7 @@ from torch import nn
 
 from ..ir.errors import PassError
 
-__all__ = ["Batch", "Source", "source", "tensor_source", "fit", "epoch_seed", "frozen", "frozen_copy",
+__all__ = ["Batch", "Source", "source", "tensor_source", "fit", "fine_tune", "epoch_seed", "frozen", "frozen_copy",
            "world", "LOSS_KEY"]
 
 LOSS_KEY = "train_loss"
@@ -293,6 +293,26 @@ def fit(model: nn.Module, data: Source, optimizer: torch.optim.Optimizer, *, epo
         _record(ctx, phase or what, history)
     return history
 
+
+def fine_tune(module: nn.Module, teacher: nn.Module | None, train_set, ctx, *, epochs: int, lr: float,
+              batch_size: int, distill: float = 0.0, temperature: float = 1.0, params=None, weight_decay: float = 0.0,
+              loss: Callable | None = None, seed: int | None = None, drop_last: bool = False, progress=None,
+              phase: str = "fine-tune", what: str = "fine-tuning") -> list:
+    """:func:`fit` with AdamW and a cosine learning rate from ``lr`` to 0 over all steps: the
+    fine-tuning of adapruner, of rapq's quantisation-aware epochs and of aftrans. The loss is
+    ``loss`` or the default one (cross-entropy + ``distill`` x T^2 x KL(teacher_T || student_T),
+    both softmaxes at temperature T; Hinton et al., 2015; T = 1 is the plain KL; no ``teacher``, no
+    KL term). ``params``: what to optimise (default: every parameter of ``module`` that requires
+    a gradient). ``seed``: the batch order's (default: the pass context's)."""
+    params = [p for p in module.parameters() if p.requires_grad] if params is None else list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    per_epoch = len(train_set) // batch_size if drop_last else math.ceil(len(train_set) / batch_size)
+    steps = max(1, epochs * per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    data = source(train_set, batch_size, seed=ctx.seed if seed is None else seed, phase=phase, drop_last=drop_last)
+    return fit(module, data, opt, epochs=epochs, what=what, phase=phase, loss=loss, teacher=teacher,
+               distill=distill if teacher is not None else 0.0, temperature=temperature, scheduler=sched, ctx=ctx,
+               progress=progress)
 
 def _average_buffers(model: nn.Module) -> None:
     """Under DDP, average the floating buffers (BatchNorm running statistics) over the ranks at the

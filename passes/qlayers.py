@@ -44,6 +44,7 @@ initializer dequantised per channel).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -71,6 +72,8 @@ __all__ = [
     "quant_layers",
     "quantizers",
     "set_exact",
+    "straight_through",
+    "trainable_weights",
 ]
 
 
@@ -268,6 +271,7 @@ class QLayer(nn.Module):
         self.register_buffer("weight_int", torch.zeros_like(weight, dtype=torch.int8))
         self.quantized = False  # False: float layer (before calibration reaches it)
         self.exact = False
+        self.ste_weights = False  # True inside trainable_weights()
         #: importance weight of each output channel in the reconstruction loss (BN statistics)
         self.register_buffer("channel_weight", torch.ones(out))
 
@@ -343,7 +347,24 @@ class QLayer(nn.Module):
                 acc = acc + self.bias_int().double().reshape(shape)
             return _exact_out(acc, torch.pow(2.0, -self.accumulator_exponent().double()).reshape(shape), x.dtype)
         x = self.input_quantizer(x)
+        if self.ste_weights:
+            return self._op(x, self._ste_weight(x.dtype), self._ste_bias(x.dtype))
         return self._op(x, self.weight_dequantized(x.dtype), self.bias_dequantized(x.dtype))
+
+    def _ste_weight(self, dtype) -> torch.Tensor:
+        """The dequantised weight as a function of the float weight (straight-through rounding)."""
+        step = self._shape(torch.pow(torch.tensor(2.0, dtype=dtype), -self.weight_exponent.to(dtype)))
+        lo, hi = int_range(self.wbits, True)
+        v = self.weight.to(dtype) / step
+        return (v + (torch.clamp(round_half_up(v), lo, hi) - v).detach()) * step
+
+    def _ste_bias(self, dtype) -> torch.Tensor | None:
+        """The bias rounded to the accumulator's scale as a function of the float bias."""
+        if self.bias is None:
+            return None
+        scale = torch.pow(torch.tensor(2.0, dtype=dtype), self.accumulator_exponent().to(dtype))
+        b = self.bias.to(dtype)
+        return b + (round_half_up(b * scale) / scale - b).detach()
 
     def _acc_shape(self, acc):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -744,3 +765,80 @@ def set_exact(module: nn.Module, exact: bool = True) -> None:
     """Switch every quantised layer of ``module`` to (or from) exact integer arithmetic."""
     for _, m in quant_layers(module):
         m.exact = exact
+
+
+@contextlib.contextmanager
+def straight_through(model: nn.Module):
+    """Within this block the power-of-two quantisers of a model quantised by passes/qlayers.py
+    (activation quantisers of QMatMul, the output quantiser) pass gradients straight through
+    (their rounding has zero gradient), and QMatMul and the QLayers left unreplaced run their
+    fake-quant form instead of the exact float64 one, so that every AppMul layer's output
+    gradient is seen (values agree up to float32 rounding). A ViT's integer non-linearities and
+    token selection (QSoftmax, QGELU, QLayerNorm, QTokenEmbed, QTokenFusion: integer ops without
+    gradients) run their float form meanwhile (they differ from it by ~1e-3, far below the
+    multiplier errors being profiled). Used by appmul's sensitivity profile and by
+    :func:`trainable_weights`."""
+    patched, exact = [], []
+    floated = [m for _, m in nonlinear_modules(model) if m.quantized]
+    for m in floated:
+        m.quantized = False
+    for m in model.modules():
+        if isinstance(m, PoTQuantizer):
+            def forward(x, _q=m, _f=type(m).forward):
+                y = _f(_q, x)
+                return x + (y - x).detach()
+            m.forward = forward
+            patched.append(m)
+        elif isinstance(m, (QMatMul, QLayer)) and m.exact:
+            m.exact = False
+            exact.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+        for m in exact:
+            m.exact = True
+        for m in floated:
+            m.quantized = True
+
+
+@contextlib.contextmanager
+def trainable_weights(model: nn.Module):
+    """Quantisation-aware training of a power-of-two quantised ``model``: within this block every
+    quantised :class:`QLayer` computes with ``clamp(round(w * 2^e_w)) * 2^-e_w`` of its float
+    weight ``w`` and the bias rounded to the accumulator's scale, both rounded with a
+    straight-through gradient (the rounding's gradient taken as 1; Bengio et al. 2013, as in
+    LSQ / QAT practice), the exponents frozen; the rest of the model runs as in
+    :func:`straight_through`. Yields the parameters to optimise (the layers' float weights and
+    biases). Each float weight is first moved into the rounding cell of its current integer (a
+    learned rounding such as rapq's may have rounded it the other way), so that the first
+    forward computes exactly the calibrated integers. On a normal exit the integers are
+    re-derived from the trained float weights (the same rounding); the model is left in exact
+    mode with frozen parameters either way."""
+    layers = [m for m in model.modules() if isinstance(m, QLayer) and m.quantized]
+    params = []
+    with torch.no_grad():
+        for m in layers:
+            step = m._shape(torch.pow(2.0, -m.weight_exponent.to(m.weight.dtype)))
+            q = m.weight_int.to(m.weight.dtype)
+            # inside [q - 1/2, q + 1/2) of the round-half-up rule, a margin of 1% of a step
+            m.weight.copy_(torch.minimum(torch.maximum(m.weight, (q - 0.49) * step), (q + 0.49) * step))
+            m.ste_weights = True
+            params.append(m.weight.requires_grad_(True))
+            if m.bias is not None:
+                params.append(m.bias.requires_grad_(True))
+    done = False
+    try:
+        with straight_through(model):
+            yield params
+        done = True
+    finally:
+        with torch.no_grad():
+            for m in layers:
+                m.ste_weights = False
+                m.weight.requires_grad_(False)
+                if m.bias is not None:
+                    m.bias.requires_grad_(False)
+                if done:
+                    m.weight_int.copy_(quantize_pot(m.weight, m._shape(m.weight_exponent), m.wbits, True).to(torch.int8))

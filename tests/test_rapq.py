@@ -151,3 +151,52 @@ def test_tiny_deit_w4a4_within_two_points_with_8_bit_attention_activations():
     # measured: float 98.33, rapq W4A4 with attn_bits=8 (default) 97.22 with the integer non-linearities
     # (default int_nonlinear=true; 97.50 with them in float), with attn_bits=0 56.94
     assert evaluate(rapq, data="digits", split="test") >= base - 2.0
+
+
+def test_trainable_weights_start_at_the_calibrated_integers_and_end_on_new_ones(resnet_w4a4):
+    """Quantisation-aware training (qlayers.trainable_weights): the first forward computes the
+    calibrated integers, gradients reach every quantised layer's float weight through the
+    straight-through rounding, and on exit the integers are the rounding of the trained weights."""
+    import copy
+
+    from sliver.passes.qlayers import quantize_pot, trainable_weights
+
+    _, res = resnet_w4a4
+    gm = copy.deepcopy(res.program.module)
+    layers = [m for _, m in quant_layers(gm) if isinstance(m, QLayer)]
+    before = [m.weight_int.clone() for m in layers]
+    x = data.digits("train").images[:32]
+    y = data.digits("train").targets[:32]
+    with torch.no_grad():
+        exact = gm(x)
+    step = 2.0 ** -gm.output_quantizer.exponent
+    with trainable_weights(gm) as params:
+        assert all(m.ste_weights and not m.exact for m in layers)
+        out = gm(x)
+        # float32 fake quantisation of the same integers: at most one output step apart
+        diff = (out.detach() - exact).abs()
+        assert float(diff.max()) <= step + 1e-6
+        assert float(diff.mean()) < 0.01 * step
+        torch.nn.functional.cross_entropy(out, y).backward()
+        assert len(params) == 2 * len(layers)  # every conv has a bias after BN folding; so has fc
+        assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params)
+        opt = torch.optim.SGD(params, lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(gm(x), y).backward()
+            opt.step()
+    assert not any(m.ste_weights for m in layers) and all(m.exact for m in layers)
+    assert not any(p.requires_grad for p in params)
+    moved = 0
+    for m, b in zip(layers, before):
+        again = quantize_pot(m.weight, m._shape(m.weight_exponent), m.wbits, True).to(torch.int8)
+        assert torch.equal(m.weight_int, again)
+        moved += int((m.weight_int != b).sum())
+    assert moved > 0
+
+
+def test_rapq_epochs_need_labelled_data():
+    prog = trained_program("tiny_resnet", batch=16)
+    images = data.ImageSet("mine/train", "images", data.digits("train").images[:32])
+    with pytest.raises(PassError, match="epochs=2 fine-tunes on labelled data"):
+        passes.parse("rapq{wbits=4 abits=4 calib_images=16 iters=0 epochs=2}").run(prog, data=images, check=False)

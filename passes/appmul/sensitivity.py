@@ -46,7 +46,6 @@ histograms; its taps enter through ``e(0, w)`` (step 1).
 
 from __future__ import annotations
 
-import contextlib
 
 from dataclasses import dataclass
 
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ir.errors import PassError
+from ..qlayers import straight_through
 from .emulate import AppMulLayer
 from .library import AppMul
 
@@ -94,43 +94,6 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _positions_last(g: torch.Tensor, kind: str) -> torch.Tensor:
     """(N, O, positions) view of an output gradient (conv: pixels; linear: tokens)."""
     return g.flatten(2) if kind == "conv" else g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)
-
-
-@contextlib.contextmanager
-def straight_through(model: nn.Module):
-    """Within this block the power-of-two quantisers of a model quantised by passes/qlayers.py
-    (activation quantisers of QMatMul, the output quantiser) pass gradients straight through
-    (their rounding has zero gradient), and QMatMul and the QLayers left unreplaced run their
-    fake-quant form instead of the exact float64 one, so that every AppMul layer's output
-    gradient is seen (values agree up to float32 rounding). A ViT's integer non-linearities and
-    token selection (QSoftmax, QGELU, QLayerNorm, QTokenEmbed, QTokenFusion: integer ops without
-    gradients) run their float form meanwhile (they differ from it by ~1e-3, far below the
-    multiplier errors being profiled)."""
-    from ..qlayers import PoTQuantizer, QLayer, QMatMul, nonlinear_modules
-
-    patched, exact = [], []
-    floated = [m for _, m in nonlinear_modules(model) if m.quantized]
-    for m in floated:
-        m.quantized = False
-    for m in model.modules():
-        if isinstance(m, PoTQuantizer):
-            def forward(x, _q=m, _f=type(m).forward):
-                y = _f(_q, x)
-                return x + (y - x).detach()
-            m.forward = forward
-            patched.append(m)
-        elif isinstance(m, (QMatMul, QLayer)) and m.exact:
-            m.exact = False
-            exact.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-        for m in exact:
-            m.exact = True
-        for m in floated:
-            m.quantized = True
 
 
 def profile(model: nn.Module, layers: dict, images: torch.Tensor, targets: torch.Tensor, batch: int = 128) -> dict:

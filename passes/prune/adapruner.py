@@ -44,7 +44,6 @@ builds with TVM as it is. ``flops`` counts MACs with sliver's convention (``sliv
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import numpy as np
@@ -55,7 +54,7 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import retrace
-from ...models.trainer import fit, frozen_copy, source
+from ...models.trainer import fine_tune, fit, frozen_copy, source
 from ..infra.base import Pass, option, register
 from ..infra.facts import APPMUL, CHANNEL_PRUNED, QUANTIZED_POT
 from .channels import ChannelGraph, WidthPlan, has_bn_everywhere, unit_scores
@@ -244,13 +243,3 @@ def proxy_loss(module: nn.Module, ctx, train_set, proxy_images: int, batch_size:
     return total / max(count, 1)
 
 
-def fine_tune(module: nn.Module, teacher: nn.Module, train_set, ctx, *, epochs: int, lr: float, batch_size: int,
-              distill: float, temperature: float = 1.0) -> list:
-    """AdamW with a cosine schedule on cross-entropy + ``distill`` x T^2 x KL(teacher_T || student_T),
-    both softmaxes at temperature T (Hinton et al., 2015; T = 1 is the plain KL)."""
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
-    steps = epochs * math.ceil(len(train_set) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    return fit(module, source(train_set, batch_size, seed=ctx.seed, phase="fine-tune"), opt, epochs=epochs,
-               what="fine-tuning", phase="fine-tune", teacher=teacher, distill=distill, temperature=temperature,
-               scheduler=sched, ctx=ctx)

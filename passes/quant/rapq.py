@@ -42,6 +42,11 @@ own range. What this pass does, in order:
 ``pot-naive`` is the baseline: every exponent from its own tensor's range (the scale
 ``max|x| / qmax`` rounded to the nearest power of two), weights rounded to nearest.
 
+4. Optionally (``epochs`` > 0; sliver's addition, RAPQ itself is post-training), quantisation-aware
+   fine-tuning with the exponents frozen: the float weights and biases are trained through the
+   power-of-two grids with straight-through rounding (:func:`~sliver.passes.qlayers.trainable_weights`),
+   on cross-entropy plus a KL term to the float model, and the integers re-derived at the end.
+
 The result runs the exact integer reference (:mod:`sliver.passes.quant`, exact mode) and exports
 to standard QDQ ONNX; ``pot-shift`` turns that into an integer-only graph.
 """
@@ -60,6 +65,7 @@ from torch import nn
 from ...ir.errors import PassError
 from ...ir.program import Program
 from ...ir.torch_level import is_attention, retrace
+from ...models.trainer import fine_tune, frozen_copy
 from ..infra.base import Pass, option, register
 from ..infra.context import as_pass_data
 from ..fold_bn import fold_batchnorm
@@ -84,6 +90,7 @@ from ..qlayers import (
     quant_layers,
     quantize_pot,
     set_exact,
+    trainable_weights,
 )
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
@@ -109,6 +116,7 @@ class NaiveOptions:
                                  "integers (I-BERT), so that pot-shift can make the model integer-only")
 
     iters = 0  # pot-naive rounds to nearest (not an option)
+    epochs = 0  # nor fine-tunes
 
     def validate(self) -> None:
         # every width is checked by one rule (also the widths inside layer_bits); first_last_bits
@@ -129,6 +137,12 @@ class NaiveOptions:
 @dataclasses.dataclass
 class RAPQOptions(NaiveOptions):
     iters: int = option(100, "weight-rounding steps per layer (0: nearest)", ge=0)
+    epochs: int = option(0, "quantisation-aware fine-tuning epochs after calibration (labelled training data): "
+                         "the float weights and biases trained through the frozen power-of-two grids with "
+                         "straight-through rounding, distilled from the float model; 0: post-training only", ge=0)
+    lr: float = option(3e-4, "learning rate of those epochs (AdamW, cosine to 0)", gt=0.0)
+    distill: float = option(0.5, "weight of the KL term to the float model in those epochs", ge=0.0)
+    batch_size: int = option(64, "batch size of those epochs", ge=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,9 +456,11 @@ class RAPQ(Pass):
         if tuple(x.shape[1:]) != shape:
             raise PassError(f"pass {self.name!r}: calibration images are {tuple(x.shape[1:])} but the model takes "
                             f"{shape}; give calibration data of the model's input size")
+        train_set = self._training_set(ctx) if o.epochs else None
         t0 = time.perf_counter()
         program = program.clone()
         gm = program.module
+        teacher = frozen_copy(gm) if train_set is not None else None
         gammas = fold_batchnorm(gm)
         gm.recompile()
         quantize_modules(gm, o.abits, o.int_nonlinear)
@@ -505,6 +521,13 @@ class RAPQ(Pass):
         seconds = time.perf_counter() - t0
         ctx.record("layers", len(order))
         ctx.record("calibration_seconds", round(seconds, 2))
+        if train_set is not None:
+            t0 = time.perf_counter()
+            with trainable_weights(gm) as params:
+                fine_tune(gm, teacher, train_set, ctx, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
+                          distill=o.distill, params=params, phase="quantisation-aware",
+                          what="rapq quantisation-aware fine-tuning")
+            ctx.record("fine_tuning_seconds", round(time.perf_counter() - t0, 2))
         ctx.record("bits", {n: ([layers[n].wbits, layers[n].abits] if isinstance(layers[n], QLayer)
                                 else [layers[n].quantizer_b.bits, layers[n].quantizer_a.bits]) for n in order})
         return retrace(program, gm)
@@ -558,6 +581,13 @@ class RAPQ(Pass):
                         full = f"{name}.{sub}"
                         if isinstance(layer, QLayer) and full not in per_layer and full not in ends:
                             layer.wbits = layer.abits = layer.input_quantizer.bits = max(o.attn_bits, layer.wbits)
+
+    def _training_set(self, ctx):
+        data = ctx.training_data(self.name)
+        if getattr(data, "targets", None) is None:
+            raise PassError(f"pass {self.name!r}: epochs={self.options.epochs} fine-tunes on labelled data; give "
+                            "data with labels (e.g. --data digits) or set epochs=0")
+        return data
 
     @staticmethod
     def _fed_by_input(gm) -> set:

@@ -81,7 +81,7 @@ from ...ir.torch_level import SliverTracer, retrace
 from ..infra.base import Pass, option, register
 from ..infra.facts import TOKEN_PRUNED, TWO_SCALE
 from ..infra.pipeline import Instrument
-from ...models.trainer import fit, source
+from ...models.trainer import fine_tune as trainer_fine_tune
 from ..transformer import block_with_probs, tokens_in, transformer_blocks, check_blocks
 from .lvtp import patch_size_of
 
@@ -291,19 +291,14 @@ def fine_tune(model: nn.Module, train_set, *, epochs: int, lr: float, batch_size
     """Fine-tune ``model`` on ``train_set`` with :func:`scale_loss`: AdamW, cosine learning rate
     from ``lr`` to 0 over all steps, batches shuffled by ``seed``; the ragged last batch is dropped.
     Returns the mean loss per epoch; the model is left in eval mode. Runs through the trainer
-    (:func:`sliver.models.trainer.fit`; with ``ctx``, the losses go to the report's ``train_loss``),
+    (:func:`sliver.models.trainer.fine_tune`; with ``ctx``, the losses go to the report's ``train_loss``),
     shared by the pass and the single-scale baseline of the measurements."""
     if getattr(train_set, "task", "classification") != "classification":
         raise DataError(f"aftrans fine-tunes a classifier; {getattr(train_set, 'name', 'the data')} is not a "
                         "classification set (use --data small-digits or digits)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps = max(1, epochs * (len(train_set) // batch_size))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    data = source(train_set, batch_size, seed=seed, phase="fine-tune", drop_last=True)
-    return fit(model, data, opt, epochs=epochs, what="aftrans fine-tuning", phase="fine-tune",
-               loss=lambda net, batch: scale_loss(net, batch.x, batch.y), scheduler=schedule, ctx=ctx,
-               progress=progress)
+    return trainer_fine_tune(model, None, train_set, ctx, epochs=epochs, lr=lr, batch_size=batch_size,
+                             weight_decay=weight_decay, loss=lambda net, batch: scale_loss(net, batch.x, batch.y),
+                             seed=seed, drop_last=True, progress=progress, what="aftrans fine-tuning")
 
 
 # -- the pass -----------------------------------------------------------------------------------
