@@ -9,7 +9,7 @@ import torch
 from sliver import backends, ir, passes
 from sliver.ir import errors
 from sliver.models import data
-from sliver.passes.tokens.aftrans import SACM, TwoScaleViT, crop_resize, iou, regions
+from sliver.passes.tokens.aftrans import SACM, TwoScaleViT, box_ceiling, crop_resize, iou, regions
 
 
 # -- the small-digit set ------------------------------------------------------------------------
@@ -209,3 +209,17 @@ def test_compile_writes_regions(tmp_path):
     truth = data.small_digits("test").meta["boxes"][:8].numpy()
     np.testing.assert_allclose(report["regions"]["iou"], iou(boxes, truth), atol=1e-4)
     assert report["after"]["macs"] > 2 * report["before"]["macs"]  # both passes counted
+
+
+def test_the_patch_aligned_box_bounds_localisation_on_small_digits():
+    """The box rule alone, with a perfect component (exactly the patches the digit touches): a
+    12-pixel digit on patch boundaries gets its own box; the default margin of half a patch keeps
+    IoU >= 0.5 out of reach on the small-digit test canvases (8-14 pixel digits on 4-pixel
+    patches); without a margin about two thirds reach it (docs/tokens.md)."""
+    one = box_ceiling(np.array([[4, 8, 16, 20]]), margin=0.0)
+    assert one.tolist() == [1.0]
+    boxes = data.small_digits("test").meta["boxes"].numpy()
+    default, bare = box_ceiling(boxes), box_ceiling(boxes, margin=0.0)
+    assert (default >= 0.5).mean() == pytest.approx(0.0075)  # 3 of 400
+    assert (bare >= 0.5).mean() == pytest.approx(0.6475)  # 259 of 400
+    assert default.mean() == pytest.approx(0.357, abs=5e-4) and bare.mean() == pytest.approx(0.586, abs=5e-4)

@@ -442,6 +442,23 @@ def regions(program: Program, images) -> np.ndarray:
     return torch.cat(boxes).numpy()
 
 
+def box_ceiling(boxes, *, grid: tuple = (8, 8), patch: int = 4, image: tuple = (32, 32), margin: float = 0.5,
+                min_side: float = 2.0) -> np.ndarray:
+    """IoU with each true box (N, 4: top, left, bottom, right, bottom/right exclusive) of the box
+    SACM draws when its component is exactly the patches that true box touches: what a perfect
+    attention map would score under the patch-aligned box rule (``margin``, squaring,
+    ``min_side``). On the small-digit test canvases (digits of 8-14 pixels on a grid of 4-pixel
+    patches) the default margin of half a patch puts IoU >= 0.5 out of reach for almost all of
+    them (docs/tokens.md)."""
+    boxes = np.asarray(boxes, np.int64)
+    gh, gw = grid
+    component = torch.zeros(len(boxes), 1, gh, gw)
+    for n, (t, l, b, r) in enumerate(boxes.tolist()):
+        component[n, 0, t // patch:(b - 1) // patch + 1, l // patch:(r - 1) // patch + 1] = 1.0
+    sacm = SACM(grid, patch, image, "rollout", "adaptive", 1.2, 0.5, margin, min_side, 1)
+    return iou(sacm.box(component).numpy(), boxes)
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Intersection over union of boxes (N, 4: top, left, bottom, right), row by row."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
