@@ -1,10 +1,12 @@
 """Worker of the two-process trainer tests, started by ``torch.distributed.run`` (torchrun):
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py OUT_DIR [trilevel]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py OUT_DIR [trilevel|rapq]
 
 Each rank trains the zoo's tiny ResNet (plain) or tiny DeiT (``trilevel``: tri-level sparsity
-with example swaps) on a few digits through :func:`sliver.models.trainer.fit` under gloo and
-writes ``OUT_DIR/rank<r>.pt`` with its final weights, loss history and (trilevel) swap decisions.
+with example swaps) on a few digits through :func:`sliver.models.trainer.fit` under gloo, or
+(``rapq``) runs ``rapq`` with quantisation-aware epochs on the tiny ResNet through the pass
+manager, and writes ``OUT_DIR/rank<r>.pt`` with its final weights, loss history and (trilevel)
+swap decisions.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def main(out_dir: str, mode: str) -> None:
         losses = trainer.fit(net, source, opt, epochs=3, hooks=[tri])
         extra = {"swaps": tri.sampler.swaps, "active": tri.sampler.active.clone(),
                  "history": torch.stack(tri.sampler.history)}
+    elif mode == "rapq":
+        from sliver import ir, passes
+
+        torch.manual_seed(0)  # every rank quantises the same model, as every rank of a real job does
+        net = create("tiny_resnet").eval()
+        prog = ir.trace(net, train_set.images[:1], name="tiny_resnet")
+        res = passes.parse("rapq{wbits=4 abits=4 calib_images=16 iters=0 epochs=2 batch_size=32}").run(
+            prog, data=train_set, check=False)
+        net = res.program.module
+        losses = res.report.steps[-1].notes["train_loss"]["quantisation-aware"]
     else:
         net = create("tiny_resnet")
         gen = torch.Generator().manual_seed(7)  # the same masks on every rank

@@ -39,6 +39,18 @@ def test_two_processes_end_with_equal_weights(tmp_path):
     assert any(not torch.equal(init[n], v) for n, v in r0["state"].items() if v.is_floating_point())
 
 
+def test_rapq_quantisation_aware_epochs_under_two_processes(tmp_path):
+    """rapq's quantisation-aware epochs under torchrun (gloo): both ranks end on the same integers."""
+    torchrun(tmp_path, "rapq")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 2
+    ints = [n for n in r0["state"] if n.endswith("weight_int")]
+    assert len(ints) == 13
+    for name, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][name]), name
+
+
 def test_shards_cover_the_order_once_per_rank(monkeypatch):
     src = trainer.tensor_source(torch.arange(10.0)[:, None], torch.arange(10), 4, seed=3)
     full = src.shard(0)
