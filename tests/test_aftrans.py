@@ -84,6 +84,23 @@ def test_sacm_box_is_square_at_least_min_side_and_inside_the_image():
     assert sacm(probs).tolist() == [[0.0, 20.0, 12.0, 32.0]]  # 12 px (3 patches), pushed into the corner
 
 
+def test_moments_box_matches_the_extent_on_even_scores_and_shrinks_for_weak_edges():
+    sacm = SACM((8, 8), 4, (32, 32), "last", "adaptive", 1.2, 0.5, margin=0.0, min_side=1, steps=32, box="moments")
+    component = torch.zeros(1, 1, 8, 8)
+    component[0, 0, 1:4, 2:5] = 1.0  # rows 1-3, columns 2-4: pixels 4..16 x 8..20
+    even = torch.ones(1, 64)
+    # a uniform 3 x 3 block: variance (16 + 0 + 16) / 3 + 16 / 12 = 12 per axis, side sqrt(144) = 12
+    torch.testing.assert_close(sacm.moments_box(component, even), sacm.box(component))
+    torch.testing.assert_close(sacm.box(component), torch.tensor([[4.0, 8.0, 16.0, 20.0]]))
+    weak = torch.ones(1, 8, 8)
+    weak[0, 3], weak[0, :, 4] = 0.25, 0.25  # the bottom row and right column hold little of the object
+    box = sacm.moments_box(component, weak.reshape(1, 64))[0]
+    side = float(box[2] - box[0])
+    assert 8.0 < side < 12.0 and float(box[3] - box[1]) == pytest.approx(side)
+    # the centre moves up and left, towards the strong rows and columns
+    assert float(box[0] + box[2]) / 2 < 10.0 and float(box[1] + box[3]) / 2 < 14.0
+
+
 def test_crop_resize_samples_the_box():
     image = torch.arange(16.0).reshape(1, 1, 4, 4)
     unit = (torch.arange(4.0) + 0.5) / 4
@@ -131,9 +148,10 @@ def test_two_scale_model_shares_the_encoder_and_averages_logits(small_vit):
 
 
 @pytest.mark.slow  # the TVM build of both passes: 154 s on the loaded 2-core machine
-def test_exports_static_and_builds_with_tvm_within_1e4(small_vit):
+@pytest.mark.parametrize("box", ["extent", "moments"])
+def test_exports_static_and_builds_with_tvm_within_1e4(small_vit, box):
     _, prog = small_vit
-    pipeline = "aftrans{epochs=0 with_region=true collect=last}"
+    pipeline = f"aftrans{{epochs=0 with_region=true collect=last box={box}}}"
     onnx_prog = passes.parse(pipeline).run(prog, lower_to="onnx").program
     ops = [n.op_type for n in onnx_prog.module.graph.node]
     assert ops.count("GridSample") == 1

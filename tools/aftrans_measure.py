@@ -8,7 +8,8 @@ the digits). Prints: test accuracy of the single-scale ViT and of aftrans (befor
 same fine-tuning), the MACs of both scales, the fraction of test canvases whose SACM box has
 IoU >= 0.5 with the true digit box (and what the box rule would give a perfect attention map:
 the patches the digit touches), and the ablation (rollout / last-layer attention x adaptive /
-fixed filter) on the fine-tuned aftrans encoder (SACM swapped, no new fine-tuning).
+fixed filter x extent / moments box) on the fine-tuned aftrans encoder (SACM swapped, no new
+fine-tuning).
 """
 
 from __future__ import annotations
@@ -94,12 +95,13 @@ def main(argv=None) -> int:
     sacm = two.module.sacm
     for collect in ("rollout", "last"):
         for filt in ("adaptive", "fixed"):
-            sacm.collect, sacm.filter = collect, filt
-            acc = accuracy(two.module, test)
-            hit, mean = localisation(two, test)
-            ablation[f"{collect}/{filt}"] = {"accuracy": acc, "iou50": hit, "iou_mean": mean}
-            print(f"  ablation {collect:7s} {filt:8s}: accuracy {acc:.2f}, IoU>=0.5 {hit:.1f}%, mean IoU {mean:.3f}",
-                  flush=True)
+            for box in ("extent", "moments"):
+                sacm.collect, sacm.filter, sacm.box_rule = collect, filt, box
+                acc = accuracy(two.module, test)
+                hit, mean = localisation(two, test)
+                ablation[f"{collect}/{filt}/{box}"] = {"accuracy": acc, "iou50": hit, "iou_mean": mean}
+                print(f"  ablation {collect:7s} {filt:8s} {box:7s}: accuracy {acc:.2f}, IoU>=0.5 {hit:.1f}%, "
+                      f"mean IoU {mean:.3f}", flush=True)
     out["ablation"] = ablation
     if args.json:
         with open(args.json, "w") as f:

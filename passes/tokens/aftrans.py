@@ -44,7 +44,11 @@ threshold, fusion and losses are not public):
   of patches in steps reaches every patch of any component, so the result is exact. The
   box is then the min/max row and column of that component (masked ReduceMin/ReduceMax), widened by
   ``margin`` patches on each side, made square (side ``max(height, width, min_side patches)``,
-  so the digit is not stretched) and moved inside the image. Everything is static: MatMul, Mul,
+  so the digit is not stretched) and moved inside the image. ``box=moments`` replaces the
+  min/max by moments (our addition): centre at the score-weighted mean of the component's patch
+  centres, side sqrt(12) x the weighted standard deviation (a uniformly covered square of side L
+  has standard deviation L / sqrt(12)), so a boundary patch that holds little of the object and
+  scores low shrinks the box by less than a whole patch. Everything is static: MatMul, Mul,
   Reduce* and elementwise arithmetic, then one GridSample; no gradient flows through the box.
 - **Encoder sharing**: the local pass runs the traced model's own stem (patch embedding, CLS
   token, position embedding), blocks and head. RAMS-Trans gives the local pass a second CLS
@@ -95,9 +99,10 @@ class SACM(nn.Module):
     when the program runs in PyTorch; exported, it is plain static ONNX."""
 
     def __init__(self, grid: tuple, patch: int, image: tuple, collect: str, filter: str, ratio: float,
-                 threshold: float, margin: float, min_side: float, steps: int):
+                 threshold: float, margin: float, min_side: float, steps: int, box: str = "extent"):
         super().__init__()
         self.grid, self.patch, self.image = tuple(grid), int(patch), tuple(image)
+        self.box_rule = box
         self.collect, self.filter = collect, filter
         self.ratio, self.threshold = float(ratio), float(threshold)
         self.margin, self.min_side, self.steps = float(margin), float(min_side), int(steps)
@@ -114,7 +119,7 @@ class SACM(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"collect={self.collect}, filter={self.filter}, ratio={self.ratio}, threshold={self.threshold}, "
-                f"margin={self.margin}, min_side={self.min_side}, steps={self.steps}")
+                f"margin={self.margin}, min_side={self.min_side}, steps={self.steps}, box={self.box_rule}")
 
     def _layer(self, probs: torch.Tensor) -> torch.Tensor:
         a = probs.mean(dim=1)  # (B, N, N): head mean
@@ -163,15 +168,41 @@ class SACM(nn.Module):
         p = float(self.patch)
         top, bottom = (r0 - self.margin) * p, (r1 + 1 + self.margin) * p
         left, right = (c0 - self.margin) * p, (c1 + 1 + self.margin) * p
+        return self._square((top + bottom) / 2, (left + right) / 2, bottom - top, right - left)
+
+    def moments_box(self, component: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The square pixel box from the score-weighted moments of a component: centre at the
+        weighted mean of its patch centres, side sqrt(12) x the weighted standard deviation along
+        the wider axis (each patch counted as a uniform spread of its own, variance p^2 / 12): the
+        side of a uniformly covered square with the same spread, so boundary patches that hold
+        little of the object (low scores) pull the side below the patch grid's steps. Then the
+        margin, squaring and clamping of :meth:`box`."""
+        gh, gw = self.grid
+        p = float(self.patch)
+        weight = scores.reshape(-1, 1, gh, gw) * component
+        weight = weight / weight.sum(dim=(2, 3), keepdim=True)
+        along_rows, along_cols = weight.sum(dim=3)[:, 0], weight.sum(dim=2)[:, 0]  # (B, gh), (B, gw)
+        rows, cols = (self.rows + 0.5) * p, (self.cols + 0.5) * p
+        cy, cx = (along_rows * rows).sum(dim=1), (along_cols * cols).sum(dim=1)
+        var_r = (along_rows * (rows - cy[:, None]) ** 2).sum(dim=1) + p * p / 12
+        var_c = (along_cols * (cols - cx[:, None]) ** 2).sum(dim=1) + p * p / 12
+        pad = 2 * self.margin * p
+        return self._square(cy, cx, (12 * var_r).sqrt() + pad, (12 * var_c).sqrt() + pad)
+
+    def _square(self, cy, cx, height, width) -> torch.Tensor:
+        """(B, 4) square of side max(height, width, min_side patches) centred at (cy, cx), moved
+        inside the image."""
         h, w = self.image
-        height, width = bottom - top, right - left
-        side = ((height + width + (height - width).abs()) / 2).clamp(min=self.min_side * p, max=float(min(h, w)))
-        cy = _between((top + bottom) / 2, side / 2, h - side / 2)
-        cx = _between((left + right) / 2, side / 2, w - side / 2)
+        side = ((height + width + (height - width).abs()) / 2).clamp(min=self.min_side * float(self.patch),
+                                                                    max=float(min(h, w)))
+        cy = _between(cy, side / 2, h - side / 2)
+        cx = _between(cx, side / 2, w - side / 2)
         return torch.stack([cy - side / 2, cx - side / 2, cy + side / 2, cx + side / 2], dim=1)
 
     def forward(self, *probs: torch.Tensor) -> torch.Tensor:
-        box = self.box(self.mask(self.scores(*probs)))
+        scores = self.scores(*probs)
+        component = self.mask(scores)
+        box = self.moments_box(component, scores) if self.box_rule == "moments" else self.box(component)
         if _REGIONS is not None:
             _REGIONS.append(box.detach().clone())
         return box
@@ -314,6 +345,9 @@ class AFTransOptions:
                               gt=0.0, le=1.0)
     margin: float = option(0.5, "patches added around the selected component on each side", ge=0.0)
     min_side: float = option(2.0, "smallest crop side, in patches", ge=1.0)
+    box: Literal["extent", "moments"] = option(
+        "extent", "extent: the box of the component's patch rows and columns; moments: centre and side from the "
+        "score-weighted mean and spread of its patches (finer than the patch grid)")
     local_weight: float = option(0.5, "fusion: weight of the local pass's logits (global gets 1 - it)", ge=0.0, le=1.0)
     with_region: bool = option(False, "also output the box (B, 4: top, left, bottom, right in pixels)")
     epochs: int = option(3, "end-to-end fine-tuning epochs over the training data (0: none)", ge=0)
@@ -363,7 +397,7 @@ class AFTrans(Pass):
         stem, modules, tail = _split(gm, blocks)
         steps = max(1, (grid[0] * grid[1] + 1) // 2)
         sacm = SACM(grid, patch, image_shape[2:], o.collect, o.filter, o.ratio, o.threshold, o.margin,
-                    o.min_side, steps)
+                    o.min_side, steps, o.box)
         model = TwoScaleViT(stem, modules, tail, collected, sacm, o.local_weight, o.with_region)
         self._check_collected(model, program)
         if o.epochs > 0:
