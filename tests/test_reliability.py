@@ -452,3 +452,16 @@ def test_cache_two_processes_one_entry_and_corrupt_entry_rebuilt(tmp_path, monke
     assert os.path.exists(path + ".corrupt")
     assert open(path + ".sha256").read().strip() == fileio.sha256_file(path)
     training.load_checkpoint(path)  # the rebuilt entry is intact
+
+
+def test_compile_in_process_gives_the_callers_interrupt_handlers_back(tmp_path):
+    """compile.main() called in-process (a notebook, a test) sets its own SIGTERM handler and, once
+    the result is in place, ignores SIGINT/SIGTERM for the rest of the run; on return the caller's
+    handlers are back (they once stayed ignored, and a later Ctrl-C in the same process did nothing)."""
+    import compile as cli
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert cli.main(["tiny_vgg", "--pipeline", "fold-bn,cleanup", "--target", "fpga", "--quiet",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert os.path.isfile(tmp_path / "out" / "report.json")

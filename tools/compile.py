@@ -871,11 +871,13 @@ def _interruptible() -> None:
     """Ctrl-C and SIGTERM (a scheduler stopping the job) stop the run, and its staged output is
     removed, until the new result has replaced the output directory (:func:`_ignore_interrupts`)."""
     import signal
+    import threading
 
     def stop(_signum, _frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _ignore_interrupts() -> None:
@@ -883,13 +885,33 @@ def _ignore_interrupts() -> None:
     (during the summary or the interpreter's shutdown) is ignored and the exit status says what the
     directory holds: 0 with the new result, 130 with the one it had."""
     import signal
+    import threading
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, exiting: bool = False) -> int:
+    """Run the command line ``argv``; returns the exit status. ``exiting``: the process ends with
+    this call (the script), so the interrupt handlers of the run stay in place until it exits;
+    called in-process (a notebook, a test), the caller's SIGINT/SIGTERM handlers are restored on
+    return."""
+    import signal
+    import threading
+
     args = _parser().parse_args(argv)
+    if exiting or threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(args)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(args) -> int:
     from sliver.ir.errors import SliverError
 
     try:
@@ -921,7 +943,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(main(exiting=True))
     except KeyboardInterrupt:  # Ctrl-C before main's own handler is in place
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
