@@ -136,7 +136,8 @@ def test_two_scale_model_shares_the_encoder_and_averages_logits(small_vit):
         local = net(crop_resize(x, box, unit, unit))  # the same weights on the crop
         expected = 0.5 * net(x) + 0.5 * local
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-    assert box.shape == (2, 4) and bool(((box[:, 2] - box[:, 0]) == (box[:, 3] - box[:, 1])).all())
+    assert box.shape == (2, 4)
+    torch.testing.assert_close(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])  # square
     np.testing.assert_array_equal(regions(out, x.numpy()), box.numpy())
     # MACs: the second pass is the encoder again plus SACM's rollout (one 65^3 product per layer
     # after the first) and flood fill (32 steps of a 64x64 product), per image
@@ -161,7 +162,10 @@ def test_exports_static_and_builds_with_tvm_within_1e4(small_vit, box):
     artifact = backends.tvm.build(onnx_prog)
     tvm_out = artifact.run(list(prog.example_inputs))
     np.testing.assert_allclose(tvm_out[0], torch_out[0], atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(tvm_out[1], torch_out[1])  # the same region
+    if box == "extent":  # patch edges: the same region exactly
+        np.testing.assert_array_equal(tvm_out[1], torch_out[1])
+    else:  # moments (division, square root): the same region up to float rounding
+        np.testing.assert_allclose(tvm_out[1], torch_out[1], atol=1e-4, rtol=0)
     # the FPGA cost counts both passes: twice the dense model's MACs, plus SACM
     dense = backends.fpga.cost(prog)
     two = backends.fpga.cost(onnx_prog)
@@ -231,13 +235,13 @@ def test_compile_writes_regions(tmp_path):
 
 def test_the_patch_aligned_box_bounds_localisation_on_small_digits():
     """The box rule alone, with a perfect component (exactly the patches the digit touches): a
-    12-pixel digit on patch boundaries gets its own box; the default margin of half a patch keeps
+    12-pixel digit on patch boundaries gets its own box; a margin of half a patch keeps
     IoU >= 0.5 out of reach on the small-digit test canvases (8-14 pixel digits on 4-pixel
     patches); without a margin about two thirds reach it (docs/tokens.md)."""
-    one = box_ceiling(np.array([[4, 8, 16, 20]]), margin=0.0)
+    one = box_ceiling(np.array([[4, 8, 16, 20]]))
     assert one.tolist() == [1.0]
     boxes = data.small_digits("test").meta["boxes"].numpy()
-    default, bare = box_ceiling(boxes), box_ceiling(boxes, margin=0.0)
+    default, bare = box_ceiling(boxes, margin=0.5), box_ceiling(boxes)
     assert (default >= 0.5).mean() == pytest.approx(0.0075)  # 3 of 400
     assert (bare >= 0.5).mean() == pytest.approx(0.6475)  # 259 of 400
     assert default.mean() == pytest.approx(0.357, abs=5e-4) and bare.mean() == pytest.approx(0.586, abs=5e-4)

@@ -343,10 +343,10 @@ class AFTransOptions:
     ratio: float = option(1.2, "adaptive filter: a patch is selected when its score exceeds ratio x the mean", gt=0.0)
     threshold: float = option(0.5, "fixed filter: a patch is selected when its score is >= threshold x the highest",
                               gt=0.0, le=1.0)
-    margin: float = option(0.5, "patches added around the selected component on each side", ge=0.0)
+    margin: float = option(0.0, "patches added around the selected component on each side", ge=0.0)
     min_side: float = option(2.0, "smallest crop side, in patches", ge=1.0)
     box: Literal["extent", "moments"] = option(
-        "extent", "extent: the box of the component's patch rows and columns; moments: centre and side from the "
+        "moments", "extent: the box of the component's patch rows and columns; moments: centre and side from the "
         "score-weighted mean and spread of its patches (finer than the patch grid)")
     local_weight: float = option(0.5, "fusion: weight of the local pass's logits (global gets 1 - it)", ge=0.0, le=1.0)
     with_region: bool = option(False, "also output the box (B, 4: top, left, bottom, right in pixels)")
@@ -476,14 +476,14 @@ def regions(program: Program, images) -> np.ndarray:
     return torch.cat(boxes).numpy()
 
 
-def box_ceiling(boxes, *, grid: tuple = (8, 8), patch: int = 4, image: tuple = (32, 32), margin: float = 0.5,
+def box_ceiling(boxes, *, grid: tuple = (8, 8), patch: int = 4, image: tuple = (32, 32), margin: float = 0.0,
                 min_side: float = 2.0) -> np.ndarray:
     """IoU with each true box (N, 4: top, left, bottom, right, bottom/right exclusive) of the box
     SACM draws when its component is exactly the patches that true box touches: what a perfect
     attention map would score under the patch-aligned box rule (``margin``, squaring,
     ``min_side``). On the small-digit test canvases (digits of 8-14 pixels on a grid of 4-pixel
-    patches) the default margin of half a patch puts IoU >= 0.5 out of reach for almost all of
-    them (docs/tokens.md)."""
+    patches) a margin of half a patch (the default until 2026-12-07) puts IoU >= 0.5 out of reach
+    for almost all of them; without one about two thirds reach it (docs/tokens.md)."""
     boxes = np.asarray(boxes, np.int64)
     gh, gw = grid
     component = torch.zeros(len(boxes), 1, gh, gw)
