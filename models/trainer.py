@@ -314,6 +314,7 @@ def fine_tune(module: nn.Module, teacher: nn.Module | None, train_set, ctx, *, e
                distill=distill if teacher is not None else 0.0, temperature=temperature, scheduler=sched, ctx=ctx,
                progress=progress)
 
+
 def _average_buffers(model: nn.Module) -> None:
     """Under DDP, average the floating buffers (BatchNorm running statistics) over the ranks at the
     end: DDP broadcasts rank 0's buffers before every forward, but the last forward leaves each
