@@ -341,11 +341,12 @@ def test_interrupt_during_the_swap_lands_after_it(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)  # arrives while held back
         seen.append(sorted(os.listdir(out)))
 
-    # the premise is Python's own Ctrl-C handling, whatever an earlier test in this worker left
-    # behind (the suite once failed here in one xdist worker and not in a process of its own)
+    # the premise is Python's own Ctrl-C handling, whatever the process inherited or an earlier
+    # test left behind: a suite started as a background job of a non-interactive shell inherits
+    # SIGINT ignored (POSIX), and Python then keeps it ignored (this test failed so, twice)
     handler, mask = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     if handler is not signal.default_int_handler or signal.SIGINT in mask:
-        warnings.warn(f"an earlier test left SIGINT handled by {handler!r}, blocked: {signal.SIGINT in mask}")
+        warnings.warn(f"SIGINT was handled by {handler!r} (blocked: {signal.SIGINT in mask}) before this test")
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
