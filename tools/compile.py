@@ -871,13 +871,11 @@ def _interruptible() -> None:
     """Ctrl-C and SIGTERM (a scheduler stopping the job) stop the run, and its staged output is
     removed, until the new result has replaced the output directory (:func:`_ignore_interrupts`)."""
     import signal
-    import threading
 
     def stop(_signum, _frame):
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
-        signal.signal(signal.SIGTERM, stop)
+    _set_handlers({signal.SIGTERM: stop})
 
 
 def _ignore_interrupts() -> None:
@@ -885,11 +883,18 @@ def _ignore_interrupts() -> None:
     (during the summary or the interpreter's shutdown) is ignored and the exit status says what the
     directory holds: 0 with the new result, 130 with the one it had."""
     import signal
+
+    _set_handlers({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})
+
+
+def _set_handlers(handlers: dict) -> None:
+    """Install signal handlers; Python sets them on the main thread only, elsewhere a no-op."""
+    import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def main(argv=None, *, exiting: bool = False) -> int:
@@ -898,17 +903,15 @@ def main(argv=None, *, exiting: bool = False) -> int:
     called in-process (a notebook, a test), the caller's SIGINT/SIGTERM handlers are restored on
     return."""
     import signal
-    import threading
 
     args = _parser().parse_args(argv)
-    if exiting or threading.current_thread() is not threading.main_thread():
+    if exiting:
         return _main(args)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _main(args)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _set_handlers(previous)
 
 
 def _main(args) -> int:

@@ -39,13 +39,13 @@ own range. What this pass does, in order:
      annealed exponent, then frozen. Everything ends as integers: exponents are Python ints /
      int64 tensors, weights int8 tensors, zero-points 0.
 
-``pot-naive`` is the baseline: every exponent from its own tensor's range (the scale
-``max|x| / qmax`` rounded to the nearest power of two), weights rounded to nearest.
-
 4. Optionally (``epochs`` > 0; sliver's addition, RAPQ itself is post-training), quantisation-aware
    fine-tuning with the exponents frozen: the float weights and biases are trained through the
    power-of-two grids with straight-through rounding (:func:`~sliver.passes.qlayers.trainable_weights`),
    on cross-entropy plus a KL term to the float model, and the integers re-derived at the end.
+
+``pot-naive`` is the baseline: every exponent from its own tensor's range (the scale
+``max|x| / qmax`` rounded to the nearest power of two), weights rounded to nearest.
 
 The result runs the exact integer reference (:mod:`sliver.passes.quant`, exact mode) and exports
 to standard QDQ ONNX; ``pot-shift`` turns that into an integer-only graph.
