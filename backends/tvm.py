@@ -290,6 +290,7 @@ def fusion_passes(target: dict) -> list:
         schedules.integer_relu_min(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         schedules.fold_input_transpose(schedules.cpu_params(target).lanes),
+        schedules.lane_softmax(schedules.cpu_params(target).lanes),
         relax.transform.FastMathTransform(),
         relax.transform.LegalizeOps(schedules.packed_legalizers(target)),
         relax.transform.AnnotateTIROpPattern(),

@@ -340,3 +340,62 @@ def test_float_row_reductions_are_vectorised_and_match_onnxruntime():
         asm = "\n".join(m.inspect_source("asm") for m in art.executable.mod.imports if m.kind == "llvm")
         vector_adds[strict] = sum(line.split()[0] == "vaddps" for line in asm.splitlines() if line.strip())
     assert vector_adds[False] > vector_adds[True]
+
+
+@pytest.mark.parametrize("length", [197, 64, 20])
+def test_softmax_row_maximum_runs_on_vector_lanes(length):
+    """A float softmax over rows of at least two vectors takes its row maximum as per-lane partial
+    maxima (``schedules.lane_softmax``: LLVM leaves a float max reduction scalar without no-NaN
+    semantics), with a row tail (197 = 12 x 16 + 5) or without; shorter rows keep TVM's softmax.
+    Within 1e-6 of ONNX Runtime; the partial maxima's lanes loop is vectorised."""
+    from sliver.ir.program import Program
+
+    shape = [1, 6, 197, length]
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    x[0, 0, 0, -1] = 60.0  # the row's maximum in its tail
+    x[0, 1, 3, 0] = -1e30
+    model = _onnx_program([helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    prog = Program("onnx", model, (x,), name="softmax", input_names=("x",))
+    art = backends.tvm.build(prog)
+    got, want = art.run([x])[0], prog.run([x])[0]
+    assert np.abs(got - want).max() < 1e-6
+    import tvm
+
+    from sliver.backends import tvm as btvm
+
+    target = art.target
+    lanes = schedules.cpu_params(target).lanes
+    with tvm.target.Target(target):
+        mod = tvm.transform.Sequential(btvm.fusion_passes(target) + [schedules.schedule_module(target)])(
+            btvm.convert(prog, "tvm").module)
+    text = "\n".join(f.script() for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    lines = text.splitlines()
+    at = [i for i, line in enumerate(lines) if 'T.sblock("T_softmax_maxlanes")' in line]
+    if length >= 2 * lanes:  # the partial maxima: one block per row, its lanes loop on a vector
+        assert len(at) == 1 and f"T.vectorized(T.int64({lanes}))" in lines[at[0] - 1]
+    else:
+        assert not at
+
+
+@pytest.mark.parametrize("m,k,n", [(197, 64, 197), (197, 197, 64), (50, 20, 40)])
+def test_attention_matmuls_need_no_padding_copies(m, k, n):
+    """Batched products of two activations (attention's ``q k^T`` and ``P v``) whose rows or columns
+    do not tile: rows past the end read the last row (cropped), columns are packed into panels per
+    call; no zero-padding copy of the rows runs. Within 1e-4 of numpy."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((1, 6, m, k)).astype(np.float32)
+    b = rng.standard_normal((1, 6, k, n)).astype(np.float32)
+    model = _onnx_program([helper.make_node("MatMul", ["a", "b"], ["y"])],
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape)),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, m, n])])
+    prog = ir.Program(level="onnx", module=model, example_inputs=(a, b), input_names=("a", "b"))
+    art = backends.tvm.build(prog)
+    np.testing.assert_allclose(art.run([a, b])[0], a @ b, atol=1e-4, rtol=0)
+    kernels = {r["kernel"] for r in art.profile([a, b], repeat=1)}
+    lanes = schedules.cpu_params(art.target).lanes
+    assert kernels <= {"matmul", "activation_pack"}
+    assert ("activation_pack" in kernels) == (n % (2 * lanes) != 0)
