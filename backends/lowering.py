@@ -237,12 +237,49 @@ class ClipAsRelaxOp:
         return out
 
 
+class GatherConstAsRelaxOp:
+    """ONNX ``Gather`` with constant in-range indices on a static axis -> one ``take`` of a constant.
+
+    TVM's importer normalises negative indices with a computation on ``shape_of(data)``
+    (``where(less(i, 0), i + shape[axis], i)``), which stays a variable until after
+    legalisation; :func:`sliver.backends.schedules.take_before_permute` needs to see the constant
+    (a ViT's ``qkv[0]``, ``qkv[1]``, ``qkv[2]``). The indices are normalised here instead. Other
+    Gathers keep TVM's conversion. Used only inside :func:`build_importers`.
+    """
+
+    @classmethod
+    def get_converter(cls, opset):
+        return cls._impl
+
+    @classmethod
+    def _impl(cls, bb, inputs, attr, params):
+        import numpy as np
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        data, indices = inputs[0], inputs[1]
+        axis = int(attr.get("axis", 0))
+        shape = getattr(getattr(data, "ty", None), "shape", None)
+        if isinstance(indices, tvm.ir.GenericConst) and isinstance(data, relax.Expr) and not isinstance(data, relax.ShapeExpr) \
+                and shape is not None and isinstance(shape, relax.ShapeExpr) and not isinstance(data, tvm.ir.GenericConst):
+            dims = shape.values
+            axis %= len(dims)
+            if isinstance(dims[axis], tvm.tirx.IntImm):
+                extent = int(dims[axis])
+                idx = indices.value.numpy()
+                if np.issubdtype(idx.dtype, np.integer) and ((idx >= -extent) & (idx < extent)).all():
+                    idx = np.where(idx < 0, idx + extent, idx).astype(idx.dtype)
+                    return relax.op.take(data, relax.const(idx, str(idx.dtype)), axis)
+        return onnx_frontend.Gather.get_converter(13)(bb, inputs, attr, params)
+
+
 #: standard ONNX ops whose import sliver replaces (same hook as the custom ops)
 CUSTOM_IMPORTERS["ConvInteger"] = ConvIntegerAsRelaxOp
 
 #: standard ONNX ops imported differently only while the CPU build imports (see
 #: :func:`build_importers`): the same values, in a form the build's layout and fusion passes handle
-BUILD_IMPORTERS = {"Clip": ClipAsRelaxOp}
+BUILD_IMPORTERS = {"Clip": ClipAsRelaxOp, "Gather": GatherConstAsRelaxOp}
 
 
 @contextlib.contextmanager

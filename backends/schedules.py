@@ -1035,6 +1035,59 @@ def integer_relu_min():
     return _rewrite_pass(_Rewrite, "SliverIntegerReluMin")
 
 
+def take_before_permute():
+    """A Relax pass: ``take(permute_dims(y, axes), i, axis)`` with one constant index becomes
+    ``permute_dims(y[..., i, ...], axes')``, the index taken first, as a slice; any other ``take``
+    of one constant index becomes a slice too.
+
+    A ViT splits its fused ``qkv`` projection as ``reshape -> permute_dims -> take(0 / 1 / 2)``:
+    the permuted tensor has three readers, so ``FuseOps`` leaves the permutation a kernel of its
+    own that copies all of ``qkv``, and each ``take`` copies its third again (DeiT-S: 4 kernels
+    and two full copies per block, plus the ``q`` scaling and the ``k`` transposition as kernels
+    of their own). Taken first, the reshape has only ``take`` readers and becomes a view, and
+    each of ``q``, ``k``, ``v`` is one injective chain that fuses with what follows it (the
+    scaling, the transposition and the column packing of :func:`_activation_matmul`).
+    """
+    import tvm
+    from tvm import relax
+    from tvm.ir import expr as ir_expr
+
+    take = tvm.ir.Op.get("relax.take")
+    permute = tvm.ir.Op.get("relax.permute_dims")
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != take or not isinstance(call.args[1], ir_expr.Constant):
+                return call
+            index = call.args[1].value.numpy()
+            shape = getattr(call.args[0].ty, "shape", None)
+            if index.ndim != 0 or call.attrs.axis is None or not isinstance(shape, relax.ShapeExpr):
+                return call
+            i = int(index)
+            axis = int(call.attrs.axis) % len(shape.values)
+            if not 0 <= i < int(shape.values[axis]):
+                return call
+            try:
+                src = self.lookup_binding(call.args[0])
+            except Exception:
+                src = None
+            if isinstance(src, ir_expr.Call) and src.op == permute and src.attrs.axes is not None:
+                axes = [int(a) for a in src.attrs.axes]
+                removed = axes[axis]
+                rest = [a - (a > removed) for k, a in enumerate(axes) if k != axis]
+                return relax.op.permute_dims(self.builder_.emit(_slice(src.args[0], removed, i)), rest)
+            return _slice(call.args[0], axis, i)
+
+    def _slice(x, axis, i):
+        # one index of one axis as a slice and a squeeze: both injective, so FuseOps fuses them
+        # with the ops around them (a take reads its index from a tensor: an opaque kernel)
+        return relax.op.squeeze(relax.op.strided_slice(x, axes=[axis], begin=[i], end=[i + 1]), axis=[axis])
+
+    return _rewrite_pass(_Rewrite, "SliverTakeBeforePermute")
+
+
 def lane_softmax(lanes: int):
     """A Relax pass (in place of ``FastMathTransform``'s softmax): a float32 softmax over its last
     axis, when that axis spans at least two vectors, becomes ``topi``'s fast softmax with its row

@@ -288,6 +288,7 @@ def fusion_passes(target: dict) -> list:
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         schedules.integer_relu_min(),
+        schedules.take_before_permute(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         schedules.fold_input_transpose(schedules.cpu_params(target).lanes),
         schedules.lane_softmax(schedules.cpu_params(target).lanes),

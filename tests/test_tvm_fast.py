@@ -399,3 +399,35 @@ def test_attention_matmuls_need_no_padding_copies(m, k, n):
     lanes = schedules.cpu_params(art.target).lanes
     assert kernels <= {"matmul", "activation_pack"}
     assert ("activation_pack" in kernels) == (n % (2 * lanes) != 0)
+
+
+@pytest.mark.parametrize("index", [0, 2, -1, [1, 0]])
+def test_constant_gathers_of_a_permuted_tensor_are_slices(index):
+    """A ViT's ``qkv.reshape(...).permute(2, 0, 3, 1, 4)[i]``: a Gather of one constant index (also
+    negative) after a Transpose is taken before the permutation, as a slice that fuses with what
+    follows, so no kernel copies the whole permuted tensor; other constant indices stay a take.
+    Equal to ONNX Runtime."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 197, 1152)).astype(np.float32)
+    idx = np.array(index, dtype=np.int64)
+    out_shape = ([2] if idx.ndim else []) + [1, 6, 197, 64]
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 3, 1, 4]),
+        helper.make_node("Gather", ["t", "i"], ["g"], axis=0),
+        helper.make_node("Mul", ["g", "s"], ["y"]),
+    ]
+    model = _onnx_program(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                          [numpy_helper.from_array(np.array([1, 197, 3, 6, 64], dtype=np.int64), "shape"),
+                           numpy_helper.from_array(idx, "i"), numpy_helper.from_array(np.float32(0.125), "s")])
+    prog = ir.Program(level="onnx", module=model, example_inputs=(x,), input_names=("x",))
+    art = backends.tvm.build(prog)
+    np.testing.assert_array_equal(art.run([x])[0], prog.run([x])[0])
+    kernels = [r["kernel"] for r in art.profile([x], repeat=1)]
+    if idx.ndim == 0:
+        assert len(kernels) == 1 and "strided_slice" in kernels[0] and "take" not in kernels[0]
+    else:
+        assert any("take" in k for k in kernels)
