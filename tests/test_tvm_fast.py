@@ -431,3 +431,31 @@ def test_constant_gathers_of_a_permuted_tensor_are_slices(index):
         assert len(kernels) == 1 and "strided_slice" in kernels[0] and "take" not in kernels[0]
     else:
         assert any("take" in k for k in kernels)
+
+
+def test_llvm_loop_vectoriser_uses_full_width_vectors_on_avx512():
+    """LLVM's tuning for AVX-512 Intel cores vectorises its own loops (softmax's exponential, row
+    sums) with 256-bit vectors; the rules' builds ask for 512 (``-prefer-256-bit``) unless the
+    target dict names ``prefer-256-bit`` itself. AVX2 targets are left alone."""
+    from sliver.backends import tvm as btvm
+
+    assert "mattr" not in btvm._full_width_loops({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    assert btvm._full_width_loops({"kind": "llvm", "mcpu": "icelake-server"})["mattr"] == ["-prefer-256-bit"]
+    kept = {"kind": "llvm", "mcpu": "icelake-server", "mattr": ["+prefer-256-bit"]}
+    assert btvm._full_width_loops(kept)["mattr"] == ["+prefer-256-bit"]
+    host = backends.tvm.resolve_target("x86")
+    if schedules.cpu_params(host).lanes != 16:
+        pytest.skip("the host has no AVX-512")
+    shape = [1, 6, 197, 197]
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    model = _onnx_program([helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    prog = ir.Program(level="onnx", module=model, example_inputs=(x,), input_names=("x",))
+    counts = {}
+    for name, target in (("full", host), ("half", dict(host, mattr=["+prefer-256-bit"]))):
+        art = backends.tvm.build(prog, target=target)
+        assert np.abs(art.run([x])[0] - prog.run([x])[0]).max() < 1e-6
+        asm = "\n".join(m.inspect_source("asm") for m in art.executable.mod.imports if m.kind == "llvm")
+        counts[name] = sum(line.split()[0] == "vcvttps2dq" and "zmm" in line for line in asm.splitlines() if line.strip())
+    assert counts["full"] > 0 and counts["half"] == 0  # the exponential's float -> int conversion
