@@ -77,7 +77,7 @@ BACKGROUND = 10  # label of background pixels; classes 0-9 are the digits
 #: the canvas is the tiny models' 32x32 input, so a model trained on :func:`digits` (where a digit
 #: fills the image) reads it as it is; a target covers 6-19% of the canvas's area
 SMALL_SIZE = 32
-SMALL_COUNTS = {"train": 2000, "val": 400, "test": 400}
+SMALL_COUNTS = {"train": 10000, "val": 400, "test": 400}
 SMALL_DIGIT_SIZES = (8, 14)  # side of the target digit in pixels, inclusive
 SMALL_FRAGMENTS = (1, 3)  # clutter fragments per canvas, inclusive
 SMALL_FRAGMENT_SIZES = (8, 14)  # side of the digit a fragment is cut from, inclusive
@@ -398,7 +398,8 @@ def small_digits(split: str = "train") -> ImageSet:
     """32x32 canvases, each with one small digit (side 8-14 pixels) at a random position among
     clutter (halves of 1-3 other digits, Gaussian pixel noise); label = that digit (0-9).
 
-    Splits: train (2,000 canvases), val (400), test (400), calib (the first 256 training ones);
+    Splits: train (10,000 canvases; the first 2,000 are the whole train split of 2026-12-07), val
+    (400), test (400), calib (the first 256 training ones);
     deterministic, and a split only uses the digits of the matching split of :func:`digits`.
     ``meta["boxes"]`` is the target digit's box per canvas, (N, 4) int64 (top, left, bottom,
     right) in pixels, bottom/right exclusive; ``meta["layouts"]`` lists what was drawn, per
