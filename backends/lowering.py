@@ -136,7 +136,16 @@ def lower_shift_requant(bb, inputs, attrs):
     return relax.op.astype(wide, to)
 
 
-class ConvIntegerAsRelaxOp:
+class ImporterHook:
+    """An ONNX op converter for TVM's importer hook: ``_impl(bb, inputs, attr, params)`` for
+    every opset."""
+
+    @classmethod
+    def get_converter(cls, opset):
+        return cls._impl
+
+
+class ConvIntegerAsRelaxOp(ImporterHook):
     """ONNX ``ConvInteger`` (TVM 0.27's importer has none): int32 convolution of the operands
     minus their zero-points, ``relax.op.nn.conv2d(..., out_dtype="int32")``; exact. Within the CPU
     build (:func:`build_importers` sets ``on_int8``) a convolution without zero-points stays on the
@@ -144,10 +153,6 @@ class ConvIntegerAsRelaxOp:
 
     #: set while the CPU build imports (see build_importers)
     on_int8 = False
-
-    @classmethod
-    def get_converter(cls, opset):
-        return cls._impl
 
     @classmethod
     def _impl(cls, bb, inputs, attr, params):
@@ -193,7 +198,7 @@ class ConvIntegerAsRelaxOp:
 # Relax clean-ups used by the CPU build
 
 
-class ClipAsRelaxOp:
+class ClipAsRelaxOp(ImporterHook):
     """ONNX ``Clip`` with constant bounds -> :func:`clip_const` (ReLU6 in MobileNetV2).
 
     TVM's importer lowers Clip straight to two TIR calls (maximum, minimum), which
@@ -202,10 +207,6 @@ class ClipAsRelaxOp:
     ``maximum``/``minimum`` are layout-agnostic, so convolutions stay NHWC and fuse with them. Clips with
     non-constant bounds keep TVM's own conversion. Used only inside :func:`build_importers`.
     """
-
-    @classmethod
-    def get_converter(cls, opset):
-        return cls._impl
 
     @classmethod
     def _impl(cls, bb, inputs, attr, params):
@@ -237,7 +238,7 @@ class ClipAsRelaxOp:
         return out
 
 
-class GatherConstAsRelaxOp:
+class GatherConstAsRelaxOp(ImporterHook):
     """ONNX ``Gather`` with constant in-range indices on a static axis -> one ``take`` of a constant.
 
     TVM's importer normalises negative indices with a computation on ``shape_of(data)``
@@ -246,10 +247,6 @@ class GatherConstAsRelaxOp:
     (a ViT's ``qkv[0]``, ``qkv[1]``, ``qkv[2]``). The indices are normalised here instead. Other
     Gathers keep TVM's conversion. Used only inside :func:`build_importers`.
     """
-
-    @classmethod
-    def get_converter(cls, opset):
-        return cls._impl
 
     @classmethod
     def _impl(cls, bb, inputs, attr, params):
@@ -810,7 +807,7 @@ def exact_in_float32(k: int, a_dtype: str, b_dtype: str) -> bool:
     return int(k) * bound[a_dtype] * bound[b_dtype] <= FLOAT32_EXACT
 
 
-class MatMulIntegerAsRelaxOp:
+class MatMulIntegerAsRelaxOp(ImporterHook):
     """ONNX ``MatMulInteger`` without zero-points -> ``relax.op.matmul(a, b, out_dtype="int32")`` on
     the int8/uint8 operands themselves (TVM's importer casts both to int32 first, which no integer
     dot-product instruction can match). The CPU build then legalises a product with constant
@@ -826,10 +823,6 @@ class MatMulIntegerAsRelaxOp:
 
     #: set while the CPU build imports for a target with a dot-product instruction
     dot_product = False
-
-    @classmethod
-    def get_converter(cls, opset):
-        return cls._impl
 
     @classmethod
     def _impl(cls, bb, inputs, attr, params):
