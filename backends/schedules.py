@@ -1097,8 +1097,8 @@ def lane_softmax(lanes: int):
     not assume (``fast-math-reassoc`` covers sums only), so softmax's maximum over 197 keys ran as
     one scalar compare chain per row. Here ``lanes`` partial maxima are taken first, lane ``l``
     over the elements ``l, l + lanes, ...`` of the row's whole vectors (no tail, so no predicate),
-    then the row's maximum over those and the tail's elements. Every element is still compared,
-    so a NaN still reaches the result, and the maximum is the same number. The row-wise rule
+    then the row's maximum over those and the tail's elements: every element is compared once, and
+    a maximum does not depend on the order, so the result is the same number. The row-wise rule
     (:func:`_schedule_rowwise`) computes both steps per row and puts the lanes on a vector.
     TVM 0.27's ``rfactor`` would produce the same partial maxima, but only outside the row loop
     (a second parallel region per call): ``compute_at`` drops the predicate of its split tail and
@@ -1110,7 +1110,7 @@ def lane_softmax(lanes: int):
 
     softmax = tvm.ir.Op.get("relax.nn.softmax")
 
-    def _te(x, axis):
+    def _te(x):
         shape = list(x.shape)
         n = int(shape[-1])
         whole, tail = n // lanes, n % lanes
@@ -1148,7 +1148,7 @@ def lane_softmax(lanes: int):
             rank = len(shape.values)
             if int(call.attrs.axis) not in (-1, rank - 1) or int(shape.values[-1]) < 2 * lanes:
                 return call
-            return self.builder_.call_te(_te, call.args[0], -1, primfunc_name_hint="fast_softmax")
+            return self.builder_.call_te(_te, call.args[0], primfunc_name_hint="fast_softmax")
 
     @tvm.transform.module_pass(opt_level=0, name="SliverLaneSoftmax")
     def _pass(mod, _ctx):
