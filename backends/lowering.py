@@ -258,8 +258,9 @@ class GatherConstAsRelaxOp(ImporterHook):
         data, indices = inputs[0], inputs[1]
         axis = int(attr.get("axis", 0))
         shape = getattr(getattr(data, "ty", None), "shape", None)
-        if isinstance(indices, tvm.ir.GenericConst) and isinstance(data, relax.Expr) and not isinstance(data, relax.ShapeExpr) \
-                and shape is not None and isinstance(shape, relax.ShapeExpr) and not isinstance(data, tvm.ir.GenericConst):
+        # a tensor that is no constant (constants fold, shape values are read by TVM's converter)
+        tensor = not isinstance(data, (relax.ShapeExpr, tvm.ir.GenericConst)) and isinstance(shape, relax.ShapeExpr)
+        if isinstance(indices, tvm.ir.GenericConst) and tensor:
             dims = shape.values
             axis %= len(dims)
             if isinstance(dims[axis], tvm.tirx.IntImm):

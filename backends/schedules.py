@@ -239,8 +239,7 @@ def _schedule_gemm(sch, main, params: CpuParams, keep=frozenset()):
                 sch.reorder(j0, *outer, i0, *reduction, jp, i1, j1)
                 sch.unroll(jp)
                 par_loops = [j0] + outer + [i0]
-            elif _rblock_chunk(sch, reduction, jb, n_i0 * _product(sch, outer), _extent(sch, j0) or 1, params):
-                chunk = _rblock_chunk(sch, reduction, jb, n_i0 * _product(sch, outer), _extent(sch, j0) or 1, params)
+            elif chunk := _rblock_chunk(sch, reduction, jb, n_i0 * _product(sch, outer), _extent(sch, j0) or 1, params):
                 r0, r1 = sch.split(reduction[-1], [None, chunk])
                 sch.reorder(j0, r0, *outer, i0, *reduction[:-1], r1, i1, j1)
                 reduction = [r0] + list(reduction[:-1]) + [r1]
@@ -959,16 +958,18 @@ def conv2d_legalizer(params: CpuParams):
 
 def _rewrite_pass(mutator, name: str):
     """A Relax module pass that runs ``mutator`` (a ``PyExprMutator`` class) over every Relax
-    function, then drops the bindings it left unused."""
+    function, then drops the bindings it left unused. The mutator is built on the module, so its
+    builder can add functions too (``call_te``)."""
     import tvm
     from tvm import relax
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod, _ctx):
+        rewriter = mutator(mod)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                mod[gv] = mutator().visit_expr(func)
-        return relax.transform.DeadCodeElimination()(mod)
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
     return _pass
 
@@ -1188,15 +1189,7 @@ def lane_softmax(lanes: int):
                 return call
             return self.builder_.call_te(_te, call.args[0], primfunc_name_hint="fast_softmax")
 
-    @tvm.transform.module_pass(opt_level=0, name="SliverLaneSoftmax")
-    def _pass(mod, _ctx):
-        rewriter = _Rewrite(mod)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-
-    return _pass
+    return _rewrite_pass(_Rewrite, "SliverLaneSoftmax")
 
 
 def _block_names(prim) -> set:
@@ -1393,14 +1386,7 @@ def matmul_legalizer(params: CpuParams):
         block = params.j_block
         panels = -(-n // block)
 
-        def pack(w):
-            return te.compute(
-                (panels, k, block),
-                lambda o, r, c: tvm.tirx.if_then_else(o * block + c < n, w[r, tvm.tirx.min(o * block + c, n - 1)], tvm.tirx.const(0.0, "float32")),
-                name="weight_pack",
-            )
-
-        packed = bb.emit(bb.call_te(pack, b, primfunc_name_hint="weight_pack"))
+        packed = bb.emit(bb.call_te(lambda w: _column_panels(w, block, "weight_pack"), b, primfunc_name_hint="weight_pack"))
         rows = a_shape[-2]
         padded_rows = _padded_rows(rows, panels * block, params)
 
@@ -1430,6 +1416,21 @@ def matmul_legalizer(params: CpuParams):
         return bb.call_te(matmul, a, packed, primfunc_name_hint="matmul")
 
     return legalize
+
+
+def _column_panels(w, block: int, name: str):
+    """``w [..., K, N]`` as column panels ``[..., ceil(N/block), K, block]``, zero-padded past N
+    (a TE compute: evaluated at build time for constant weights, per call for activations)."""
+    from tvm import te
+
+    *lead, k, n = [int(d) for d in w.shape]
+
+    def value(*idx):
+        o, r, c = idx[-3:]
+        col = o * block + c
+        return tvm.tirx.if_then_else(col < n, w[(*idx[:-3], r, tvm.tirx.min(col, n - 1))], tvm.tirx.const(0.0, "float32"))
+
+    return te.compute((*lead, -(-n // block), k, block), value, name=name)
 
 
 def _activation_pair(a_shape, b_shape, a, b, call, params: CpuParams) -> bool:
@@ -1464,15 +1465,10 @@ def _activation_matmul(bb, a, b, a_shape, b_shape, params: CpuParams):
     panels = -(-n // block)
     padded_rows = _padded_rows(rows, panels * block, params)
 
-    def pack(w):
-        def value(*idx):
-            o, r, c = idx[-3:]
-            col = o * block + c
-            return tvm.tirx.if_then_else(col < n, w[(*idx[:-3], r, tvm.tirx.min(col, n - 1))], tvm.tirx.const(0.0, "float32"))
-
-        return te.compute((*lead, panels, k, block), value, name="activation_pack")
-
-    packed = bb.emit(bb.call_te(pack, b, primfunc_name_hint="activation_pack")) if n % block else None
+    packed = None
+    if n % block:
+        packed = bb.emit(bb.call_te(lambda w: _column_panels(w, block, "activation_pack"), b,
+                                    primfunc_name_hint="activation_pack"))
 
     def matmul(x, w):
         if padded_rows != rows:
